@@ -1,0 +1,253 @@
+"""The `mixturelm` command: train, eval, generate, flops, bench.
+
+Bad input ends with one line on stderr that names the problem and the fix, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+# Options of `train` that set TrainConfig fields (flag name -> type); given ones override the preset.
+TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
+    "data": (str, "text: files, folders, globs, .jsonl, hf:NAME[:CONFIG], comma-separated (default: the "
+                  "Python standard library source)"),
+    "tokenizer": (str, "bytes (default) or bpe:VOCAB, a BPE trained on the training split (e.g. bpe:8192)"),
+    "text_field": (str, "field of .jsonl records and Hugging Face datasets that holds the text (default text)"),
+    "max_steps": (int, "budget: optimizer steps (default 200 when no budget is given)"),
+    "max_tokens": (int, "budget: training tokens"),
+    "max_flops": (float, "budget: training FLOPs, as counted by `mixturelm flops`"),
+    "batch_size": (int, "sequences per optimizer step, over all processes and accumulation steps"),
+    "seq_len": (int, "tokens per training sequence"),
+    "grad_accum": (int, "gradient accumulation steps per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "min_lr_ratio": (float, "final learning rate as a fraction of the peak (cosine schedule)"),
+    "warmup_steps": (int, "linear warm-up steps"),
+    "weight_decay": (float, "AdamW weight decay (matrices only; not norms, biases, embeddings)"),
+    "beta1": (float, "AdamW beta1"),
+    "beta2": (float, "AdamW beta2"),
+    "grad_clip": (float, "clip the gradient norm to this (0: no clipping)"),
+    "eval_every": (int, "steps between validation evaluations"),
+    "eval_tokens": (int, "validation tokens per evaluation"),
+    "log_every": (int, "steps between metric records"),
+    "ckpt_every": (int, "steps between checkpoints"),
+    "keep_ckpts": (int, "checkpoints kept on disk"),
+    "seed": (int, "random seed (weights and data order)"),
+    "dtype": (str, "fp32 or bf16 (autocast)"),
+    "val_fraction": (float, "fraction of documents held out for validation"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage block too)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on text", description="Train a model on text.")
+    p.add_argument("--preset", help="model preset, e.g. dense-tiny (see --list-presets)")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--out", help="run directory (metrics, TensorBoard, checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, (typ, helptext) in TRAIN_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss, perplexity, bits per byte of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--data", help="text to evaluate on (default: the checkpoint's training data)")
+    p.add_argument("--split", choices=("val", "all"), default="val",
+                   help="val: the held-out split (default); all: every document of --data")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to evaluate (default: the run's eval_tokens)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write results.json there")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--prompt", default="\n", help="text the samples continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def _add_flops(sub) -> None:
+    p = sub.add_parser("flops", help="FLOPs per token by component, for a preset or a checkpoint")
+    p.add_argument("--preset", help="model preset (default dense-tiny)")
+    p.add_argument("--ckpt", help="or a run directory / checkpoint folder")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 257, the byte tokenizer)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
+    p.add_argument("what", choices=("train",), help="train: our dense model against transformers' Llama")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--out", help="also write results.json there")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mixturelm", description="Conditional-computation language models: train, measure, "
+                                                  "inspect and mix them.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench):
+        add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> None:
+    from .config import PRESETS
+    from .train import Trainer, new_run_config, resumed_run_config
+
+    if args.list_presets:
+        from .flops import forward_flops_per_token
+        from .config import ModelConfig
+
+        print(f"{'preset':<16}{'params':>12}{'fwd FLOPs/token':>18}  description")
+        for name, p in PRESETS.items():
+            cfg = ModelConfig(**p.model)
+            from .model import MixtureLM
+
+            n = MixtureLM(cfg).num_params()
+            print(f"{name:<16}{n:>12,}{forward_flops_per_token(cfg, p.train['seq_len']):>18.3g}  {p.description}")
+        return
+    if not args.out:
+        raise UsageError("--out DIR is required: the run directory for metrics and checkpoints")
+    overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+    out = Path(args.out)
+    cfg = resumed_run_config(out, args.preset, overrides) if args.resume else new_run_config(args.preset, overrides)
+    trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                      progress=not args.no_progress)
+    summary = trainer.run()
+    if trainer.dist.main:
+        print(f"trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
+              f"{summary['train_flops']:.3g} FLOPs) in {summary['wall_s']:.0f}s: val loss {summary['val_loss']:.4f}, "
+              f"ppl {summary['val_ppl']:.3f}, {summary['val_bpb']:.4f} bits/byte; checkpoint in {out}/checkpoints")
+
+
+def cmd_eval(args) -> None:
+    import torch
+
+    from . import checkpoint
+    from .data.tokens import TokenSplit, check_length, prepare
+    from .train import evaluate
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    model, run_cfg, tokenizer, ckpt = checkpoint.load_model(args.ckpt, device)
+    t = run_cfg["train"]
+    data = prepare(args.data if args.data else t["data"], t["tokenizer"], t["val_fraction"], t["text_field"],
+                   tokenizer, log=lambda m: print(m, file=sys.stderr))
+    if args.split == "all":
+        import numpy as np
+
+        data.val = TokenSplit(np.concatenate([data.train.tokens, data.val.tokens]), data.train.n_bytes + data.val.n_bytes,
+                              data.train.n_docs + data.val.n_docs)
+    check_length(data.val, t["seq_len"], args.split)
+    max_tokens = args.max_tokens or t["eval_tokens"]
+    res = evaluate(model, data, t["seq_len"], max_tokens, args.batch_size or t["batch_size"], device)
+    res.update(checkpoint=str(ckpt), data=args.data or t["data"] or "stdlib", split=args.split)
+    print(f"loss {res['val_loss']:.4f}  perplexity {res['val_ppl']:.3f}  bits/byte {res['val_bpb']:.4f}  "
+          f"({res['val_tokens']:,} tokens of {res['data']}, {args.split} split)")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(res, indent=1))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from . import checkpoint
+    from .generate import check_sampling, generate
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    model, _, tokenizer, _ = checkpoint.load_model(args.ckpt, device)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
+    prompt = ids[None].repeat(args.num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(tokenizer.decode(row))
+
+
+def cmd_flops(args) -> None:
+    from . import checkpoint
+    from .config import ModelConfig, get_preset
+    from .flops import TRAIN_FLOPS_MULTIPLIER, forward_flops_breakdown
+
+    if args.ckpt:
+        ckpt = checkpoint.resolve(args.ckpt)
+        run_cfg = checkpoint.load_config(ckpt)
+        cfg, seq_len, name = ModelConfig.from_dict(run_cfg["model"]), run_cfg["train"]["seq_len"], str(ckpt)
+    else:
+        p = get_preset(args.preset or "dense-tiny")
+        cfg, seq_len, name = ModelConfig(**p.model), p.train["seq_len"], p.name
+        if args.vocab_size is not None:
+            cfg = ModelConfig(**(p.model | {"vocab_size": args.vocab_size}))
+    seq_len = args.seq_len or seq_len
+    if seq_len < 1:
+        raise UsageError(f"--seq-len must be positive, got {seq_len}")
+    parts = forward_flops_breakdown(cfg, seq_len)
+    fwd = sum(parts.values())
+    if args.json:
+        print(json.dumps({"model": name, "seq_len": seq_len, "forward_per_token": parts, "forward_total": fwd,
+                          "train_per_token": TRAIN_FLOPS_MULTIPLIER * fwd}, indent=1))
+        return
+    print(f"{name}, sequence {seq_len}: FLOPs per token")
+    for k, v in parts.items():
+        print(f"  {k:<14}{v:>14,.0f}  {v / fwd:6.1%}")
+    print(f"  {'forward':<14}{fwd:>14,.0f}")
+    print(f"  {'training':<14}{TRAIN_FLOPS_MULTIPLIER * fwd:>14,.0f}  (forward + backward = 3 x forward)")
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench_train
+
+    bench_train(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"mixturelm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixturelm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

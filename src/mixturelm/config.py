@@ -1,0 +1,223 @@
+"""Typed, validated configs for the model and for training, and the named presets.
+
+Every config is a small kw_only dataclass validated in ``__post_init__``; an invalid value raises
+``UsageError`` naming the field, the value and what would be valid. Configs round-trip through JSON
+(``to_dict`` / ``from_dict``) so each checkpoint carries the resolved config that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+
+# FFN kinds a block may have. Later mechanisms (moe, peer) register theirs in layers/__init__.py;
+# the list here is what config validation accepts.
+FFN_KINDS = ("dense",)
+# Routing wrappers that may surround a whole block (mod comes with Mixture-of-Depths).
+WRAPPER_KINDS = ("none",)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class BlockSpec:
+    """What one transformer block computes: its FFN kind and an optional routing wrapper around it."""
+
+    ffn: str = "dense"
+    ffn_hidden: int | None = None  # None: the model's d_ffn
+    wrapper: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.ffn not in FFN_KINDS:
+            raise UsageError(f"BlockSpec.ffn={self.ffn!r} is unknown; choose one of {', '.join(FFN_KINDS)}")
+        if self.wrapper not in WRAPPER_KINDS:
+            raise UsageError(
+                f"BlockSpec.wrapper={self.wrapper!r} is unknown; choose one of {', '.join(WRAPPER_KINDS)}"
+            )
+        if self.ffn_hidden is not None:
+            _positive(self, "ffn_hidden")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A decoder-only LM: pre-norm RMSNorm, RoPE, causal SDPA attention, a per-block FFN spec."""
+
+    vocab_size: int = 257
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: as many as n_heads (multi-head); fewer: grouped-query attention
+    d_ffn: int = 352
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    blocks: list[BlockSpec] = field(default_factory=list)  # empty: every block dense
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len")
+        if self.d_model % self.n_heads:
+            raise UsageError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "pick d_model a multiple of n_heads"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise UsageError(
+                f"head size d_model/n_heads={self.d_model // self.n_heads} is odd; RoPE needs an even head size"
+            )
+        if self.n_kv_heads is not None:
+            _positive(self, "n_kv_heads")
+            if self.n_heads % self.n_kv_heads:
+                raise UsageError(
+                    f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+                )
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise UsageError("ModelConfig.rope_theta, norm_eps and init_std must be positive")
+        self.blocks = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in self.blocks]
+        if self.blocks and len(self.blocks) != self.n_layers:
+            raise UsageError(
+                f"ModelConfig.blocks has {len(self.blocks)} entries but n_layers={self.n_layers}; "
+                "give one BlockSpec per layer or none"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def block_spec(self, layer: int) -> BlockSpec:
+        return self.blocks[layer] if self.blocks else BlockSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**_known_fields(cls, d))
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything about a training run except the model. One budget among steps, tokens, FLOPs."""
+
+    batch_size: int = 16  # sequences per optimizer step, over all processes and accumulation steps
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_flops: float | None = None
+    eval_every: int = 50
+    eval_tokens: int = 32768
+    log_every: int = 1
+    ckpt_every: int = 100
+    keep_ckpts: int = 2
+    seed: int = 0
+    dtype: str = "fp32"  # fp32, or bf16 autocast
+    data: str | None = None  # None: the default corpus (the Python standard library's source)
+    tokenizer: str = "bytes"  # bytes, or bpe:VOCAB
+    text_field: str = "text"  # the field read from .jsonl records
+    val_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every",
+                  "ckpt_every", "keep_ckpts")
+        if self.warmup_steps < 0:
+            raise UsageError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UsageError(f"TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UsageError("TrainConfig.weight_decay and grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UsageError(f"TrainConfig.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise UsageError(f"TrainConfig.dtype={self.dtype!r} is unknown; choose fp32 or bf16")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        budgets = [b for b in ("max_steps", "max_tokens", "max_flops") if getattr(self, b) is not None]
+        if len(budgets) > 1:
+            raise UsageError(f"give one budget, not {' and '.join(budgets)}")
+        for b in budgets:
+            if getattr(self, b) <= 0:
+                raise UsageError(f"--{b.replace('_', '-')} must be positive, got {getattr(self, b)}")
+        if self.batch_size % self.grad_accum:
+            raise UsageError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}; "
+                "the global batch is split evenly into accumulation steps"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**_known_fields(cls, d))
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise UsageError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    return dict(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: a model shape and the training settings that suit it, by "<arch>-<size>".
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+
+_DENSE_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    # size: (model fields, train fields, why)
+    "debug": (dict(d_model=64, n_layers=2, n_heads=4, d_ffn=192, max_seq_len=64),
+              dict(batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, eval_every=10, eval_tokens=2048,
+                   ckpt_every=10), "golden test run, trains in seconds"),
+    "tiny": (dict(d_model=128, n_layers=4, n_heads=4, d_ffn=352, max_seq_len=256),
+             dict(batch_size=16, seq_len=256, lr=3e-3), "~0.9M params, minutes on 2 CPU cores"),
+    "small": (dict(d_model=256, n_layers=6, n_heads=4, d_ffn=704, max_seq_len=256),
+              dict(batch_size=16, seq_len=256, lr=2e-3), "~4.8M params"),
+    "medium": (dict(d_model=512, n_layers=8, n_heads=8, d_ffn=1408, max_seq_len=256),
+               dict(batch_size=16, seq_len=256, lr=1e-3), "~25M params, the benchmark shape"),
+    "large": (dict(d_model=768, n_layers=12, n_heads=12, d_ffn=2048, max_seq_len=512),
+              dict(batch_size=32, seq_len=512, lr=6e-4), "~85M params, for a GPU"),
+}
+
+PRESETS: dict[str, Preset] = {
+    f"dense-{size}": Preset(f"dense-{size}", why, model, train)
+    for size, (model, train, why) in _DENSE_SIZES.items()
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; see `mixturelm train --list-presets` ({', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def presets() -> list[str]:
+    """Names of the available presets."""
+    return list(PRESETS)

@@ -1,0 +1,172 @@
+"""Where text comes from: files, folders, globs, .jsonl records, Hugging Face datasets, and the
+default corpus (the running interpreter's standard library source, real text on every machine).
+
+A corpus is a list of named documents (raw bytes) in a deterministic order, split into training
+and validation by a hash of each document's name, so the split does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+DEFAULT_CORPUS = "stdlib"
+# Suffixes read as text inside folders; anything else in a folder is skipped (binaries, images).
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ".csv", ".toml",
+                 ".yaml", ".yml", ".js", ".ts", ".rs", ".go", ".java", ".cpp", ".sh", ".ini", ".cfg"}
+
+
+@dataclass
+class Document:
+    name: str
+    data: bytes
+
+
+@dataclass
+class Source:
+    """One entry of --data, resolved to the files (or dataset) it stands for, before reading them."""
+
+    spec: str
+    files: list[Path]
+    hf: tuple[str, str | None] | None = None
+
+    def fingerprint(self) -> str:
+        """Changes when any file is added, removed, resized or touched: the token cache key."""
+        h = hashlib.sha256(self.spec.encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def resolve(data: str | None) -> list[Source]:
+    """Turn the --data string (comma-separated entries) into sources, with clear errors."""
+    if data is None or data == DEFAULT_CORPUS:
+        return [Source(DEFAULT_CORPUS, stdlib_files())]
+    sources = []
+    for spec in (s.strip() for s in data.split(",")):
+        if not spec:
+            continue
+        if spec.startswith("hf:"):
+            parts = spec[3:].split(":")
+            if not parts[0] or len(parts) > 2:
+                raise UsageError(f"--data {spec!r}: write hf:NAME or hf:NAME:CONFIG")
+            sources.append(Source(spec, [], hf=(parts[0], parts[1] if len(parts) == 2 else None)))
+        else:
+            sources.append(Source(spec, _files_of(spec)))
+    if not sources:
+        raise UsageError("--data is empty; give a file, folder, glob, .jsonl or hf:NAME")
+    return sources
+
+
+def _files_of(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise UsageError(f"--data {spec!r}: the pattern matches no file; check the glob")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise UsageError(f"--data {spec!r}: the folder holds no text file ({', '.join(sorted(TEXT_SUFFIXES))})")
+        return files
+    if path.is_file():
+        return [path]
+    raise UsageError(f"--data {spec!r}: no such file or folder; check the path")
+
+
+def read_documents(sources: list[Source], text_field: str = "text") -> list[Document]:
+    docs: list[Document] = []
+    for src in sources:
+        if src.hf is not None:
+            docs.extend(_hf_documents(src, text_field))
+            continue
+        for f in src.files:
+            if f.suffix.lower() == ".jsonl":
+                docs.extend(_jsonl_documents(f, text_field))
+            else:
+                docs.append(Document(str(f), f.read_bytes()))
+    docs = [d for d in docs if d.data]
+    if not docs:
+        raise UsageError(f"--data {','.join(s.spec for s in sources)}: no text found (all files are empty)")
+    return docs
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+    docs = []
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise UsageError(f"{path}:{lineno} has no string field {text_field!r}; "
+                                 "name the field with --text-field")
+            docs.append(Document(f"{path}:{lineno}", record[text_field].encode("utf-8", "surrogatepass")))
+    return docs
+
+
+def _hf_documents(src: Source, text_field: str) -> list[Document]:
+    name, config = src.hf
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split="train")
+    except Exception as e:  # no network, unknown name, missing config: all end here
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load Hugging Face dataset {src.spec!r} ({first_line}); "
+                         "check the name and the network, or give local files with --data PATH") from None
+    if text_field not in ds.column_names:
+        raise UsageError(f"{src.spec} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+                         "name it with --text-field")
+    return [Document(f"{src.spec}#{i}", t.encode("utf-8")) for i, t in enumerate(ds[text_field]) if t]
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Deterministic split by document name: stable when files are added or reordered."""
+    h = int.from_bytes(hashlib.sha256(name.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document], str]:
+    """Training and validation documents, and how the split was made.
+
+    By document when both sides get at least one; otherwise (a single file, say) the last
+    val_fraction of each document's bytes goes to validation.
+    """
+    train = [d for d in docs if not is_validation(d.name, val_fraction)]
+    val = [d for d in docs if is_validation(d.name, val_fraction)]
+    if train and val:
+        return train, val, "by document"
+    train, val = [], []
+    for d in docs:
+        cut = int(len(d.data) * (1 - val_fraction))
+        train.append(Document(d.name, d.data[:cut]))
+        val.append(Document(d.name, d.data[cut:]))
+    return train, val, "by position (too few documents to split by document)"
+
+
+def count_non_utf8(data: bytes) -> int:
+    """Bytes that are not part of valid UTF-8 (they are kept as bytes, or replaced for BPE, and counted)."""
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError:
+        return len(data) - len(data.decode("utf-8", "ignore").encode("utf-8"))

@@ -1,0 +1,152 @@
+"""Token streams: a corpus tokenised once and cached on disk, and the batches drawn from it.
+
+The cache lives in $MIXTURELM_CACHE (default ~/.cache/mixturelm), keyed by the corpus fingerprint
+(file names, sizes, modification times), the split and the tokenizer. Training batches are random
+windows chosen by a generator seeded with (seed, step): the data position of a run is its step,
+so resuming and data parallelism see exactly the batches an uninterrupted single process sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from . import corpus
+from .tokenizer import BPETokenizer, ByteTokenizer, parse_spec
+
+
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray  # 1-D, documents joined by the tokenizer's end-of-document token
+    n_bytes: int  # bytes of text these tokens encode (for bits per byte)
+    n_docs: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(1, len(self.tokens))
+
+
+@dataclass
+class TokenData:
+    train: TokenSplit
+    val: TokenSplit
+    tokenizer: object
+    stats: dict
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MIXTURELM_CACHE", Path.home() / ".cache" / "mixturelm"))
+
+
+def prepare(data: str | None, tokenizer_spec: str, val_fraction: float, text_field: str = "text",
+            tokenizer=None, log=print) -> TokenData:
+    """Resolve, read, split and tokenise a corpus, or load it from the cache.
+
+    `tokenizer` is given when it is already fixed (resuming, evaluating a checkpoint); otherwise it is
+    made from `tokenizer_spec`, BPE being trained on the training split and cached too.
+    """
+    sources = corpus.resolve(data)
+    key = hashlib.sha256("|".join([s.fingerprint() for s in sources] + [str(val_fraction), text_field]).encode())
+    corpus_key = key.hexdigest()[:20]
+    docs = None
+
+    def documents():
+        nonlocal docs
+        if docs is None:
+            log(f"reading corpus {data or corpus.DEFAULT_CORPUS} ...")
+            docs = corpus.split(corpus.read_documents(sources, text_field), val_fraction)
+        return docs
+
+    if tokenizer is None:
+        tokenizer = _tokenizer(tokenizer_spec, corpus_key, documents, log)
+    token_dir = cache_root() / f"tokens-{corpus_key}-{tokenizer.fingerprint()}"
+    if not (token_dir / "meta.json").is_file():
+        train_docs, val_docs, how = documents()
+        log(f"tokenising {len(train_docs)} + {len(val_docs)} documents with {tokenizer.name} ...")
+        _write_cache(token_dir, tokenizer, train_docs, val_docs, how)
+    return _load_cache(token_dir, tokenizer)
+
+
+def _tokenizer(spec: str, corpus_key: str, documents, log):
+    kind, vocab = parse_spec(spec)
+    if kind == "bytes":
+        return ByteTokenizer()
+    path = cache_root() / f"bpe-{corpus_key}-{vocab}.json"
+    if path.is_file():
+        return BPETokenizer.load(path)
+    train_docs = documents()[0]
+    log(f"training a {vocab}-token BPE on {sum(len(d.data) for d in train_docs):,} bytes ...")
+    tok = BPETokenizer.train((d.data.decode("utf-8", "replace") for d in train_docs), vocab)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tok.tok.save(str(tmp))
+    os.replace(tmp, path)
+    return tok
+
+
+def _encode(tokenizer, docs: list[corpus.Document]) -> np.ndarray:
+    if isinstance(tokenizer, BPETokenizer):
+        pieces = []
+        for i in range(0, len(docs), 256):
+            pieces.extend(tokenizer.encode_batch([d.data for d in docs[i:i + 256]]))
+    else:
+        pieces = [tokenizer.encode(d.data) for d in docs]
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    return np.concatenate([x for p in pieces for x in (p, eos)])
+
+
+def _write_cache(token_dir: Path, tokenizer, train_docs, val_docs, how: str) -> None:
+    token_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=token_dir.parent, prefix=".tmp-tokens-"))
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "split": how}
+    for name, docs in (("train", train_docs), ("val", val_docs)):
+        tokens = _encode(tokenizer, docs).astype(dtype)
+        tokens.tofile(tmp / f"{name}.bin")
+        meta[name] = {"tokens": int(len(tokens)), "bytes": sum(len(d.data) for d in docs), "docs": len(docs),
+                      "non_utf8_bytes": sum(corpus.count_non_utf8(d.data) for d in docs)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(tmp, token_dir)  # atomic: another process may have written the same cache meanwhile
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cache(token_dir: Path, tokenizer) -> TokenData:
+    meta = json.loads((token_dir / "meta.json").read_text())
+    splits = {}
+    for name in ("train", "val"):
+        tokens = np.memmap(token_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
+        splits[name] = TokenSplit(tokens, meta[name]["bytes"], meta[name]["docs"])
+    stats = {k: meta[k] for k in ("train", "val", "split")}
+    return TokenData(splits["train"], splits["val"], tokenizer, stats)
+
+
+def check_length(split: TokenSplit, seq_len: int, what: str) -> None:
+    if len(split.tokens) < seq_len + 1:
+        raise UsageError(f"the {what} split has {len(split.tokens)} tokens, fewer than one sequence of "
+                         f"{seq_len + 1}; give more data or a shorter --seq-len")
+
+
+def train_rows(split: TokenSplit, step: int, seed: int, rows: int, seq_len: int) -> torch.Tensor:
+    """The global batch of optimizer step `step`: (rows, seq_len + 1) token windows."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(split.tokens) - seq_len, size=rows)
+    idx = starts[:, None] + np.arange(seq_len + 1)
+    return torch.from_numpy(split.tokens[idx].astype(np.int64))
+
+
+def val_windows(split: TokenSplit, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Non-overlapping windows from the start of the validation split: the same tokens for every run."""
+    n = max(1, min(max_tokens // seq_len, (len(split.tokens) - 1) // seq_len))
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)
+    return torch.from_numpy(split.tokens[idx].astype(np.int64))

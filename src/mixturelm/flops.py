@@ -1,0 +1,93 @@
+"""Analytic FLOP accounting for any ModelConfig, by component, and a matmul peak to compute MFU.
+
+Conventions (the same as torch.utils.flop_counter.FlopCounterMode, which a test checks us against):
+- a multiply-add is 2 FLOPs; only matrix products are counted (norms, RoPE, softmax, SiLU are not);
+- attention scores count the full T x T products (QK^T and AV) that SDPA computes, causal or not:
+  4 * T * n_heads * head_dim FLOPs per token per layer, at the training sequence length T;
+- training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .config import BlockSpec, ModelConfig
+
+# Forward FLOPs per token of each FFN kind; later mechanisms register theirs.
+FFN_FLOPS: dict[str, Callable[[BlockSpec, ModelConfig], dict[str, float]]] = {
+    "dense": lambda spec, cfg: {"ffn": 6.0 * cfg.d_model * (spec.ffn_hidden or cfg.d_ffn)},
+}
+
+TRAIN_FLOPS_MULTIPLIER = 3.0
+
+
+def block_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of one block, by component."""
+    D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    parts = {
+        "attn_qkv": 2.0 * D * (H + 2 * G) * K,
+        "attn_scores": 4.0 * seq_len * H * K,
+        "attn_out": 2.0 * H * K * D,
+    }
+    for name, value in FFN_FLOPS[spec.ffn](spec, cfg).items():
+        parts[name] = parts.get(name, 0.0) + value
+    return parts
+
+
+def forward_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of the whole model, by component (summed over blocks), plus the head."""
+    total: dict[str, float] = {}
+    for layer in range(cfg.n_layers):
+        for name, value in block_flops(cfg.block_spec(layer), cfg, seq_len).items():
+            total[name] = total.get(name, 0.0) + value
+    total["head"] = 2.0 * cfg.d_model * cfg.vocab_size
+    return total
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return sum(forward_flops_breakdown(cfg, seq_len).values())
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return TRAIN_FLOPS_MULTIPLIER * forward_flops_per_token(cfg, seq_len)
+
+
+def measure_matmul_flops(device: str | torch.device = "cpu", n: int = 2048, dtype=torch.float32,
+                         seconds: float = 0.5) -> float:
+    """Achieved FLOP/s of a large square matmul: the practical peak that MFU is measured against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _cpu_sdpa_forward_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d = query
+    return 4 * b * h * s_q * key[-2] * d  # QK^T and AV, as torch's sdpa_flop_count (query heads, for GQA too)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _cpu_sdpa_forward_flops(query, key, value)  # four products of the forward's size
+
+
+def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
+    """torch's FlopCounterMode, taught the CPU flash-attention kernel it does not count (torch 2.13)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+    }
+    return FlopCounterMode(display=False, custom_mapping=mapping, **kwargs)

@@ -1,0 +1,61 @@
+"""Sampling with a KV cache: one prefill of the prompt, then one token at a time.
+
+Temperature 0 is greedy decoding; top-k keeps the k most likely tokens; top-p (nucleus) keeps the
+smallest set whose probability reaches p. Filters apply in that order, then sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+
+def filter_logits(logits_BV: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Logits with the tokens outside top-k and outside the top-p nucleus set to -inf."""
+    logits_BV = logits_BV.clone()
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV[logits_BV < kth] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the most likely one always stays)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        logits_BV[drop_sorted.scatter(-1, order, drop_sorted)] = float("-inf")
+    return logits_BV
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.no_grad()
+def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """The prompt followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if prompt_BT.shape[1] == 0:
+        raise UsageError("the prompt is empty; give at least one token (one byte) of --prompt")
+    model.eval()
+    cache = model.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens)
+    out = [prompt_BT]
+    logits = model(prompt_BT, cache=cache, last_only=True).logits[:, -1].float()
+    for i in range(max_new_tokens):
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        out.append(nxt)
+        if i + 1 < max_new_tokens:
+            logits = model(nxt, cache=cache).logits[:, -1].float()
+    return torch.cat(out, dim=1)

@@ -1,0 +1,75 @@
+"""Causal self-attention with rotary position embeddings and a per-layer KV cache.
+
+Dimension letters: B batch, T new tokens, L tokens in the cache (past + new), H query heads,
+G key/value heads (G divides H), K head size, D d_model.
+
+Positions are explicit, not implied by the index in the sequence: a routing wrapper (MoD) runs a
+block on a subset of the tokens and must rotate them by their ORIGINAL positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, shape positions.shape + (head_dim/2,), in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTK: torch.Tensor, cos_BTk: torch.Tensor, sin_BTk: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + K/2) of each head by the token's angle (the "rotate half" layout of Llama)."""
+    half = x_BHTK.shape[-1] // 2
+    x1, x2 = x_BHTK[..., :half], x_BHTK[..., half:]
+    cos, sin = cos_BTk.unsqueeze(-3).to(x_BHTK.dtype), sin_BTk.unsqueeze(-3).to(x_BHTK.dtype)  # broadcast over H
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, preallocated for `capacity` tokens per sequence."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
+        self.k_BGLK = torch.empty(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v_BGLK = torch.empty_like(self.k_BGLK)
+        self.length = 0
+
+    def append(self, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k_BGTK.shape[2]
+        if end > self.k_BGLK.shape[2]:
+            raise RuntimeError(f"KV cache holds {self.k_BGLK.shape[2]} tokens; {end} were asked for")
+        self.k_BGLK[:, :, self.length:end] = k_BGTK
+        self.v_BGLK[:, :, self.length:end] = v_BGTK
+        self.length = end
+        return self.k_BGLK[:, :, :end], self.v_BGLK[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, d_model // n_heads
+        # One fused projection for q, k and v: one matmul instead of three.
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, G, K = self.n_heads, self.kv_heads, self.head_dim
+        q, k, v = self.qkv(x_BTD).view(B, T, H + 2 * G, K).transpose(1, 2).split((H, G, G), dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+        if past == 0:  # the new tokens only: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
+        elif T == 1:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)
+        else:  # several new tokens after a cached prefix: causal with an offset
+            allowed_TL = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_TL, enable_gqa=G != H)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * K))

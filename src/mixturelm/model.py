@@ -1,0 +1,143 @@
+"""MixtureLM: a pre-norm decoder-only transformer whose blocks each say which FFN they have and
+whether a routing wrapper surrounds them (ModelConfig.blocks).
+
+Dimension letters: B batch, T tokens, D d_model, V vocabulary.
+
+A block returns its output and a dict of auxiliary losses and statistics; the model gathers them
+under "layer{i}." names and returns them with the logits, so nothing flows through global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BlockSpec, ModelConfig
+from .layers.attention import Attention, LayerKVCache, rope_angles
+from .layers.ffn import SwiGLU
+
+Aux = dict[str, torch.Tensor]  # "loss/<name>" entries are auxiliary losses, "stat/<name>" statistics
+
+# How each FFN kind and each wrapper kind is built. Later mechanisms add entries here.
+FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
+    "dense": lambda spec, cfg: SwiGLU(cfg.d_model, spec.ffn_hidden or cfg.d_ffn),
+}
+WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Module]] = {
+    "none": lambda block, spec, cfg: block,
+}
+# Weight of each auxiliary loss name in the training objective (e.g. "balance": 1e-2 for MoE).
+AUX_LOSS_WEIGHTS: dict[str, float] = {}
+
+
+def split_aux(out: torch.Tensor | tuple[torch.Tensor, Aux]) -> tuple[torch.Tensor, Aux]:
+    """Layers return either a tensor or (tensor, aux); normalise to the pair."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)). A block is called on any subset of a sequence's tokens,
+    given their rope angles and their own cache, which is what a routing wrapper needs."""
+
+    def __init__(self, spec: BlockSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
+
+    def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None) -> tuple[torch.Tensor, Aux]:
+        h = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
+        y, aux = split_aux(self.ffn(self.ffn_norm(h)))
+        return h + y, aux
+
+
+class KVCache:
+    """One LayerKVCache per block, for decoding; `length` is the number of tokens seen so far."""
+
+    def __init__(self, model: MixtureLM, batch: int, capacity: int) -> None:
+        cfg = model.config
+        p = next(model.parameters())
+        self.layers = [LayerKVCache(batch, cfg.kv_heads, cfg.head_dim, capacity, p.device, p.dtype)
+                       for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), float32 when targets are given
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy, nats
+    aux_loss: torch.Tensor | None = None  # weighted sum of the auxiliary losses: train on loss + aux_loss
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer3.balance" -> value
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer3.load_max_over_mean" -> value
+
+
+class MixtureLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(
+            WRAPPER_BUILDERS[spec.wrapper](Block(spec, config), spec, config)
+            for spec in (config.block_spec(i) for i in range(config.n_layers))
+        )
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        # Residual-branch outputs are scaled down with depth (GPT-2) so the residual stream stays O(1).
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith("attn.out") or name.endswith("ffn.down")
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
+        B, T = idx_BT.shape
+        past = cache.length if cache is not None else 0
+        positions_T = torch.arange(past, past + T, device=idx_BT.device)
+        rope = rope_angles(positions_T, self.config.head_dim, self.config.rope_theta)
+        x = self.embed(idx_BT)
+        aux: Aux = {}
+        for i, block in enumerate(self.blocks):
+            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None)
+            aux.update({f"layer{i}.{k}": v for k, v in block_aux.items()})
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x[:, -1:] if last_only else x)
+        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        out = ModelOutput(logits=logits)
+        out.aux_losses = {k.replace("loss/", ""): v for k, v in aux.items() if "loss/" in k}
+        out.stats = {k.replace("stat/", ""): v for k, v in aux.items() if "stat/" in k}
+        if out.aux_losses:
+            out.aux_loss = sum(AUX_LOSS_WEIGHTS.get(k.split(".")[-1], 1.0) * v for k, v in out.aux_losses.items())
+        if targets_BT is not None:
+            out.logits = logits.float()
+            out.loss = F.cross_entropy(out.logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1))
+        return out
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(self, batch, capacity)

@@ -1,0 +1,452 @@
+"""The training loop: a budget in steps, tokens or FLOPs; AdamW with parameter groups; warm-up and
+cosine; clipping; accumulation; bf16 autocast; evaluation; metrics; checkpoints; exact resume; DDP.
+
+Everything that could reject the run (config, data, budget, output folder) is checked before the
+output folder is touched, so a bad command never damages an existing run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint
+from .config import ModelConfig, TrainConfig, get_preset
+from .data.tokenizer import load_from_dir
+from .data.tokens import TokenData, check_length, prepare, train_rows, val_windows
+from .errors import UsageError
+from .flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
+from .model import MixtureLM
+
+DEFAULT_PRESET = "dense-tiny"
+DEFAULT_MAX_STEPS = 200
+
+
+@dataclass
+class RunConfig:
+    preset: str
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": self.model.to_dict(), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(d["preset"], ModelConfig.from_dict(d["model"]), TrainConfig.from_dict(d["train"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving the configuration of a new or resumed run
+
+def new_run_config(preset: str | None, train_overrides: dict, model_overrides: dict | None = None) -> RunConfig:
+    p = get_preset(preset or DEFAULT_PRESET)
+    model = ModelConfig(**(p.model | (model_overrides or {})))
+    train = TrainConfig(**(p.train | train_overrides))
+    if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
+        train = replace(train, max_steps=DEFAULT_MAX_STEPS)
+    if train.seq_len > model.max_seq_len:
+        model = replace(model, max_seq_len=train.seq_len)
+    return RunConfig(p.name, model, train)
+
+
+def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict) -> RunConfig:
+    """The saved config of the run in out_dir; any option given again must agree with it."""
+    path = out_dir / checkpoint.CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"--resume: {out_dir} holds no run to resume (no {checkpoint.CONFIG_FILE}); "
+                         "drop --resume to start a new run")
+    saved = RunConfig.from_dict(json.loads(path.read_text()))
+    if preset is not None and preset != saved.preset:
+        raise UsageError(f"--preset {preset} differs from the run's preset {saved.preset}; "
+                         "drop --preset or start a new run with another --out")
+    for key, value in train_overrides.items():
+        if getattr(saved.train, key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved.train, key)}; "
+                             "drop the option to resume, or start a new run with another --out")
+    return saved
+
+
+def steps_in_budget(cfg: RunConfig) -> int:
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        steps = t.max_tokens // tokens_per_step
+        unit, per_step = "--max-tokens", f"{tokens_per_step:,} tokens"
+    else:
+        flops_per_step = train_flops_per_token(cfg.model, t.seq_len) * tokens_per_step
+        steps = int(t.max_flops // flops_per_step)
+        unit, per_step = "--max-flops", f"{flops_per_step:.3g} FLOPs"
+    if steps < 1:
+        raise UsageError(f"{unit} is smaller than one step ({per_step} per step); raise the budget "
+                         "or lower --batch-size / --seq-len")
+    return steps
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder unless told to resume or overwrite (and then only a run)."""
+    if resume or not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"--out {out_dir} is not empty; add --resume to continue the run there, "
+                         "--overwrite to replace it, or choose another --out")
+    if not (out_dir / checkpoint.CONFIG_FILE).is_file():
+        raise UsageError(f"--overwrite: {out_dir} is not a mixturelm run directory (no config.json); "
+                         "refusing to delete it, choose another --out")
+
+
+def clear_out_dir(out_dir: Path) -> None:
+    for p in out_dir.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK)
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def init_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(device: str, d: Dist) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and d.world > 1:
+        device = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+class Metrics:
+    """metrics.jsonl (one JSON record per line) and TensorBoard, written by the main process only."""
+
+    def __init__(self, out_dir: Path, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        except ImportError:
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop the records of steps the run is about to redo."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: int, batch: int,
+             device: str, d: Dist = Dist(), autocast=contextlib.nullcontext) -> dict:
+    """Mean next-token loss over the fixed validation windows, with perplexity and bits per byte."""
+    was_training = model.training
+    model.eval()
+    windows = val_windows(data.val, seq_len, max_tokens)[d.rank::d.world]
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(windows), batch):
+        w = windows[i:i + batch].to(device)
+        with autocast():
+            loss = model(w[:, :-1], w[:, 1:]).loss
+        total += torch.tensor([loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    loss = (total[0] / total[1]).item()
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": loss / math.log(2) / data.val.bytes_per_token, "val_tokens": int(total[1])}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 device: str = "auto", progress: bool = True, log=None) -> None:
+        self.out_dir = Path(out_dir)
+        self.dist = init_distributed(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device, self.dist)
+        self.progress = progress and self.dist.main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
+        self.resume, self.overwrite = resume, overwrite
+        self.cfg = cfg
+        t = cfg.train
+        if t.batch_size % (self.dist.world * t.grad_accum):
+            raise UsageError(f"--batch-size {t.batch_size} is not divisible by processes x --grad-accum "
+                             f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
+        prepare_out_dir(self.out_dir, resume, overwrite)
+        self.data = self._prepare_data()
+        check_length(self.data.train, t.seq_len, "training")
+        check_length(self.data.val, t.seq_len, "validation")
+        self.total_steps = steps_in_budget(self.cfg)
+
+    def _prepare_data(self) -> TokenData:
+        t = self.cfg.train
+        tokenizer = load_from_dir(self.out_dir, t.tokenizer) if self.resume else None
+        data = None
+        if self.dist.main:  # the main process fills the cache; the others then read it
+            data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=self.log)
+        self.dist.barrier()
+        if data is None:
+            data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=lambda m: None)
+        if data.tokenizer.vocab_size != self.cfg.model.vocab_size:
+            if self.resume:
+                raise UsageError(f"the run's tokenizer has {data.tokenizer.vocab_size} tokens but its model "
+                                 f"{self.cfg.model.vocab_size}; the run directory is damaged")
+            self.cfg.model = replace(self.cfg.model, vocab_size=data.tokenizer.vocab_size)
+        return data
+
+    # -- set-up of model, optimizer and state ------------------------------------------------
+    def _build(self) -> int:
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        self.model = MixtureLM(self.cfg.model).to(self.device)
+        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                     fused=self.device.startswith("cuda") or None)
+        warmup = min(t.warmup_steps, self.total_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, warmup, self.total_steps, t.min_lr_ratio))
+        self.tokens_seen, self.elapsed = 0, 0.0
+        start = 0
+        ckpt = checkpoint.latest(self.out_dir) if self.resume else None
+        if ckpt is not None:
+            checkpoint.verify(ckpt)
+            checkpoint.load_weights(self.model, ckpt)
+            state = checkpoint.load_train_state(ckpt)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+            self.log(f"resuming from {ckpt} at step {start}")
+        self.ddp_model = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        return start
+
+    def _write_run_files(self) -> None:
+        if not self.dist.main:
+            return
+        if self.overwrite and not self.resume and self.out_dir.exists():
+            clear_out_dir(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            checkpoint.write_json_atomic(self.out_dir / checkpoint.CONFIG_FILE, self.cfg.to_dict())
+            self.data.tokenizer.save(self.out_dir)
+
+    def _autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _save(self, step: int) -> None:
+        if not self.dist.main:
+            return
+        state = {"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": _rng_state(), "tokens_seen": self.tokens_seen, "elapsed": self.elapsed}
+        checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
+                        keep=self.cfg.train.keep_ckpts)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _train_step(self, step: int) -> dict:
+        t, d = self.cfg.train, self.dist
+        rows = train_rows(self.data.train, step, t.seed, t.batch_size, t.seq_len)
+        micro = t.batch_size // (d.world * t.grad_accum)
+        lm_loss = torch.zeros((), dtype=torch.float64)
+        aux_sums: dict[str, float] = {}
+        for m in range(t.grad_accum):
+            first = (m * d.world + d.rank) * micro
+            chunk = rows[first:first + micro].to(self.device)
+            sync = m == t.grad_accum - 1 or d.world == 1
+            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
+                out = self.ddp_model(chunk[:, :-1], chunk[:, 1:])
+                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            (loss / t.grad_accum).backward()
+            lm_loss += out.loss.detach().double().cpu() / t.grad_accum
+            for k, v in out.aux_losses.items():
+                aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / t.grad_accum
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
+        record.update({f"aux/{k}": v for k, v in aux_sums.items()})
+        return record
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t = self.cfg.train
+        self._write_run_files()
+        self.dist.barrier()
+        start = self._build()
+        metrics = Metrics(self.out_dir, start, self.dist.main)
+        tokens_per_step = t.batch_size * t.seq_len
+        flops_per_step = train_flops_per_token(self.cfg.model, t.seq_len) * tokens_per_step
+        peak = self._peak_flops()
+        bar = self._progress_bar(start)
+        self.model.train()
+        record: dict = {}
+        for step in range(start, self.total_steps):
+            t0 = time.perf_counter()
+            record = self._train_step(step)
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            self.tokens_seen += tokens_per_step
+            done = step + 1
+            record.update(kind="train", step=done, tokens=self.tokens_seen, flops=done * flops_per_step,
+                          tok_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / (peak * self.dist.world),
+                          elapsed_s=self.elapsed)
+            if done % t.log_every == 0 or done == self.total_steps:
+                metrics.write(record)
+            if done % t.eval_every == 0 or done == self.total_steps:
+                ev = evaluate(self.model, self.data, t.seq_len, t.eval_tokens, t.batch_size // self.dist.world,
+                              self.device, self.dist, self._autocast)
+                metrics.write({"kind": "eval", "step": done, "tokens": self.tokens_seen, **ev})
+                record.update(ev)
+            if done % t.ckpt_every == 0 or done == self.total_steps:
+                self._save(done)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}",
+                                mfu=f"{record['mfu']:.0%}")
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        return self._finish(record, start)
+
+    def _peak_flops(self) -> float:
+        peak = torch.tensor(measure_matmul_flops(self.device, seconds=0.3) if self.dist.main else 0.0)
+        if self.dist.world > 1:  # everyone uses the main process's measurement
+            dist.broadcast(peak, 0)
+        return float(peak)
+
+    def _progress_bar(self, start: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start, desc=f"train {self.cfg.preset}", unit="step",
+                    dynamic_ncols=True, mininterval=0.5)
+
+    def _finish(self, record: dict, start: int) -> dict:
+        if start >= self.total_steps:  # resumed a finished run: evaluate what is there
+            record = evaluate(self.model, self.data, self.cfg.train.seq_len, self.cfg.train.eval_tokens,
+                              self.cfg.train.batch_size // self.dist.world, self.device, self.dist, self._autocast)
+        summary = {
+            "preset": self.cfg.preset, "steps": self.total_steps, "tokens": self.tokens_seen,
+            "params": self.model.num_params(),
+            "forward_flops_per_token": forward_flops_per_token(self.cfg.model, self.cfg.train.seq_len),
+            "train_flops": self.total_steps * self.cfg.train.batch_size * self.cfg.train.seq_len
+            * train_flops_per_token(self.cfg.model, self.cfg.train.seq_len),
+            "wall_s": self.elapsed, "corpus": self.data.stats,
+            **{k: record.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb")},
+        }
+        if self.dist.main:
+            checkpoint.write_json_atomic(self.out_dir / "results.json", summary)
+        return summary
