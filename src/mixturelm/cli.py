@@ -42,6 +42,16 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
+# Options of `train` that change the preset's model shape (flag name -> type, help).
+MODEL_OPTIONS: dict[str, tuple[type, str]] = {
+    "d_model": (int, "model width (overrides the preset)"),
+    "n_layers": (int, "number of blocks (overrides the preset)"),
+    "n_heads": (int, "attention heads (overrides the preset)"),
+    "n_kv_heads": (int, "key/value heads for grouped-query attention (default: n_heads)"),
+    "d_ffn": (int, "FFN hidden size (overrides the preset)"),
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage block too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -56,7 +66,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (typ, helptext) in TRAIN_OPTIONS.items():
+    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS).items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
 
 
@@ -135,10 +145,14 @@ def cmd_train(args) -> None:
     if not args.out:
         raise UsageError("--out DIR is required: the run directory for metrics and checkpoints")
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     out = Path(args.out)
-    cfg = resumed_run_config(out, args.preset, overrides) if args.resume else new_run_config(args.preset, overrides)
+    if args.resume:
+        cfg = resumed_run_config(out, args.preset, overrides, model_overrides)
+    else:
+        cfg = new_run_config(args.preset, overrides, model_overrides)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.no_progress)
     summary = trainer.run()

@@ -62,7 +62,8 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
     return RunConfig(p.name, model, train)
 
 
-def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict) -> RunConfig:
+def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
+                       model_overrides: dict | None = None) -> RunConfig:
     """The saved config of the run in out_dir; any option given again must agree with it."""
     path = out_dir / checkpoint.CONFIG_FILE
     if not path.is_file():
@@ -72,9 +73,11 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict)
     if preset is not None and preset != saved.preset:
         raise UsageError(f"--preset {preset} differs from the run's preset {saved.preset}; "
                          "drop --preset or start a new run with another --out")
-    for key, value in train_overrides.items():
-        if getattr(saved.train, key) != value:
-            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved.train, key)}; "
+    given = [(saved.train, k, v) for k, v in train_overrides.items()]
+    given += [(saved.model, k, v) for k, v in (model_overrides or {}).items()]
+    for saved_cfg, key, value in given:
+        if getattr(saved_cfg, key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved_cfg, key)}; "
                              "drop the option to resume, or start a new run with another --out")
     return saved
 
@@ -409,6 +412,8 @@ class Trainer:
                               self.device, self.dist, self._autocast)
                 metrics.write({"kind": "eval", "step": done, "tokens": self.tokens_seen, **ev})
                 record.update(ev)
+                self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
+                               f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             if done % t.ckpt_every == 0 or done == self.total_steps:
                 self._save(done)
             if bar is not None:
@@ -419,6 +424,12 @@ class Trainer:
             bar.close()
         metrics.close()
         return self._finish(record, start)
+
+    def _say(self, bar, msg: str) -> None:
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
 
     def _peak_flops(self) -> float:
         peak = torch.tensor(measure_matmul_flops(self.device, seconds=0.3) if self.dist.main else 0.0)
@@ -432,7 +443,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=start, desc=f"train {self.cfg.preset}", unit="step",
-                    dynamic_ncols=True, mininterval=0.5)
+                    dynamic_ncols=True, mininterval=0.5,
+                    disable=None)  # None: no bar when stderr is not a terminal (logs get the eval lines)
 
     def _finish(self, record: dict, start: int) -> dict:
         if start >= self.total_steps:  # resumed a finished run: evaluate what is there

@@ -1,0 +1,130 @@
+"""Side-by-side benchmarks: ours and a peer measured in the same run, alternating, with ratios.
+
+Never a timed test: these machines are shared and noisy, so every benchmark alternates the
+contenders over several rounds and reports medians, the machine and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import UsageError
+from .flops import measure_matmul_flops, train_flops_per_token
+from .model import MixtureLM
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each contender: `rounds` rounds, each timing `steps` calls of every contender in turn."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def _llama_peer(cfg: ModelConfig):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise UsageError("bench train needs transformers for the Llama peer; pip install 'mixturelm[bench]'") from None
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_seq_len,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_cfg)
+
+
+def _train_step_fn(model, forward_logits, batch: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        logits = forward_logits(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train(args) -> dict:
+    """Our dense model against transformers' LlamaForCausalLM of the same shape: training tokens/s and MFU."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.rounds < 1:
+        raise UsageError("--steps and --rounds must be >= 1")
+    cfg = ModelConfig(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408, max_seq_len=args.seq_len,
+                      tie_embeddings=False)
+    torch.manual_seed(0)
+    ours = MixtureLM(cfg)
+    peer = _llama_peer(cfg)
+    n_ours, n_peer = ours.num_params(), sum(p.numel() for p in peer.parameters())
+    batch = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1))
+    tokens = args.batch_size * args.seq_len
+    contenders = {
+        "mixturelm": _train_step_fn(ours, lambda x: ours(x).logits, batch),
+        "transformers Llama": _train_step_fn(peer, lambda x: peer(input_ids=x).logits, batch),
+    }
+    peak = measure_matmul_flops(seconds=1.0)
+    times = time_alternating(contenders, args.steps, args.rounds)
+    flops_per_step = train_flops_per_token(cfg, args.seq_len) * tokens
+    result = {"machine": machine(), "command": "mixturelm " + " ".join(sys.argv[1:]),
+              "shape": {"d_model": 512, "n_layers": 8, "n_heads": 8, "d_ffn": 1408, "seq_len": args.seq_len,
+                        "batch_size": args.batch_size, "vocab": cfg.vocab_size, "dtype": "fp32"},
+              "params": {"mixturelm": n_ours, "transformers Llama": n_peer},
+              "matmul_peak_flops": peak, "contenders": {}}
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        result["contenders"][name] = {"step_s": sec, "tok_per_s": tokens / sec, "mfu": flops_per_step / sec / peak,
+                                      "step_s_all_rounds": ts}
+    ratio = result["contenders"]["mixturelm"]["tok_per_s"] / result["contenders"]["transformers Llama"]["tok_per_s"]
+    result["ratio_tok_per_s_ours_over_peer"] = ratio
+    _print_train(result)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _print_train(r: dict) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    print(f"shape: {r['shape']}; params ours {r['params']['mixturelm']:,}, "
+          f"peer {r['params']['transformers Llama']:,}")
+    print(f"large-matmul peak: {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"{'model':<22}{'step s':>9}{'tokens/s':>11}{'MFU':>7}")
+    for name, c in r["contenders"].items():
+        print(f"{name:<22}{c['step_s']:>9.3f}{c['tok_per_s']:>11,.0f}{c['mfu']:>7.1%}")
+    print(f"ours / Llama tokens/s: {r['ratio_tok_per_s_ours_over_peer']:.3f}x")

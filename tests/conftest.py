@@ -1,0 +1,58 @@
+"""Shared fixtures: a private token cache, a small deterministic corpus, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.use_deterministic_algorithms(False)
+
+WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not but "
+         "model expert token router depth layer block sequence train loss value mixture compute").split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    """Deterministic pseudo-prose: numpy's PCG64 gives the same words on every machine."""
+    rng = np.random.default_rng(seed)
+    words = rng.choice(WORDS, size=n_words)
+    lines = [" ".join(words[i:i + 12]) + ".\n" for i in range(0, n_words, 12)]
+    return "".join(lines)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MIXTURELM_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """40 small text files (~10 KB each) in a folder, one in a subfolder."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "sub").mkdir()
+    for i in range(40):
+        (d / ("sub" if i == 0 else ".") / f"doc{i:02d}.txt").write_text(make_text(1600, i))
+    return d
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run([sys.executable, "-m", "mixturelm", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mixturelm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every file under path with the hash of its content: to prove nothing was changed."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}

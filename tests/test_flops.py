@@ -1,0 +1,42 @@
+"""The analytic FLOP count against torch's FlopCounterMode (within 2 %), forward and training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixturelm import MixtureLM, ModelConfig
+from mixturelm.config import PRESETS
+from mixturelm.flops import flop_counter, forward_flops_breakdown, forward_flops_per_token, train_flops_per_token
+
+CONFIGS = {
+    "debug": ModelConfig(**PRESETS["dense-debug"].model),
+    "gqa-untied": ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=8, n_kv_heads=2, d_ffn=160,
+                              max_seq_len=96, tie_embeddings=False),
+    "mixed-ffn": ModelConfig(vocab_size=257, d_model=48, n_layers=2, n_heads=4, d_ffn=96, max_seq_len=32,
+                             blocks=[{"ffn": "dense"}, {"ffn": "dense", "ffn_hidden": 200}]),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_analytic_flops_match_flop_counter(name):
+    cfg = CONFIGS[name]
+    B, T = 2, cfg.max_seq_len
+    model = MixtureLM(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with flop_counter() as fc:
+        model(idx)
+    measured_fwd = fc.get_total_flops() / (B * T)
+    with flop_counter() as fc:
+        model(idx, idx).loss.backward()
+    measured_train = fc.get_total_flops() / (B * T)
+    assert measured_fwd == pytest.approx(forward_flops_per_token(cfg, T), rel=0.02)
+    assert measured_train == pytest.approx(train_flops_per_token(cfg, T), rel=0.02)
+
+
+def test_attention_scores_grow_with_sequence_and_the_rest_does_not():
+    cfg = CONFIGS["debug"]
+    a, b = forward_flops_breakdown(cfg, 64), forward_flops_breakdown(cfg, 128)
+    assert b["attn_scores"] == 2 * a["attn_scores"]
+    assert all(a[k] == b[k] for k in a if k != "attn_scores")
+    assert a["ffn"] == cfg.n_layers * 6 * cfg.d_model * cfg.d_ffn
