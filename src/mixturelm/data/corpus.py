@@ -7,6 +7,7 @@ and validation by a hash of each document's name, so the split does not depend o
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -36,6 +37,14 @@ class Source:
     spec: str
     files: list[Path]
     hf: tuple[str, str | None] | None = None
+
+    def name_of(self, f: Path) -> str:
+        """A document's name relative to its source, so the split does not depend on where the corpus lies."""
+        return f.name if len(self.files) == 1 else str(f.relative_to(self._root))
+
+    @functools.cached_property
+    def _root(self) -> Path:
+        return Path(os.path.commonpath([p.parent for p in self.files]))
 
     def fingerprint(self) -> str:
         """Changes when any file is added, removed, resized or touched: the token cache key."""
@@ -97,16 +106,16 @@ def read_documents(sources: list[Source], text_field: str = "text") -> list[Docu
             continue
         for f in src.files:
             if f.suffix.lower() == ".jsonl":
-                docs.extend(_jsonl_documents(f, text_field))
+                docs.extend(_jsonl_documents(f, src.name_of(f), text_field))
             else:
-                docs.append(Document(str(f), f.read_bytes()))
+                docs.append(Document(src.name_of(f), f.read_bytes()))
     docs = [d for d in docs if d.data]
     if not docs:
         raise UsageError(f"--data {','.join(s.spec for s in sources)}: no text found (all files are empty)")
     return docs
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
+def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
     docs = []
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -119,7 +128,7 @@ def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise UsageError(f"{path}:{lineno} has no string field {text_field!r}; "
                                  "name the field with --text-field")
-            docs.append(Document(f"{path}:{lineno}", record[text_field].encode("utf-8", "surrogatepass")))
+            docs.append(Document(f"{name}:{lineno}", record[text_field].encode("utf-8", "surrogatepass")))
     return docs
 
 
