@@ -282,6 +282,7 @@ class Trainer:
             raise UsageError(f"--batch-size {t.batch_size} is not divisible by processes x --grad-accum "
                              f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
         prepare_out_dir(self.out_dir, resume, overwrite)
+        steps_in_budget(self.cfg)  # fail fast, before reading data; counted again once the vocabulary is known
         self.data = self._prepare_data()
         check_length(self.data.train, t.seq_len, "training")
         check_length(self.data.val, t.seq_len, "validation")
