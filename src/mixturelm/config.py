@@ -15,7 +15,7 @@ from .errors import UsageError
 
 # FFN kinds a block may have. Later mechanisms (moe, peer) register theirs in layers/__init__.py;
 # the list here is what config validation accepts.
-FFN_KINDS = ("dense",)
+FFN_KINDS = ("dense", "moe")
 # Routing wrappers that may surround a whole block (mod comes with Mixture-of-Depths).
 WRAPPER_KINDS = ("none",)
 
@@ -27,17 +27,61 @@ def _positive(obj: Any, *names: str) -> None:
             raise UsageError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+ROUTER_KINDS = ("softmax", "noisy", "switch", "sigmoid_bias", "expert_choice")
+DISPATCH_IMPLS = ("auto", "grouped", "loop")
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """A Mixture-of-Experts FFN (layers/moe.py): which router, how many experts of which size."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 176  # hidden size of each SwiGLU expert
+    router: str = "softmax"
+    n_shared: int = 0  # always-on shared experts (DeepSeekMoE), each of d_expert
+    capacity_factor: float | None = None  # None: dropless; for expert_choice, its capacity (default 2)
+    renormalize: bool = True  # softmax router: renormalise the top-k gates to sum to 1
+    route_scale: float = 1.0  # sigmoid_bias router: gate scale (DeepSeek-V3 uses 2.5)
+    bias_rate: float = 1e-3  # sigmoid_bias router: bias update per optimizer step
+    impl: str = "auto"  # grouped matmul implementation
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_experts", "top_k", "d_expert")
+        if self.n_shared < 0:
+            raise UsageError(f"MoEConfig.n_shared must be >= 0, got {self.n_shared}")
+        if self.top_k > self.n_experts:
+            raise UsageError(f"MoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.router not in ROUTER_KINDS:
+            raise UsageError(f"MoEConfig.router={self.router!r} is unknown; choose one of {', '.join(ROUTER_KINDS)}")
+        if self.impl not in DISPATCH_IMPLS:
+            raise UsageError(f"MoEConfig.impl={self.impl!r} is unknown; choose one of {', '.join(DISPATCH_IMPLS)}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise UsageError(f"MoEConfig.capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}")
+        if self.router == "switch" and self.top_k != 1:
+            raise UsageError("MoEConfig.router='switch' is top-1; set top_k=1")
+
+    def experts_per_token(self) -> float:
+        """Average routed experts a token computes: k, or capacity_factor for expert choice."""
+        return (self.capacity_factor or 2.0) if self.router == "expert_choice" else float(self.top_k)
+
+
 @dataclass(kw_only=True)
 class BlockSpec:
     """What one transformer block computes: its FFN kind and an optional routing wrapper around it."""
 
     ffn: str = "dense"
     ffn_hidden: int | None = None  # None: the model's d_ffn
+    moe: MoEConfig | None = None  # required when ffn == "moe"
     wrapper: str = "none"
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_KINDS:
             raise UsageError(f"BlockSpec.ffn={self.ffn!r} is unknown; choose one of {', '.join(FFN_KINDS)}")
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if self.ffn == "moe" and self.moe is None:
+            raise UsageError("BlockSpec.ffn='moe' needs its MoEConfig in BlockSpec.moe")
         if self.wrapper not in WRAPPER_KINDS:
             raise UsageError(
                 f"BlockSpec.wrapper={self.wrapper!r} is unknown; choose one of {', '.join(WRAPPER_KINDS)}"
@@ -62,6 +106,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     blocks: list[BlockSpec] = field(default_factory=list)  # empty: every block dense
+    # weight of each auxiliary loss (by name, from any routed layer) in the training objective:
+    # Switch balance 1e-2 (Fedus et al.), ST-MoE z-loss 1e-3, the noisy gate's importance and load 1e-2
+    aux_loss_weights: dict[str, float] = field(default_factory=lambda: {
+        "balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2})
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len")
@@ -83,6 +131,9 @@ class ModelConfig:
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise UsageError("ModelConfig.rope_theta, norm_eps and init_std must be positive")
         self.blocks = [b if isinstance(b, BlockSpec) else BlockSpec(**b) for b in self.blocks]
+        for name, w in self.aux_loss_weights.items():
+            if not isinstance(w, (int, float)) or w < 0:
+                raise UsageError(f"ModelConfig.aux_loss_weights[{name!r}] must be a number >= 0, got {w!r}")
         if self.blocks and len(self.blocks) != self.n_layers:
             raise UsageError(
                 f"ModelConfig.blocks has {len(self.blocks)} entries but n_layers={self.n_layers}; "
@@ -210,6 +261,25 @@ PRESETS: dict[str, Preset] = {
     f"dense-{size}": Preset(f"dense-{size}", why, model, train)
     for size, (model, train, why) in _DENSE_SIZES.items()
 }
+
+
+def _moe_preset(size: str, n_experts: int, top_k: int, n_shared: int = 0, fine: bool = False) -> Preset:
+    """Every block MoE, with the same ACTIVE FFN parameters per token as dense-<size>:
+    (top_k + n_shared) * d_expert = d_ffn."""
+    model, train, _ = _DENSE_SIZES[size]
+    d_expert = model["d_ffn"] // (top_k + n_shared)
+    moe = {"n_experts": n_experts, "top_k": top_k, "d_expert": d_expert, "n_shared": n_shared}
+    blocks = [{"ffn": "moe", "moe": moe} for _ in range(model["n_layers"])]
+    kind = "fine-grained, " if fine else ""
+    why = (f"{kind}{n_experts} experts top-{top_k}" + (f" + {n_shared} shared" if n_shared else "")
+           + f" of hidden {d_expert}: dense-{size}'s active FFN size")
+    name = f"moe{'-fg' if fine else ''}-{size}"
+    return Preset(name, why, model | {"blocks": blocks}, train)
+
+
+for _size in ("debug", "tiny", "small", "medium"):
+    PRESETS[f"moe-{_size}"] = _moe_preset(_size, 8, 2)
+    PRESETS[f"moe-fg-{_size}"] = _moe_preset(_size, 64, 6, n_shared=2, fine=True)
 
 
 def get_preset(name: str) -> Preset:

@@ -17,8 +17,20 @@ import torch
 from .config import BlockSpec, ModelConfig
 
 # Forward FLOPs per token of each FFN kind; later mechanisms register theirs.
+def moe_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
+    """Router, routed experts (k per token; capacity_factor per token for expert choice; with token
+    dropping this is the upper bound), shared experts. The noisy router's noise projection is counted."""
+    m, D = spec.moe, cfg.d_model
+    router = 2.0 * D * m.n_experts * (2 if m.router == "noisy" else 1)
+    parts = {"router": router, "experts": m.experts_per_token() * 6.0 * D * m.d_expert}
+    if m.n_shared:
+        parts["shared_experts"] = 6.0 * D * m.n_shared * m.d_expert
+    return parts
+
+
 FFN_FLOPS: dict[str, Callable[[BlockSpec, ModelConfig], dict[str, float]]] = {
     "dense": lambda spec, cfg: {"ffn": 6.0 * cfg.d_model * (spec.ffn_hidden or cfg.d_ffn)},
+    "moe": moe_flops,
 }
 
 TRAIN_FLOPS_MULTIPLIER = 3.0
@@ -81,13 +93,24 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return 2 * _cpu_sdpa_forward_flops(query, key, value)  # four products of the forward's size
 
 
+def _grouped_mm_flops(mat_a, mat_b, *args, out_shape=None, **kwargs) -> int:
+    if len(mat_a) == 2 and len(mat_b) == 2 and len(out_shape) == 3:  # contraction split into groups (weight grads)
+        return 2 * mat_a[0] * mat_a[1] * mat_b[1]
+    n_out = 1
+    for s in out_shape:
+        n_out *= s
+    return 2 * n_out * mat_a[-1]
+
+
 def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
-    """torch's FlopCounterMode, taught the CPU flash-attention kernel it does not count (torch 2.13)."""
+    """torch's FlopCounterMode, taught what it does not count in torch 2.13: the CPU flash-attention
+    kernel and torch._grouped_mm (the MoE experts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
     mapping = {
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+        aten._grouped_mm: _grouped_mm_flops,
     }
     return FlopCounterMode(display=False, custom_mapping=mapping, **kwargs)

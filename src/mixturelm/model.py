@@ -20,23 +20,32 @@ from torch import nn
 from .config import BlockSpec, ModelConfig
 from .layers.attention import Attention, LayerKVCache, rope_angles
 from .layers.ffn import SwiGLU
+from .layers.moe import MoE
 
 Aux = dict[str, torch.Tensor]  # "loss/<name>" entries are auxiliary losses, "stat/<name>" statistics
 
 # How each FFN kind and each wrapper kind is built. Later mechanisms add entries here.
+def _build_moe(spec: BlockSpec, cfg: ModelConfig) -> MoE:
+    m = spec.moe
+    return MoE(cfg.d_model, m.d_expert, m.n_experts, m.top_k, m.router, n_shared=m.n_shared,
+               capacity_factor=m.capacity_factor, renormalize=m.renormalize, route_scale=m.route_scale,
+               bias_rate=m.bias_rate, impl=m.impl)
+
+
 FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
     "dense": lambda spec, cfg: SwiGLU(cfg.d_model, spec.ffn_hidden or cfg.d_ffn),
+    "moe": _build_moe,
 }
 WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Module]] = {
     "none": lambda block, spec, cfg: block,
 }
-# Weight of each auxiliary loss name in the training objective (e.g. "balance": 1e-2 for MoE).
-AUX_LOSS_WEIGHTS: dict[str, float] = {}
 
 
-def split_aux(out: torch.Tensor | tuple[torch.Tensor, Aux]) -> tuple[torch.Tensor, Aux]:
-    """Layers return either a tensor or (tensor, aux); normalise to the pair."""
-    return out if isinstance(out, tuple) else (out, {})
+def call_with_aux(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Aux]:
+    """Routed layers (has_aux) return (output, aux) when asked; plain layers return the output."""
+    if getattr(layer, "has_aux", False):
+        return layer(x, return_aux=True)
+    return layer(x), {}
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +71,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None) -> tuple[torch.Tensor, Aux]:
         h = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
-        y, aux = split_aux(self.ffn(self.ffn_norm(h)))
+        y, aux = call_with_aux(self.ffn, self.ffn_norm(h))
         return h + y, aux
 
 
@@ -104,8 +113,10 @@ class MixtureLM(nn.Module):
         # Residual-branch outputs are scaled down with depth (GPT-2) so the residual stream stays O(1).
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith("attn.out") or name.endswith("ffn.down")
+            if isinstance(module, MoE):
+                module.reset_parameters(std, out_std)
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and ".router." not in name:
+                is_out = name.endswith(("attn.out", ".down"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -133,7 +144,8 @@ class MixtureLM(nn.Module):
         out.aux_losses = {k.replace("loss/", ""): v for k, v in aux.items() if "loss/" in k}
         out.stats = {k.replace("stat/", ""): v for k, v in aux.items() if "stat/" in k}
         if out.aux_losses:
-            out.aux_loss = sum(AUX_LOSS_WEIGHTS.get(k.split(".")[-1], 1.0) * v for k, v in out.aux_losses.items())
+            weights = self.config.aux_loss_weights
+            out.aux_loss = sum(weights.get(k.split(".")[-1], 1.0) * v for k, v in out.aux_losses.items())
         if targets_BT is not None:
             out.logits = logits.float()
             out.loss = F.cross_entropy(out.logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1))

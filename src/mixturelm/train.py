@@ -362,6 +362,7 @@ class Trainer:
         micro = t.batch_size // (d.world * t.grad_accum)
         lm_loss = torch.zeros((), dtype=torch.float64)
         aux_sums: dict[str, float] = {}
+        stat_sums: dict[str, float] = {}
         for m in range(t.grad_accum):
             first = (m * d.world + d.rank) * micro
             chunk = rows[first:first + micro].to(self.device)
@@ -373,15 +374,32 @@ class Trainer:
             lm_loss += out.loss.detach().double().cpu() / t.grad_accum
             for k, v in out.aux_losses.items():
                 aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / t.grad_accum
+            for k, v in out.stats.items():
+                if v.numel() == 1:
+                    stat_sums[k] = stat_sums.get(k, 0.0) + v.item() / t.grad_accum
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        self._after_optimizer_step()
         record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
         record.update({f"aux/{k}": v for k, v in aux_sums.items()})
+        record.update({f"stat/{k}": v for k, v in stat_sums.items()})
         return record
+
+    def _after_optimizer_step(self) -> None:
+        """Online state of routed layers (the balancing bias) moves here, from loads summed over processes."""
+        def total(t: torch.Tensor) -> torch.Tensor:
+            if self.dist.world > 1:
+                t = t.clone()
+                dist.all_reduce(t)
+            return t
+
+        for module in self.model.modules():
+            if hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step(total)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -460,6 +478,11 @@ class Trainer:
             "wall_s": self.elapsed, "corpus": self.data.stats,
             **{k: record.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb")},
         }
+        loads = {k.removeprefix("stat/"): v for k, v in record.items() if k.endswith("load_max_over_mean")}
+        if loads:
+            summary["load_max_over_mean"] = loads
+            self.log("max/mean expert load per layer (last step): "
+                     + ", ".join(f"{k.split('.')[0]} {v:.2f}" for k, v in loads.items()))
         if self.dist.main:
             checkpoint.write_json_atomic(self.out_dir / "results.json", summary)
         return summary
