@@ -13,6 +13,13 @@ CONFIGS = {
     "debug": ModelConfig(**PRESETS["dense-debug"].model),
     "gqa-untied": ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=8, n_kv_heads=2, d_ffn=160,
                               max_seq_len=96, tie_embeddings=False),
+    "moe": ModelConfig(**PRESETS["moe-debug"].model),
+    "moe-fine-grained-shared": ModelConfig(**PRESETS["moe-fg-debug"].model),
+    "moe-noisy-expert-choice": ModelConfig(
+        vocab_size=257, d_model=32, n_layers=2, n_heads=4, d_ffn=64, max_seq_len=32,
+                                           blocks=[{"ffn": "moe", "moe": {"router": "noisy", "d_expert": 32}},
+                                                   {"ffn": "moe", "moe": {"router": "expert_choice", "d_expert": 32,
+                                                                          "capacity_factor": 2.0}}]),
     "mixed-ffn": ModelConfig(vocab_size=257, d_model=48, n_layers=2, n_heads=4, d_ffn=96, max_seq_len=32,
                              blocks=[{"ffn": "dense"}, {"ffn": "dense", "ffn_hidden": 200}]),
 }
@@ -28,7 +35,8 @@ def test_analytic_flops_match_flop_counter(name):
         model(idx)
     measured_fwd = fc.get_total_flops() / (B * T)
     with flop_counter() as fc:
-        model(idx, idx).loss.backward()
+        out = model(idx, idx)
+        (out.loss if out.aux_loss is None else out.loss + out.aux_loss).backward()
     measured_train = fc.get_total_flops() / (B * T)
     assert measured_fwd == pytest.approx(forward_flops_per_token(cfg, T), rel=0.02)
     assert measured_train == pytest.approx(train_flops_per_token(cfg, T), rel=0.02)

@@ -212,3 +212,54 @@ def test_bad_arguments():
         MoE(D, H, E, 2, "nope")
     with pytest.raises(ValueError, match="top_k"):
         MoE(D, H, E, 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE inside the model
+
+def moe_model(router="softmax", **moe):
+    from mixturelm import MixtureLM, ModelConfig
+
+    spec = {"n_experts": 4, "top_k": 2, "d_expert": 16, "router": router} | moe
+    return MixtureLM(ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ffn=32, max_seq_len=32,
+                                 blocks=[{"ffn": "dense"}, {"ffn": "moe", "moe": spec}]))
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid_bias", "noisy"])
+def test_cached_decoding_of_a_moe_model_equals_full_recompute(router):
+    """Token-choice routing decides per token, so it is causal and the KV cache applies unchanged."""
+    torch.manual_seed(0)
+    model = moe_model(router).double().eval()
+    idx = torch.randint(0, 40, (2, 20))
+    cache = model.new_cache(2, 20)
+    pieces = [model(idx[:, :7], cache=cache).logits] + [model(idx[:, t:t + 1], cache=cache).logits for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(pieces, 1), model(idx).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_model_returns_each_aux_loss_and_weights_them():
+    torch.manual_seed(0)
+    model = moe_model()
+    idx = torch.randint(0, 40, (2, 12))
+    out = model(idx, idx)
+    assert set(out.aux_losses) == {"layer1.balance", "layer1.z"}
+    w = model.config.aux_loss_weights
+    torch.testing.assert_close(out.aux_loss, w["balance"] * out.aux_losses["layer1.balance"]
+                               + w["z"] * out.aux_losses["layer1.z"])
+    assert out.stats["layer1.tokens_per_expert"].sum() == 2 * 12 * 2
+
+
+def test_training_steps_the_bias_and_logs_the_load(corpus_dir, tmp_path):
+    import json
+
+    from mixturelm.train import Trainer, new_run_config
+
+    cfg = new_run_config("moe-debug", {"data": str(corpus_dir), "max_steps": 5},
+                         moe_overrides={"router": "sigmoid_bias", "bias_rate": 0.01})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    summary = trainer.run()
+    biases = [m.router.bias_E for m in trainer.model.modules() if isinstance(m, MoE)]
+    assert all(b.abs().sum() > 0 for b in biases)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert "stat/layer0.load_max_over_mean" in last and "aux/layer1.balance" in last
+    assert set(summary["load_max_over_mean"]) == {"layer0.load_max_over_mean", "layer1.load_max_over_mean"}

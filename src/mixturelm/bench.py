@@ -7,6 +7,7 @@ contenders over several rounds and reports medians, the machine and the command.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -116,6 +117,132 @@ def bench_train(args) -> dict:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# bench moe: one MoE layer, forward + backward, against transformers' Mixtral block and the dense floor
+
+MOE_SHAPES = {"8x top-2": (8, 2, 1408), "64x top-8 (fine-grained)": (64, 8, 352)}  # experts, k, expert hidden
+
+
+def _moe_contenders(n_experts: int, top_k: int, d_hidden: int, d_model: int) -> dict[str, Callable[[], torch.nn.Module]]:
+    from .layers.ffn import SwiGLU
+    from .layers.moe import MoE
+
+    def mixtral(impl: str):
+        def build():
+            try:
+                from transformers import MixtralConfig
+                from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+            except ImportError:
+                raise UsageError("bench moe needs transformers for the Mixtral peer; pip install 'mixturelm[bench]'") from None
+            cfg = MixtralConfig(hidden_size=d_model, intermediate_size=d_hidden, num_local_experts=n_experts,
+                                num_experts_per_tok=top_k)
+            cfg._experts_implementation = impl
+            block = MixtralSparseMoeBlock(cfg)
+            for p in block.parameters():
+                torch.nn.init.normal_(p, 0.0, 0.02)
+            return block
+        return build
+
+    return {
+        "mixturelm MoE": lambda: MoE(d_model, d_hidden, n_experts, top_k, "softmax", impl="auto"),
+        "mixturelm MoE, loop impl": lambda: MoE(d_model, d_hidden, n_experts, top_k, "softmax", impl="loop"),
+        "Mixtral block (eager)": mixtral("eager"),
+        "Mixtral block (grouped_mm)": mixtral("grouped_mm"),
+        "dense floor": lambda: SwiGLU(d_model, top_k * d_hidden),
+    }
+
+
+def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    params = list(module.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    return step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _peak_memory_child(shape: str, name: str, tokens: int, d_model: int, queue) -> None:
+    """In a fresh process: peak resident memory growth over one forward + backward (CPU has no allocator
+    stats). Linux's high-water mark is reset first (clear_refs 5), then read after the step."""
+    torch.manual_seed(0)
+    module = _moe_contenders(*MOE_SHAPES[shape], d_model)[name]()
+    x = torch.randn(1, tokens, d_model, requires_grad=True)
+    grad = torch.randn(1, tokens, d_model)
+    before = _rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")
+    _fwd_bwd(module, x, grad)()
+    queue.put(_peak_rss_bytes() - before)
+
+
+def peak_memory(shape: str, name: str, tokens: int, d_model: int) -> int:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(shape, name, tokens, d_model, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return value
+
+
+def bench_moe(args) -> dict:
+    """One MoE layer, forward + backward: ours against Mixtral's block and the dense FFN of the same active size."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens, d_model = args.tokens, 512
+    result = {"machine": machine(), "command": "mixturelm " + " ".join(sys.argv[1:]), "tokens": tokens,
+              "d_model": d_model, "dtype": "fp32", "shapes": {}}
+    for shape, (n_experts, top_k, d_hidden) in MOE_SHAPES.items():
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, d_model, requires_grad=True)
+        grad = torch.randn(1, tokens, d_model)
+        builders = _moe_contenders(n_experts, top_k, d_hidden, d_model)
+        steps = {name: _fwd_bwd(build(), x, grad) for name, build in builders.items()}
+        times = time_alternating(steps, args.steps, args.rounds)
+        rows = {name: {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts} for name, ts in times.items()}
+        if not args.no_memory:
+            for name in rows:
+                rows[name]["peak_mem_bytes"] = peak_memory(shape, name, tokens, d_model)
+        floor, peer = rows["dense floor"]["fwd_bwd_s"], rows["Mixtral block (eager)"]["fwd_bwd_s"]
+        for row in rows.values():
+            row["x_dense_floor"] = row["fwd_bwd_s"] / floor
+            row["x_mixtral_eager"] = row["fwd_bwd_s"] / peer
+        result["shapes"][shape] = {"n_experts": n_experts, "top_k": top_k, "d_expert": d_hidden, "contenders": rows}
+    _print_moe(result)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _print_moe(r: dict) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}; {r['tokens']} tokens, d_model "
+          f"{r['d_model']}, fp32, forward + backward")
+    for shape, s in r["shapes"].items():
+        print(f"\n{shape}: {s['n_experts']} experts, top-{s['top_k']}, expert hidden {s['d_expert']}")
+        print(f"  {'':<28}{'seconds':>9}{'x dense':>9}{'x Mixtral':>11}{'peak MB':>9}")
+        for name, c in s["contenders"].items():
+            mem = f"{c['peak_mem_bytes'] / 2**20:>9.0f}" if "peak_mem_bytes" in c else f"{'':>9}"
+            print(f"  {name:<28}{c['fwd_bwd_s']:>9.3f}{c['x_dense_floor']:>9.2f}{c['x_mixtral_eager']:>11.2f}{mem}")
 
 
 def _print_train(r: dict) -> None:

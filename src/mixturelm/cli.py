@@ -52,6 +52,17 @@ MODEL_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
+# Options of `train` that change every MoE block of a moe-* preset.
+MOE_OPTIONS: dict[str, tuple[type, str]] = {
+    "router": (str, "MoE router: softmax, noisy, switch, sigmoid_bias, expert_choice"),
+    "n_experts": (int, "MoE experts per layer"),
+    "top_k": (int, "MoE experts per token"),
+    "d_expert": (int, "hidden size of each MoE expert"),
+    "n_shared": (int, "always-on shared experts"),
+    "capacity_factor": (float, "token dropping above this capacity (default: dropless)"),
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage block too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -66,7 +77,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS).items():
+    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS).items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
 
 
@@ -106,12 +117,16 @@ def _add_flops(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    p.add_argument("what", choices=("train",), help="train: our dense model against transformers' Llama")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
+    p.add_argument("what", choices=("train", "moe"),
+                   help="train: our dense model against transformers' Llama; moe: one MoE layer against "
+                        "transformers' Mixtral block and the dense floor")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--tokens", type=int, default=4096, help="moe: tokens per call")
+    p.add_argument("--no-memory", action="store_true", help="moe: skip the peak-memory measurement")
     p.add_argument("--out", help="also write results.json there")
 
 
@@ -146,13 +161,14 @@ def cmd_train(args) -> None:
         raise UsageError("--out DIR is required: the run directory for metrics and checkpoints")
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    moe_overrides = {k: getattr(args, k) for k in MOE_OPTIONS if getattr(args, k) is not None}
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     out = Path(args.out)
     if args.resume:
-        cfg = resumed_run_config(out, args.preset, overrides, model_overrides)
+        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides)
     else:
-        cfg = new_run_config(args.preset, overrides, model_overrides)
+        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.no_progress)
     summary = trainer.run()
@@ -242,9 +258,9 @@ def cmd_flops(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench_train
+    from .bench import bench_moe, bench_train
 
-    bench_train(args)
+    (bench_moe if args.what == "moe" else bench_train)(args)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench}

@@ -51,9 +51,19 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------
 # Resolving the configuration of a new or resumed run
 
-def new_run_config(preset: str | None, train_overrides: dict, model_overrides: dict | None = None) -> RunConfig:
+def new_run_config(preset: str | None, train_overrides: dict, model_overrides: dict | None = None,
+                   moe_overrides: dict | None = None) -> RunConfig:
+    """The preset's config with the given options on top. moe_overrides apply to every MoE block."""
     p = get_preset(preset or DEFAULT_PRESET)
-    model = ModelConfig(**(p.model | (model_overrides or {})))
+    model_fields = p.model | (model_overrides or {})
+    if moe_overrides:
+        blocks = [b for b in model_fields.get("blocks", []) if b.get("ffn") == "moe"]
+        if not blocks:
+            raise UsageError(f"--{next(iter(moe_overrides)).replace('_', '-')} applies to MoE blocks, and preset "
+                             f"{p.name} has none; choose a moe-* preset")
+        model_fields["blocks"] = [b | {"moe": b["moe"] | moe_overrides} if b.get("ffn") == "moe" else b
+                                  for b in model_fields["blocks"]]
+    model = ModelConfig(**model_fields)
     train = TrainConfig(**(p.train | train_overrides))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
         train = replace(train, max_steps=DEFAULT_MAX_STEPS)
@@ -63,7 +73,7 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
 
 
 def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
-                       model_overrides: dict | None = None) -> RunConfig:
+                       model_overrides: dict | None = None, moe_overrides: dict | None = None) -> RunConfig:
     """The saved config of the run in out_dir; any option given again must agree with it."""
     path = out_dir / checkpoint.CONFIG_FILE
     if not path.is_file():
@@ -75,6 +85,8 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
                          "drop --preset or start a new run with another --out")
     given = [(saved.train, k, v) for k, v in train_overrides.items()]
     given += [(saved.model, k, v) for k, v in (model_overrides or {}).items()]
+    moe_blocks = [b.moe for b in saved.model.blocks if b.moe is not None]
+    given += [(m, k, v) for k, v in (moe_overrides or {}).items() for m in moe_blocks[:1]]
     for saved_cfg, key, value in given:
         if getattr(saved_cfg, key) != value:
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved_cfg, key)}; "
