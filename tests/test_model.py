@@ -111,3 +111,21 @@ def test_config_round_trips_through_dict():
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg and again.block_spec(1).ffn_hidden == 20
     assert MixtureLM(again).blocks[1].ffn.d_hidden == 20
+
+
+def test_fused_autograd_functions_pass_gradcheck():
+    from mixturelm.layers.attention import QKVRope
+    from mixturelm.layers.ffn import swiglu_activation
+
+    torch.manual_seed(0)
+    gu = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_activation, (gu,))
+    assert torch.autograd.gradcheck(swiglu_activation, (gu, scale))
+    qkv = torch.randn(2, 5, 4 + 2 * 2, 6, dtype=torch.float64, requires_grad=True)
+    cos, sin = (t.double() for t in rope_angles(torch.arange(5), 6, 100.0))
+    assert torch.autograd.gradcheck(lambda t: QKVRope.apply(t, cos, sin, 4, 2), (qkv,))
+    q, k, v = QKVRope.apply(qkv, cos, sin, 4, 2)  # and it is the plain rotation
+    torch.testing.assert_close(q.transpose(1, 2), apply_rope(qkv[:, :, :4].transpose(1, 2), cos, sin))
+    torch.testing.assert_close(k.transpose(1, 2), apply_rope(qkv[:, :, 4:6].transpose(1, 2), cos, sin))
+    assert torch.equal(v, qkv[:, :, 6:])

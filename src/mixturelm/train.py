@@ -322,7 +322,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
         self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                     fused=self.device.startswith("cuda") or None)
+                                     fused=True)  # one kernel per step, on CPU as on CUDA
         warmup = min(t.warmup_steps, self.total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, warmup, self.total_steps, t.min_lr_ratio))
@@ -416,6 +416,10 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         t = self.cfg.train
+        if self.device == "cpu":
+            from .bench import steady_allocator
+
+            steady_allocator()  # no page-fault storm every step
         self._write_run_files()
         self.dist.barrier()
         start = self._build()

@@ -17,7 +17,8 @@ On 2 CPU cores `mixturelm bench moe` measures them; "grouped" wins from 8 expert
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .ffn import swiglu_activation
 
 IMPLS = ("auto", "grouped", "loop")
 
@@ -62,8 +63,7 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     order_A, counts_E = sort_by_expert(expert_A, w_gate_up_ED2F.shape[0])
     token_A, weight_A = token_A[order_A], weight_A[order_A]
     h_A2F = grouped_matmul(x_TD[token_A], w_gate_up_ED2F, counts_E, impl)
-    gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
     # the gate scales the hidden activation: the same as scaling the output, and F <= D in fine-grained MoE
-    act_AF = F.silu(gate_AF) * up_AF * weight_A.to(h_A2F.dtype)[:, None]
+    act_AF = swiglu_activation(h_A2F, weight_A)
     y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl)
     return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))

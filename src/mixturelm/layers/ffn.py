@@ -7,6 +7,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class SwiGLUActivation(torch.autograd.Function):
+    """silu(gate) * up [* scale] from the fused projection gu = [gate | up].
+
+    One autograd node that saves only gu and writes the gradient of gu into one buffer (no cat of the
+    chunk's two halves); silu is recomputed in the backward. `scale` (one per row: the MoE gate) is
+    folded in here, so the routed experts pay no extra pass for it."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, scale: torch.Tensor | None = None):
+        f = gu.shape[-1] // 2
+        ctx.save_for_backward(gu, scale)
+        out = F.silu(gu[..., :f]).mul_(gu[..., f:])
+        return out if scale is None else out.mul_(scale[..., None].to(out.dtype))
+
+    @staticmethod
+    def backward(ctx, d_out: torch.Tensor):
+        gu, scale = ctx.saved_tensors
+        f = gu.shape[-1] // 2
+        gate, up = gu[..., :f], gu[..., f:]
+        silu_gate = F.silu(gate)
+        d_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = (d_out * silu_gate * up).sum(-1).to(scale.dtype)
+            d_out = d_out * scale[..., None].to(d_out.dtype)
+        d_gu = torch.empty_like(gu)
+        torch.ops.aten.silu_backward.grad_input(d_out * up, gate, grad_input=d_gu[..., :f])
+        torch.mul(silu_gate, d_out, out=d_gu[..., f:])
+        return d_gu, d_scale
+
+
+def swiglu_activation(gu: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    return SwiGLUActivation.apply(gu, scale)
+
+
 class SwiGLU(nn.Module):
     """y = W2 (silu(W1 x) * W3 x), with W1 and W3 fused into one matmul."""
 
@@ -17,5 +52,4 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu_activation(self.gate_up(x)))
