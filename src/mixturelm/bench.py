@@ -244,6 +244,9 @@ def bench_moe(args) -> dict:
         for row in rows.values():
             row["x_dense_floor"] = row["fwd_bwd_s"] / floor
             row["x_mixtral_eager"] = row["fwd_bwd_s"] / peer
+        decode = _decode_latency(builders, d_model, max(20, args.steps * 10), args.rounds)
+        for name, sec in decode.items():
+            rows[name]["decode_1_token_s"] = sec
         result["shapes"][shape] = {"n_experts": n_experts, "top_k": top_k, "d_expert": d_hidden, "contenders": rows}
     _print_moe(result)
     if args.out:
@@ -252,16 +255,27 @@ def bench_moe(args) -> dict:
     return result
 
 
+@torch.no_grad()
+def _decode_latency(builders: dict, d_model: int, steps: int, rounds: int) -> dict[str, float]:
+    """Forward of one token (batch 1, inference): the decoding case where capacity-based layers break."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, d_model)
+    modules = {name: build().eval() for name, build in builders.items()}
+    times = time_alternating({name: (lambda m=m: m(x)) for name, m in modules.items()}, steps, rounds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _print_moe(r: dict) -> None:
     m = r["machine"]
     print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}; {r['tokens']} tokens, d_model "
           f"{r['d_model']}, fp32, forward + backward")
     for shape, s in r["shapes"].items():
         print(f"\n{shape}: {s['n_experts']} experts, top-{s['top_k']}, expert hidden {s['d_expert']}")
-        print(f"  {'':<28}{'seconds':>9}{'x dense':>9}{'x Mixtral':>11}{'peak MB':>9}")
+        print(f"  {'':<28}{'fwd+bwd s':>10}{'x dense':>9}{'x Mixtral':>11}{'peak MB':>9}{'1-token fwd ms':>16}")
         for name, c in s["contenders"].items():
             mem = f"{c['peak_mem_bytes'] / 2**20:>9.0f}" if "peak_mem_bytes" in c else f"{'':>9}"
-            print(f"  {name:<28}{c['fwd_bwd_s']:>9.3f}{c['x_dense_floor']:>9.2f}{c['x_mixtral_eager']:>11.2f}{mem}")
+            print(f"  {name:<28}{c['fwd_bwd_s']:>10.3f}{c['x_dense_floor']:>9.2f}{c['x_mixtral_eager']:>11.2f}{mem}"
+                  f"{c['decode_1_token_s'] * 1e3:>16.3f}")
 
 
 def _print_train(r: dict) -> None:

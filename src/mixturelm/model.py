@@ -41,9 +41,9 @@ WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Mod
 }
 
 
-def call_with_aux(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Aux]:
+def call_with_aux(layer: nn.Module, x: torch.Tensor, return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
     """Routed layers (has_aux) return (output, aux) when asked; plain layers return the output."""
-    if getattr(layer, "has_aux", False):
+    if return_aux and getattr(layer, "has_aux", False):
         return layer(x, return_aux=True)
     return layer(x), {}
 
@@ -69,9 +69,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
 
-    def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None) -> tuple[torch.Tensor, Aux]:
+    def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None,
+                return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
         h = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
-        y, aux = call_with_aux(self.ffn, self.ffn_norm(h))
+        y, aux = call_with_aux(self.ffn, self.ffn_norm(h), return_aux)
         return h + y, aux
 
 
@@ -126,7 +127,9 @@ class MixtureLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
+                cache: KVCache | None = None, last_only: bool = False, return_aux: bool | None = None) -> ModelOutput:
+        """return_aux: gather the routed layers' losses and statistics (default: when gradients are on)."""
+        return_aux = torch.is_grad_enabled() if return_aux is None else return_aux
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         positions_T = torch.arange(past, past + T, device=idx_BT.device)
@@ -134,7 +137,7 @@ class MixtureLM(nn.Module):
         x = self.embed(idx_BT)
         aux: Aux = {}
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None)
+            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None, return_aux)
             aux.update({f"layer{i}.{k}": v for k, v in block_aux.items()})
         if cache is not None:
             cache.length += T

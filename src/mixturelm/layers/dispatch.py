@@ -8,10 +8,11 @@ Dropless: each expert computes exactly the tokens it was given.
 Dimension letters: T tokens, D d_model, E experts, F expert hidden size, A assignments.
 
 Implementations of the grouped matmul (`impl`):
+- "loop": one autograd node that runs one matmul per expert with tokens, writing into preallocated
+  outputs (forward and backward), so no cat/stack copies; the counts go to the host once per layer;
 - "grouped": torch._grouped_mm, one call for all experts (CPU since torch 2.9; CUDA sm90+);
-- "loop": one matmul per expert that has tokens (the counts go to the host once per layer);
-- "auto": "grouped" where torch has it, else "loop".
-On 2 CPU cores `mixturelm bench moe` measures them; "grouped" wins from 8 experts up.
+- "auto": "grouped" on CUDA where torch has it, "loop" on CPU, where `mixturelm bench moe` measured
+  it faster (torch 2.13's CPU _grouped_mm runs its per-expert products about 30 % slower).
 """
 
 from __future__ import annotations
@@ -38,15 +39,51 @@ def sort_by_expert(expert_A: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     return order_A, counts_E
 
 
+class LoopGroupedMatmul(torch.autograd.Function):
+    """out[rows of e] = x[rows of e] @ w[e], one matmul per expert, each written in place (no cat/stack)."""
+
+    @staticmethod
+    def forward(ctx, x_AK: torch.Tensor, w_EKN: torch.Tensor, counts: list[int]):
+        ctx.save_for_backward(x_AK, w_EKN)
+        ctx.counts = counts
+        out_AN = x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
+        for e, (start, end) in _groups(counts):
+            torch.mm(x_AK[start:end], w_EKN[e], out=out_AN[start:end])
+        return out_AN
+
+    @staticmethod
+    def backward(ctx, d_out_AN: torch.Tensor):
+        x_AK, w_EKN = ctx.saved_tensors
+        d_x = x_AK.new_empty(x_AK.shape) if ctx.needs_input_grad[0] else None
+        d_w = torch.empty_like(w_EKN) if ctx.needs_input_grad[1] else None
+        if d_w is not None:
+            d_w[[e for e, n in enumerate(ctx.counts) if n == 0]] = 0  # only experts without tokens need zeros
+        d_out_AN = d_out_AN.contiguous()
+        for e, (start, end) in _groups(ctx.counts):
+            if d_x is not None:
+                torch.mm(d_out_AN[start:end], w_EKN[e].t(), out=d_x[start:end])
+            if d_w is not None:
+                torch.mm(x_AK[start:end].t(), d_out_AN[start:end], out=d_w[e])
+        return d_x, d_w, None
+
+
+def _groups(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, (start, start + n)
+        start += n
+
+
 def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
     """Rows of x grouped by expert (counts_E rows each, in expert order) times their expert's matrix."""
     if impl == "auto":
-        impl = "grouped" if has_grouped_mm(x_AK.device) and _aligned(x_AK, w_EKN) else "loop"
+        impl = "grouped" if x_AK.device.type == "cuda" and has_grouped_mm(x_AK.device) and _aligned(x_AK, w_EKN) \
+            else "loop"
     if impl == "grouped":
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_AK, w_EKN, offs=offsets_E)
-    outs = [x @ w for x, w, n in zip(x_AK.split(counts_E.tolist()), w_EKN.unbind(0), counts_E.tolist()) if n]
-    return torch.cat(outs) if outs else x_AK.new_zeros(0, w_EKN.shape[-1])
+    return LoopGroupedMatmul.apply(x_AK, w_EKN, counts_E.tolist())
 
 
 def _aligned(x_AK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
@@ -57,13 +94,56 @@ def _aligned(x_AK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
     return (x_AK.shape[-1] * size) % 16 == 0 and (w_EKN.shape[-1] * size) % 16 == 0
 
 
+class GatherTopK(torch.autograd.Function):
+    """Rows x[token] in expert order, when every token has exactly k assignments (token choice, no
+    dropping). Its backward is a gather and a sum over k instead of a scatter-add (which costs as much
+    as a matmul of the layer on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_sorted_A, inverse_A, k: int):
+        ctx.save_for_backward(inverse_A)
+        ctx.k = k
+        return x_TD.index_select(0, token_sorted_A)
+
+    @staticmethod
+    def backward(ctx, d_AD):
+        (inverse_A,) = ctx.saved_tensors
+        return d_AD.index_select(0, inverse_A).view(-1, ctx.k, d_AD.shape[-1]).sum(1), None, None, None
+
+
+class SumTopK(torch.autograd.Function):
+    """The adjoint of GatherTopK: rows in expert order summed back onto their tokens."""
+
+    @staticmethod
+    def forward(ctx, y_AD, token_sorted_A, inverse_A, k: int):
+        ctx.save_for_backward(token_sorted_A)
+        return y_AD.index_select(0, inverse_A).view(-1, k, y_AD.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, d_TD):
+        (token_sorted_A,) = ctx.saved_tensors
+        return d_TD.index_select(0, token_sorted_A), None, None, None
+
+
 def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor, weight_A: torch.Tensor,
-                    w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """sum over assignments a of token t: weight_a * SwiGLU_{expert_a}(x_t), for every token (zeros if none)."""
+                    w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, impl: str = "auto",
+                    k_per_token: int | None = None) -> torch.Tensor:
+    """sum over assignments a of token t: weight_a * SwiGLU_{expert_a}(x_t), for every token (zeros if none).
+
+    k_per_token: set when the assignments are token-major with exactly k per token (token choice without
+    dropping), which allows a gather-only permutation; otherwise a gather and a scatter-add."""
     order_A, counts_E = sort_by_expert(expert_A, w_gate_up_ED2F.shape[0])
-    token_A, weight_A = token_A[order_A], weight_A[order_A]
-    h_A2F = grouped_matmul(x_TD[token_A], w_gate_up_ED2F, counts_E, impl)
+    token_sorted_A, weight_sorted_A = token_A[order_A], weight_A[order_A]
+    if k_per_token:
+        inverse_A = torch.empty_like(order_A)
+        inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+        x_AD = GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token)
+    else:
+        x_AD = x_TD.index_select(0, token_sorted_A)
+    h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
     # the gate scales the hidden activation: the same as scaling the output, and F <= D in fine-grained MoE
-    act_AF = swiglu_activation(h_A2F, weight_A)
-    y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl)
-    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
+    act_AF = swiglu_activation(h_A2F, weight_sorted_A)
+    y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)
+    if k_per_token:
+        return SumTopK.apply(y_AD, token_sorted_A, inverse_A, k_per_token)
+    return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)

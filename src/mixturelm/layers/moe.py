@@ -64,13 +64,15 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             routing, dropped = apply_capacity(routing, self.capacity_factor, x_TD.shape[0])
         y_TD = dispatch_swiglu(x_TD, routing.token_A, routing.expert_A, routing.weight_A, self.w_gate_up,
-                               self.w_down, self.impl)
+                               self.w_down, self.impl, routing.k_per_token)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
+        y = y_TD.reshape(shape)
+        if not return_aux:
+            return y
         aux = {f"loss/{k}": v for k, v in routing.losses.items()}
         aux.update({f"stat/{k}": v for k, v in routing_stats(routing, dropped, valid_T).items()})
-        y = y_TD.reshape(shape)
-        return (y, aux) if return_aux else y
+        return y, aux
 
     def after_optimizer_step(self, reduce=None) -> None:
         """Online balancing state moves here, never in forward: the sigmoid_bias router's bias."""

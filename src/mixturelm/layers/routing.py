@@ -31,6 +31,7 @@ class Routing:
     n_experts: int
     chosen_TE: torch.Tensor | None = None  # (T, E) bool: the choice before any capacity dropping
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    k_per_token: int | None = None  # set when assignments are token-major, exactly k per token (fast path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,8 +105,10 @@ class SoftmaxTopK(Router):
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         token_A, expert_A, weight_A, chosen_TE = top_k_assignments(chosen_TK, weights_TK, self.n_experts)
-        losses = {"balance": switch_balance_loss(scores_TE, chosen_TE, valid_T), "z": z_loss(logits_TE, valid_T)}
-        return Routing(token_A, expert_A, weight_A, scores_TE, self.n_experts, chosen_TE, losses)
+        losses = {}
+        if torch.is_grad_enabled():  # training and gradient checks; inference (decoding) skips them
+            losses = {"balance": switch_balance_loss(scores_TE, chosen_TE, valid_T), "z": z_loss(logits_TE, valid_T)}
+        return Routing(token_A, expert_A, weight_A, scores_TE, self.n_experts, chosen_TE, losses, self.top_k)
 
 
 class SwitchTop1(SoftmaxTopK):
@@ -147,7 +150,7 @@ class NoisyTopK(Router):
             p_TE = torch.distributions.Normal(0.0, 1.0).cdf((clean_TE - threshold_TE) / std_TE)
             losses["load"] = cv_squared(p_TE[keep].sum(0))
         scores_TE = clean_TE.softmax(-1)
-        return Routing(token_A, expert_A, weight_A, scores_TE, self.n_experts, chosen_TE, losses)
+        return Routing(token_A, expert_A, weight_A, scores_TE, self.n_experts, chosen_TE, losses, self.top_k)
 
 
 class SigmoidBias(Router):
@@ -177,8 +180,10 @@ class SigmoidBias(Router):
                 counted = chosen_TE if valid_T is None else chosen_TE[valid_T]
                 self.load_E += counted.sum(0).float()
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        losses = {"balance": switch_balance_loss(probs_TE, chosen_TE, valid_T), "z": z_loss(logits_TE, valid_T)}
-        return Routing(token_A, expert_A, weight_A, probs_TE, self.n_experts, chosen_TE, losses)
+        losses = {}
+        if torch.is_grad_enabled():
+            losses = {"balance": switch_balance_loss(probs_TE, chosen_TE, valid_T), "z": z_loss(logits_TE, valid_T)}
+        return Routing(token_A, expert_A, weight_A, probs_TE, self.n_experts, chosen_TE, losses, self.top_k)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor | None = None) -> None:
