@@ -160,3 +160,25 @@ def test_help_and_presets():
     assert all(f"dense-{s}" in out for s in ("debug", "tiny", "small", "medium", "large"))
     text = run_cli("flops", "--preset", "dense-small", check=True).stdout
     assert "attn_scores" in text and "training" in text
+
+
+def test_bad_device_and_out_that_is_a_file(tmp_path, corpus_dir, trained):
+    assert_usage_error(run_cli("train", "--data", str(corpus_dir), "--out", str(tmp_path / "o"), "--device", "foo"),
+                       "is not a device")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("x")
+    assert_usage_error(run_cli("train", "--data", str(corpus_dir), "--out", str(tmp_path / "afile")), "is a file")
+    assert_usage_error(run_cli("eval", "--ckpt", str(trained), "--out", str(tmp_path / "afile")), "is a file")
+
+
+def test_resume_with_a_corrupt_config(run_copy):
+    (run_copy / "config.json").write_text("{not json")
+    assert_usage_error(run_cli("train", "--out", str(run_copy), "--resume"), "unreadable")
+
+
+def test_resume_after_a_half_written_metrics_line(run_copy):
+    with open(run_copy / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "step": 11, "lo')  # what a kill in the middle of a write leaves
+    run_cli("train", "--out", str(run_copy), "--resume", "--no-progress", check=True)
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] <= 10 for line in lines)

@@ -47,16 +47,20 @@ def reference_assignments(moe: MoE, x_TD: torch.Tensor) -> list[dict[int, torch.
         else:
             p = logits[t].softmax(0)
             chosen = sorted(range(E), key=lambda e: -p[e].item())[:k]
-            norm = sum(p[e] for e in chosen) if (kind == "softmax" and moe.router.renormalize) else 1.0
+            norm = sum(p[e] for e in chosen) if (kind == "softmax" and moe.router.renormalize and k > 1) else 1.0
             out[t] = {e: p[e] / norm for e in chosen}
-    if moe.capacity_factor is not None:  # each expert keeps its first C assignments in token order
+    if moe.capacity_factor is not None:  # each expert keeps its first C: all first choices, then second ...
         cap = math.ceil(moe.capacity_factor * T * k / E)
         seen = [0] * E
-        for t in range(T):
-            for e in sorted(out[t]):
+        for rank in range(k):
+            for t in range(T):
+                e = list(out[t])[rank] if rank < len(out[t]) else None  # out[t] is in choice order
+                if e is None or e not in out[t]:
+                    continue
                 seen[e] += 1
                 if seen[e] > cap:
-                    del out[t][e]
+                    out[t][e] = None
+        out = [{e: g for e, g in gates.items() if g is not None} for gates in out]
     return out
 
 
@@ -75,8 +79,10 @@ def reference_moe(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
 CASES = {
     "softmax": dict(router="softmax", top_k=2),
     "softmax-raw-probs": dict(router="softmax", top_k=3, renormalize=False),
+    "softmax-wide-experts": dict(router="softmax", top_k=2, d_hidden=24),  # F > D: the gate goes in the combine
     "noisy-eval": dict(router="noisy", top_k=2),
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
+    "softmax-top1-gets-gradient": dict(router="softmax", top_k=1),
     "softmax-capacity-shared": dict(router="softmax", top_k=2, capacity_factor=0.75, n_shared=2),
     "sigmoid_bias": dict(router="sigmoid_bias", top_k=2, route_scale=2.5),
     "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=1.5),
@@ -91,7 +97,7 @@ def test_output_and_gradients_match_the_reference(case, impl):
     opts = dict(CASES[case])
     dtype = torch.float64 if impl == "loop" else torch.float32
     tol = dict(rtol=1e-9, atol=1e-10) if impl == "loop" else dict(rtol=1e-4, atol=1e-5)
-    moe = MoE(D, H, E, opts.pop("top_k"), opts.pop("router"), impl=impl, **opts).to(dtype)
+    moe = MoE(D, opts.pop("d_hidden", H), E, opts.pop("top_k"), opts.pop("router"), impl=impl, **opts).to(dtype)
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 1.0)  # spread scores so the top-k has no near-ties
         if isinstance(moe.router, SigmoidBias):
@@ -261,5 +267,5 @@ def test_training_steps_the_bias_and_logs_the_load(corpus_dir, tmp_path):
     assert all(b.abs().sum() > 0 for b in biases)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "train"][-1]
-    assert "stat/layer0.load_max_over_mean" in last and "aux/layer1.balance" in last
+    assert "stat/layer0.load_max_over_mean" in last and "aux/layer1.complementary_balance" in last
     assert set(summary["load_max_over_mean"]) == {"layer0.load_max_over_mean", "layer1.load_max_over_mean"}

@@ -59,6 +59,9 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tok
         torch.save(train_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
     tokenizer.save(tmp)
+    for f in tmp.iterdir():  # on disk before the renames make them visible
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
     files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
     write_json_atomic(tmp / META_FILE, {"step": step, "files": files})
     final = ckpts / name
@@ -117,6 +120,9 @@ def verify(ckpt: Path) -> dict:
     except (OSError, ValueError, KeyError):
         raise UsageError(f"checkpoint {ckpt} has no readable {META_FILE}; it is incomplete, "
                          "delete it and use an earlier one") from None
+    if not {MODEL_FILE, CONFIG_FILE} <= set(files):
+        raise UsageError(f"checkpoint {ckpt} lists no {MODEL_FILE} or {CONFIG_FILE}; it is incomplete, "
+                         "delete it and use an earlier one")
     for name, info in files.items():
         f = ckpt / name
         if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
@@ -126,7 +132,10 @@ def verify(ckpt: Path) -> dict:
 
 
 def load_config(ckpt: Path) -> dict:
-    return json.loads((ckpt / CONFIG_FILE).read_text())
+    try:
+        return json.loads((ckpt / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"checkpoint {ckpt} has no readable {CONFIG_FILE}; it is incomplete or corrupt") from None
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:

@@ -183,9 +183,11 @@ def cmd_eval(args) -> None:
 
     from . import checkpoint
     from .data.tokens import TokenSplit, check_length, prepare
-    from .train import evaluate
+    from .train import evaluate, resolve_device
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = resolve_device(args.device)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder; choose another --out")
     model, run_cfg, tokenizer, ckpt = checkpoint.load_model(args.ckpt, device)
     t = run_cfg["train"]
     data = prepare(args.data if args.data else t["data"], t["tokenizer"], t["val_fraction"], t["text_field"],
@@ -211,12 +213,16 @@ def cmd_generate(args) -> None:
 
     from . import checkpoint
     from .generate import check_sampling, generate
+    from .train import resolve_device
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = resolve_device(args.device)
     model, _, tokenizer, _ = checkpoint.load_model(args.ckpt, device)
+    if any(getattr(m, "router_kind", None) == "expert_choice" for m in model.modules()):
+        print("mixturelm generate: warning: expert-choice routing is not causal (an expert picks among all tokens "
+              "of a call); one token at a time it routes differently from training", file=sys.stderr)
     ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -107,9 +107,10 @@ class ModelConfig:
     init_std: float = 0.02
     blocks: list[BlockSpec] = field(default_factory=list)  # empty: every block dense
     # weight of each auxiliary loss (by name, from any routed layer) in the training objective:
-    # Switch balance 1e-2 (Fedus et al.), ST-MoE z-loss 1e-3, the noisy gate's importance and load 1e-2
+    # Switch balance 1e-2 (Fedus et al.), ST-MoE z-loss 1e-3, the noisy gate's importance and load 1e-2,
+    # and the small complementary balance loss of the aux-loss-free sigmoid_bias router 1e-4 (DeepSeek-V3)
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {
-        "balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2})
+        "balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2, "complementary_balance": 1e-4})
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len")

@@ -79,7 +79,11 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
     if not path.is_file():
         raise UsageError(f"--resume: {out_dir} holds no run to resume (no {checkpoint.CONFIG_FILE}); "
                          "drop --resume to start a new run")
-    saved = RunConfig.from_dict(json.loads(path.read_text()))
+    try:
+        saved = RunConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"--resume: {path} is unreadable or not a mixturelm config; the run directory is "
+                         "damaged, start a new run with another --out") from None
     if preset is not None and preset != saved.preset:
         raise UsageError(f"--preset {preset} differs from the run's preset {saved.preset}; "
                          "drop --preset or start a new run with another --out")
@@ -114,6 +118,8 @@ def steps_in_budget(cfg: RunConfig) -> int:
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a non-empty folder unless told to resume or overwrite (and then only a run)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a folder; choose another --out")
     if resume or not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
@@ -180,23 +186,44 @@ def init_distributed(device: str) -> Dist:
     if world == 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # gloo for CPU tensors (losses, counters), nccl for CUDA ones
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(device: str, d: Dist) -> str:
+def resolve_device(device: str) -> str:
+    """'auto', 'cpu', 'cuda' or 'cuda:N', checked against what this machine has."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r} is not supported; use auto, cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def pick_device(device: str, d: Dist) -> str:
+    device = resolve_device(device)
     if device == "cuda" and d.world > 1:
         device = f"cuda:{d.local_rank}"
         torch.cuda.set_device(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     return device
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics record, or None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 class Metrics:
     """metrics.jsonl (one JSON record per line) and TensorBoard, written by the main process only."""
@@ -219,7 +246,8 @@ class Metrics:
         """On resume, drop the records of steps the run is about to redo."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None
+                and _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -283,7 +311,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                  device: str = "auto", progress: bool = True, log=None) -> None:
         self.out_dir = Path(out_dir)
-        self.dist = init_distributed(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = init_distributed(resolve_device(device))
         self.device = pick_device(device, self.dist)
         self.progress = progress and self.dist.main
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
@@ -350,9 +378,14 @@ class Trainer:
         if self.overwrite and not self.resume and self.out_dir.exists():
             clear_out_dir(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        data_file = self.out_dir / "data.json"
         if not self.resume:
             checkpoint.write_json_atomic(self.out_dir / checkpoint.CONFIG_FILE, self.cfg.to_dict())
+            checkpoint.write_json_atomic(data_file, self.data.stats)
             self.data.tokenizer.save(self.out_dir)
+        elif data_file.is_file() and json.loads(data_file.read_text()).get("cache_key") != self.data.stats["cache_key"]:
+            self.log(f"warning: the data of {self.out_dir} changed since the run started (files added, removed "
+                     "or modified); the resumed run will not repeat the original exactly")
 
     def _autocast(self):
         if self.cfg.train.dtype == "bf16":
@@ -397,8 +430,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self._after_optimizer_step()
         record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
-        record.update({f"aux/{k}": v for k, v in aux_sums.items()})
-        record.update({f"stat/{k}": v for k, v in stat_sums.items()})
+        names = [f"aux/{k}" for k in aux_sums] + [f"stat/{k}" for k in stat_sums]
+        if names:  # the same names on every process: average them over processes
+            values = d.mean(torch.tensor(list(aux_sums.values()) + list(stat_sums.values()), dtype=torch.float64))
+            record.update(zip(names, values.tolist()))
         return record
 
     def _after_optimizer_step(self) -> None:

@@ -7,7 +7,6 @@ and validation by a hash of each document's name, so the split does not depend o
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import json
@@ -37,14 +36,12 @@ class Source:
     spec: str
     files: list[Path]
     hf: tuple[str, str | None] | None = None
+    root: Path | None = None  # the folder given (or a glob's fixed prefix): names are relative to it
 
     def name_of(self, f: Path) -> str:
-        """A document's name relative to its source, so the split does not depend on where the corpus lies."""
-        return f.name if len(self.files) == 1 else str(f.relative_to(self._root))
-
-    @functools.cached_property
-    def _root(self) -> Path:
-        return Path(os.path.commonpath([p.parent for p in self.files]))
+        """A document's name relative to the folder the user named, so the split depends neither on where
+        the corpus lies nor on files added elsewhere."""
+        return str(f.relative_to(self.root)) if self.root is not None else f.name
 
     def fingerprint(self) -> str:
         """Changes when any file is added, removed, resized or touched: the token cache key."""
@@ -64,7 +61,7 @@ def stdlib_files() -> list[Path]:
 def resolve(data: str | None) -> list[Source]:
     """Turn the --data string (comma-separated entries) into sources, with clear errors."""
     if data is None or data == DEFAULT_CORPUS:
-        return [Source(DEFAULT_CORPUS, stdlib_files())]
+        return [Source(DEFAULT_CORPUS, stdlib_files(), root=Path(sysconfig.get_paths()["stdlib"]))]
     sources = []
     for spec in (s.strip() for s in data.split(",")):
         if not spec:
@@ -75,26 +72,30 @@ def resolve(data: str | None) -> list[Source]:
                 raise UsageError(f"--data {spec!r}: write hf:NAME or hf:NAME:CONFIG")
             sources.append(Source(spec, [], hf=(parts[0], parts[1] if len(parts) == 2 else None)))
         else:
-            sources.append(Source(spec, _files_of(spec)))
+            files, root = _files_of(spec)
+            sources.append(Source(spec, files, root=root))
     if not sources:
         raise UsageError("--data is empty; give a file, folder, glob, .jsonl or hf:NAME")
     return sources
 
 
-def _files_of(spec: str) -> list[Path]:
+def _files_of(spec: str) -> tuple[list[Path], Path | None]:
+    """The files of one --data entry, and the folder their names are taken relative to (None: the file name)."""
     path = Path(spec).expanduser()
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
             raise UsageError(f"--data {spec!r}: the pattern matches no file; check the glob")
-        return files
+        fixed = [part for part in Path(os.path.expanduser(spec)).parts]
+        prefix = Path(*fixed[:next(i for i, p in enumerate(fixed) if any(c in p for c in "*?["))] or ["."])
+        return files, prefix
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
             raise UsageError(f"--data {spec!r}: the folder holds no text file ({', '.join(sorted(TEXT_SUFFIXES))})")
-        return files
+        return files, path
     if path.is_file():
-        return [path]
+        return [path], None
     raise UsageError(f"--data {spec!r}: no such file or folder; check the path")
 
 

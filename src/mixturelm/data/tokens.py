@@ -127,7 +127,7 @@ def _load_cache(token_dir: Path, tokenizer) -> TokenData:
     for name in ("train", "val"):
         tokens = np.memmap(token_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
         splits[name] = TokenSplit(tokens, meta[name]["bytes"], meta[name]["docs"])
-    stats = {k: meta[k] for k in ("train", "val", "split")}
+    stats = {k: meta[k] for k in ("train", "val", "split")} | {"cache_key": token_dir.name}
     return TokenData(splits["train"], splits["val"], tokenizer, stats)
 
 

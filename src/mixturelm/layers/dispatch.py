@@ -112,17 +112,33 @@ class GatherTopK(torch.autograd.Function):
 
 
 class SumTopK(torch.autograd.Function):
-    """The adjoint of GatherTopK: rows in expert order summed back onto their tokens."""
+    """The adjoint of GatherTopK: rows in expert order summed back onto their tokens, each scaled by its
+    gate when weight_TK is given (one batched matmul per token: sum_k w_tk y_tk)."""
 
     @staticmethod
-    def forward(ctx, y_AD, token_sorted_A, inverse_A, k: int):
-        ctx.save_for_backward(token_sorted_A)
-        return y_AD.index_select(0, inverse_A).view(-1, k, y_AD.shape[-1]).sum(1)
+    def forward(ctx, y_AD, weight_TK, order_A, inverse_A, k: int):
+        y_TKD = y_AD.index_select(0, inverse_A).view(-1, k, y_AD.shape[-1])
+        ctx.save_for_backward(order_A, weight_TK, y_TKD if weight_TK is not None else None)
+        ctx.k = k
+        if weight_TK is None:
+            return y_TKD.sum(1)
+        return torch.bmm(weight_TK.to(y_AD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
     @staticmethod
     def backward(ctx, d_TD):
-        (token_sorted_A,) = ctx.saved_tensors
-        return d_TD.index_select(0, token_sorted_A), None, None, None
+        order_A, weight_TK, y_TKD = ctx.saved_tensors
+        if weight_TK is None:
+            return d_TD.index_select(0, order_A // ctx.k), None, None, None, None
+        d_TKD = weight_TK.to(d_TD.dtype)[:, :, None] * d_TD[:, None, :]
+        d_weight_TK = torch.bmm(y_TKD, d_TD.unsqueeze(2)).squeeze(2).to(weight_TK.dtype)
+        return d_TKD.view(-1, d_TD.shape[-1]).index_select(0, order_A), d_weight_TK, None, None, None
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor, weight_A: torch.Tensor,
@@ -133,7 +149,15 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     k_per_token: set when the assignments are token-major with exactly k per token (token choice without
     dropping), which allows a gather-only permutation; otherwise a gather and a scatter-add."""
     order_A, counts_E = sort_by_expert(expert_A, w_gate_up_ED2F.shape[0])
-    token_sorted_A, weight_sorted_A = token_A[order_A], weight_A[order_A]
+    token_sorted_A = token_A[order_A]
+    compute_dtype = _autocast_dtype(x_TD)  # our grouped matmuls are not autocast ops: cast as autocast would
+    if compute_dtype is not None:
+        x_TD = x_TD.to(compute_dtype)
+        w_gate_up_ED2F, w_down_EFD = w_gate_up_ED2F.to(compute_dtype), w_down_EFD.to(compute_dtype)
+    D, F = x_TD.shape[-1], w_down_EFD.shape[1]
+    # The gate multiplies either the hidden activation (A x F) or, in the combine, the output (A x D):
+    # the same sum, done on the smaller of the two (fine-grained experts have F < D).
+    gate_in_combine = bool(k_per_token) and D < F
     if k_per_token:
         inverse_A = torch.empty_like(order_A)
         inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
@@ -141,9 +165,9 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     else:
         x_AD = x_TD.index_select(0, token_sorted_A)
     h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
-    # the gate scales the hidden activation: the same as scaling the output, and F <= D in fine-grained MoE
-    act_AF = swiglu_activation(h_A2F, weight_sorted_A)
+    act_AF = swiglu_activation(h_A2F, None if gate_in_combine else weight_A[order_A])
     y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)
     if k_per_token:
-        return SumTopK.apply(y_AD, token_sorted_A, inverse_A, k_per_token)
+        weight_TK = weight_A.view(-1, k_per_token) if gate_in_combine else None
+        return SumTopK.apply(y_AD, weight_TK, order_A, inverse_A, k_per_token)
     return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)

@@ -30,7 +30,9 @@ class SwiGLUActivation(torch.autograd.Function):
         d_scale = None
         if scale is not None:
             if ctx.needs_input_grad[1]:
-                d_scale = (d_out * silu_gate * up).sum(-1).to(scale.dtype)
+                # summed over the hidden size in float32 at least: this is the router's gradient
+                wide = torch.promote_types(gu.dtype, torch.float32)
+                d_scale = (d_out.to(wide) * silu_gate.to(wide) * up.to(wide)).sum(-1).to(scale.dtype)
             d_out = d_out * scale[..., None].to(d_out.dtype)
         d_gu = torch.empty_like(gu)
         torch.ops.aten.silu_backward.grad_input(d_out * up, gate, grad_input=d_gu[..., :f])

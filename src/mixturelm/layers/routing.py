@@ -96,7 +96,8 @@ class SoftmaxTopK(Router):
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, renormalize: bool = True) -> None:
         super().__init__(d_model, n_experts, top_k)
-        self.renormalize = renormalize
+        # with k = 1 a renormalised gate is always 1.0 and the router would get no gradient from the task
+        self.renormalize = renormalize and top_k > 1
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> Routing:
         logits_TE = self.logits(x_TD)
@@ -181,8 +182,9 @@ class SigmoidBias(Router):
                 self.load_E += counted.sum(0).float()
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         losses = {}
-        if torch.is_grad_enabled():
-            losses = {"balance": switch_balance_loss(probs_TE, chosen_TE, valid_T), "z": z_loss(logits_TE, valid_T)}
+        if torch.is_grad_enabled():  # a small complementary balance loss, as DeepSeek-V3 keeps (weight 1e-4)
+            losses = {"complementary_balance": switch_balance_loss(probs_TE, chosen_TE, valid_T),
+                      "z": z_loss(logits_TE, valid_T)}
         return Routing(token_A, expert_A, weight_A, probs_TE, self.n_experts, chosen_TE, losses, self.top_k)
 
     @torch.no_grad()
@@ -222,13 +224,17 @@ class ExpertChoice(Router):
 
 
 def apply_capacity(r: Routing, capacity_factor: float, n_tokens: int) -> tuple[Routing, torch.Tensor]:
-    """Token dropping: each expert keeps its first C = ceil(capacity_factor * T * k / E) assignments in
-    token order (Switch / GShard); the rest are dropped and their tokens pass through the residual.
-    Returns the routing with the kept assignments and the fraction dropped. Losses stay as computed
-    before the drop (counting load after dropping underestimates imbalance)."""
+    """Token dropping: each expert keeps its first C = ceil(capacity_factor * T * k / E) assignments,
+    first choices before second choices, each in token order (GShard); the rest are dropped and their
+    tokens pass through the residual. Returns the routing with the kept assignments and the fraction
+    dropped. Losses stay as computed before the drop (counting load after dropping underestimates
+    imbalance)."""
     A = r.expert_A.numel()
     capacity = max(1, math.ceil(capacity_factor * A / r.n_experts))
-    order = torch.sort(r.expert_A * n_tokens + r.token_A).indices  # by expert, then token position
+    k = r.k_per_token or 1
+    choice_rank_A = torch.arange(A, device=r.expert_A.device) % k if r.k_per_token else torch.zeros_like(r.expert_A)
+    priority_A = (r.expert_A * k + choice_rank_A) * n_tokens + r.token_A  # by expert, choice rank, position
+    order = torch.sort(priority_A).indices
     sorted_expert = r.expert_A[order]
     first_of_expert = torch.searchsorted(sorted_expert, sorted_expert, right=False)
     rank_in_expert = torch.arange(A, device=order.device) - first_of_expert

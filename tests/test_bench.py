@@ -1,0 +1,29 @@
+"""The benchmarks run end to end and record what they measured (no timing is asserted: machines are noisy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from mixturelm.bench import bench_moe, bench_train
+
+
+def test_bench_moe_smoke(tmp_path):
+    args = argparse.Namespace(threads=None, steps=1, rounds=1, tokens=64, no_memory=True, out=str(tmp_path))
+    result = bench_moe(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for shape in result["shapes"].values():
+        rows = shape["contenders"]
+        assert rows["dense floor"]["x_dense_floor"] == pytest.approx(1.0)
+        assert all(r["fwd_bwd_s"] > 0 and r["decode_1_token_s"] > 0 for r in rows.values())
+    assert saved["tokens"] == 64 and "machine" in saved
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path):
+    args = argparse.Namespace(threads=None, steps=1, rounds=1, batch_size=2, seq_len=32, out=str(tmp_path))
+    result = bench_train(args)
+    assert result["params"]["mixturelm"] == result["params"]["transformers Llama"]  # the same shape
+    assert result["ratio_tok_per_s_ours_over_peer"] > 0
