@@ -46,7 +46,9 @@ def steady_allocator() -> bool:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 8 << 30))
+        # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, and M_MMAP_MAX = 0: blocks over the largest threshold
+        # glibc allows (32 MiB) would be mmapped fresh, and page-faulted, on every allocation
+        return all(libc.mallopt(option, value) for option, value in ((-3, 32 << 20), (-1, 8 << 30), (-4, 0)))
     except (OSError, AttributeError):
         return False
 
