@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .errors import UsageError
 from .flops import measure_matmul_flops, train_flops_per_token
 from .model import MixtureLM
+from .runtime import steady_allocator
 
 
 def machine() -> dict:
@@ -35,22 +36,6 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def steady_allocator() -> bool:
-    """glibc malloc: keep big blocks in the heap instead of mmap/munmap on every step (M_MMAP_THRESHOLD 32 MiB,
-    M_TRIM_THRESHOLD 8 GiB). Without it, page faults cost up to a third of a CPU step and swamp the timings.
-    Applies to every contender of the process alike. Returns False where it is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, and M_MMAP_MAX = 0: blocks over the largest threshold
-        # glibc allows (32 MiB) would be mmapped fresh, and page-faulted, on every allocation
-        return all(libc.mallopt(option, value) for option, value in ((-3, 32 << 20), (-1, 8 << 30), (-4, 0)))
-    except (OSError, AttributeError):
-        return False
 
 
 def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,

@@ -146,14 +146,13 @@ def cmd_train(args) -> None:
     from .train import Trainer, new_run_config, resumed_run_config
 
     if args.list_presets:
-        from .flops import forward_flops_per_token
         from .config import ModelConfig
+        from .flops import forward_flops_per_token
+        from .model import MixtureLM
 
         print(f"{'preset':<16}{'params':>12}{'fwd FLOPs/token':>18}  description")
         for name, p in PRESETS.items():
             cfg = ModelConfig(**p.model)
-            from .model import MixtureLM
-
             n = MixtureLM(cfg).num_params()
             print(f"{name:<16}{n:>12,}{forward_flops_per_token(cfg, p.train['seq_len']):>18.3g}  {p.description}")
         return

@@ -29,6 +29,7 @@ from .data.tokens import TokenData, check_length, prepare, train_rows, val_windo
 from .errors import UsageError
 from .flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
 from .model import MixtureLM
+from .runtime import steady_allocator
 
 DEFAULT_PRESET = "dense-tiny"
 DEFAULT_MAX_STEPS = 200
@@ -452,8 +453,6 @@ class Trainer:
     def run(self) -> dict:
         t = self.cfg.train
         if self.device == "cpu":
-            from .bench import steady_allocator
-
             steady_allocator()  # no page-fault storm every step
         self._write_run_files()
         self.dist.barrier()
