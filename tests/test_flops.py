@@ -20,6 +20,11 @@ CONFIGS = {
                                            blocks=[{"ffn": "moe", "moe": {"router": "noisy", "d_expert": 32}},
                                                    {"ffn": "moe", "moe": {"router": "expert_choice", "d_expert": 32,
                                                                           "capacity_factor": 2.0}}]),
+    "mod": ModelConfig(**PRESETS["mod-debug"].model),
+    "mod-predictor-gqa": ModelConfig(vocab_size=257, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ffn=96,
+                                     max_seq_len=64, blocks=[{}, {"wrapper": "mod",
+                                                                   "mod": {"capacity": 0.3, "causal": "predictor"}}]),
+    "mode-staged": ModelConfig(**PRESETS["mode-staged-debug"].model),
     "mixed-ffn": ModelConfig(vocab_size=257, d_model=48, n_layers=2, n_heads=4, d_ffn=96, max_seq_len=32,
                              blocks=[{"ffn": "dense"}, {"ffn": "dense", "ffn_hidden": 200}]),
 }
@@ -48,3 +53,30 @@ def test_attention_scores_grow_with_sequence_and_the_rest_does_not():
     assert b["attn_scores"] == 2 * a["attn_scores"]
     assert all(a[k] == b[k] for k in a if k != "attn_scores")
     assert a["ffn"] == cfg.n_layers * 6 * cfg.d_model * cfg.d_ffn
+
+
+def test_mod_block_costs_capacity_times_linear_and_capacity_squared_scores():
+    dense, mod = ModelConfig(**PRESETS["dense-debug"].model), ModelConfig(**PRESETS["mod-debug"].model)
+    T = 64  # capacity 12.5 %: 8 tokens enter
+    a, b = forward_flops_breakdown(dense, T), forward_flops_breakdown(mod, T)
+    # layer 1 of 2 is routed
+    assert b["attn_scores"] == pytest.approx(a["attn_scores"] / 2 * (1 + (8 / 64) ** 2))
+    assert b["ffn"] == pytest.approx(a["ffn"] / 2 * (1 + 8 / 64))
+    assert b["mod_router"] == 2 * mod.d_model
+
+
+def test_integrated_mode_counts_the_real_share_of_expert_slots():
+    """No-op experts: the analytic count assumes balanced routing (k E / (E + Z) real experts per token);
+    FlopCounterMode sees the realised share, which the layer reports as noop_fraction."""
+    cfg = ModelConfig(**PRESETS["mode-debug"].model)
+    torch.manual_seed(0)
+    model = MixtureLM(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
+    with flop_counter() as fc:
+        out = model(idx, return_aux=True)
+    m = cfg.blocks[0].moe
+    real_share = torch.stack([v for k, v in out.stats.items() if k.endswith("noop_fraction")]).mean().item()
+    analytic = forward_flops_breakdown(cfg, cfg.max_seq_len)
+    expected = analytic["experts"] * (1 - real_share) / (m.n_experts / (m.n_experts + m.n_noop))
+    measured = fc.get_total_flops() / idx.numel() - (sum(analytic.values()) - analytic["experts"])
+    assert measured == pytest.approx(expected, rel=0.02)

@@ -63,6 +63,15 @@ MOE_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
+# Options of `train` that change every Mixture-of-Depths block of a mod-* or mode-staged-* preset
+# (CLI name -> MoDConfig field).
+MOD_OPTIONS: dict[str, tuple[type, str]] = {
+    "capacity": (float, "MoD: fraction of each sequence's tokens that enter a routed block (default 0.125)"),
+    "mod_causal": (str, "MoD: how sampling routes token by token: aux_loss (BCE on the router) or predictor"),
+}
+MOD_FIELDS = {"capacity": "capacity", "mod_causal": "causal"}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage block too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -77,7 +86,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS).items():
+    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS | MOD_OPTIONS).items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
 
 
@@ -161,13 +170,14 @@ def cmd_train(args) -> None:
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     moe_overrides = {k: getattr(args, k) for k in MOE_OPTIONS if getattr(args, k) is not None}
+    mod_overrides = {MOD_FIELDS[k]: getattr(args, k) for k in MOD_OPTIONS if getattr(args, k) is not None}
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     out = Path(args.out)
     if args.resume:
-        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides)
+        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides, mod_overrides)
     else:
-        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides)
+        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides, mod_overrides)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.no_progress)
     summary = trainer.run()
@@ -202,6 +212,8 @@ def cmd_eval(args) -> None:
     res.update(checkpoint=str(ckpt), data=args.data or t["data"] or "stdlib", split=args.split)
     print(f"loss {res['val_loss']:.4f}  perplexity {res['val_ppl']:.3f}  bits/byte {res['val_bpb']:.4f}  "
           f"({res['val_tokens']:,} tokens of {res['data']}, {args.split} split)")
+    if "val_loss_causal" in res:
+        print(f"with causal (sampling) routing of the MoD blocks: loss {res['val_loss_causal']:.4f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(res, indent=1))

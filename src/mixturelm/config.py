@@ -16,8 +16,8 @@ from .errors import UsageError
 # FFN kinds a block may have. Later mechanisms (moe, peer) register theirs in layers/__init__.py;
 # the list here is what config validation accepts.
 FFN_KINDS = ("dense", "moe")
-# Routing wrappers that may surround a whole block (mod comes with Mixture-of-Depths).
-WRAPPER_KINDS = ("none",)
+# Routing wrappers that may surround a whole block: Mixture-of-Depths routes tokens around it.
+WRAPPER_KINDS = ("none", "mod")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -45,13 +45,22 @@ class MoEConfig:
     route_scale: float = 1.0  # sigmoid_bias router: gate scale (DeepSeek-V3 uses 2.5)
     bias_rate: float = 1e-3  # sigmoid_bias router: bias update per optimizer step
     impl: str = "auto"  # grouped matmul implementation
+    # no-op experts (integrated MoDE, Raposo et al. 2024 section 4.3): the router may send a token to one,
+    # which computes nothing, so the token learns to take the residual path instead of an expert
+    n_noop: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "n_experts", "top_k", "d_expert")
+        if self.n_noop < 0:
+            raise UsageError(f"MoEConfig.n_noop must be >= 0, got {self.n_noop}")
+        if self.n_noop and self.router not in ("softmax", "noisy", "switch"):
+            raise UsageError(f"MoEConfig.n_noop needs a token-choice router (softmax, noisy, switch), "
+                             f"not {self.router!r}")
         if self.n_shared < 0:
             raise UsageError(f"MoEConfig.n_shared must be >= 0, got {self.n_shared}")
-        if self.top_k > self.n_experts:
-            raise UsageError(f"MoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.top_k > self.n_experts + self.n_noop:
+            raise UsageError(f"MoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}"
+                             + (f" + n_noop={self.n_noop}" if self.n_noop else ""))
         if self.router not in ROUTER_KINDS:
             raise UsageError(f"MoEConfig.router={self.router!r} is unknown; choose one of {', '.join(ROUTER_KINDS)}")
         if self.impl not in DISPATCH_IMPLS:
@@ -62,8 +71,41 @@ class MoEConfig:
             raise UsageError("MoEConfig.router='switch' is top-1; set top_k=1")
 
     def experts_per_token(self) -> float:
-        """Average routed experts a token computes: k, or capacity_factor for expert choice."""
-        return (self.capacity_factor or 2.0) if self.router == "expert_choice" else float(self.top_k)
+        """Average routed experts a token computes: k, or capacity_factor for expert choice. With no-op
+        experts, the real share of k under balanced routing (the balance loss spreads choices evenly)."""
+        if self.router == "expert_choice":
+            return self.capacity_factor or 2.0
+        return self.top_k * self.n_experts / (self.n_experts + self.n_noop)
+
+
+MOD_CAUSAL_KINDS = ("aux_loss", "predictor")
+
+
+@dataclass(kw_only=True)
+class MoDConfig:
+    """Mixture-of-Depths around one block (layers/mod.py): top capacity x T tokens of each sequence enter.
+
+    causal: how sampling decides token by token, where top-k over the sequence is unavailable (section 3.5):
+    "aux_loss" trains the router logits with BCE on top-k membership and routes in when sigmoid > 0.5;
+    "predictor" trains a small MLP on stop-gradient inputs to predict membership.
+    calibrate: move the sampling threshold to the running (1 - capacity) quantile of the causal scores
+    seen in training, so the realised fraction at sampling stays near the capacity; off, the paper's 0.5."""
+
+    capacity: float = 0.125
+    causal: str = "aux_loss"
+    predictor_hidden: int | None = None  # None: d_model / 2
+    calibrate: bool = True
+    threshold_momentum: float = 0.05  # weight of each step's quantile in the running threshold
+
+    def __post_init__(self) -> None:
+        if not 0 < self.capacity <= 1:
+            raise UsageError(f"MoDConfig.capacity must be in (0, 1] (a fraction of the sequence), got {self.capacity}")
+        if self.causal not in MOD_CAUSAL_KINDS:
+            raise UsageError(f"MoDConfig.causal={self.causal!r} is unknown; choose one of {', '.join(MOD_CAUSAL_KINDS)}")
+        if self.predictor_hidden is not None:
+            _positive(self, "predictor_hidden")
+        if not 0 < self.threshold_momentum <= 1:
+            raise UsageError(f"MoDConfig.threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
 
 
 @dataclass(kw_only=True)
@@ -74,6 +116,7 @@ class BlockSpec:
     ffn_hidden: int | None = None  # None: the model's d_ffn
     moe: MoEConfig | None = None  # required when ffn == "moe"
     wrapper: str = "none"
+    mod: MoDConfig | None = None  # required when wrapper == "mod"
 
     def __post_init__(self) -> None:
         if self.ffn not in FFN_KINDS:
@@ -86,6 +129,10 @@ class BlockSpec:
             raise UsageError(
                 f"BlockSpec.wrapper={self.wrapper!r} is unknown; choose one of {', '.join(WRAPPER_KINDS)}"
             )
+        if isinstance(self.mod, dict):
+            self.mod = MoDConfig(**self.mod)
+        if self.wrapper == "mod" and self.mod is None:
+            raise UsageError("BlockSpec.wrapper='mod' needs its MoDConfig in BlockSpec.mod")
         if self.ffn_hidden is not None:
             _positive(self, "ffn_hidden")
 
@@ -108,9 +155,12 @@ class ModelConfig:
     blocks: list[BlockSpec] = field(default_factory=list)  # empty: every block dense
     # weight of each auxiliary loss (by name, from any routed layer) in the training objective:
     # Switch balance 1e-2 (Fedus et al.), ST-MoE z-loss 1e-3, the noisy gate's importance and load 1e-2,
-    # and the small complementary balance loss of the aux-loss-free sigmoid_bias router 1e-4 (DeepSeek-V3)
+    # and the small complementary balance loss of the aux-loss-free sigmoid_bias router 1e-4 (DeepSeek-V3);
+    # Mixture-of-Depths: the router's causal BCE 1e-2 (small: it shares the router with the LM objective)
+    # and the predictor's BCE 1.0 (its input is detached, so it cannot disturb the LM objective)
     aux_loss_weights: dict[str, float] = field(default_factory=lambda: {
-        "balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2, "complementary_balance": 1e-4})
+        "balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2, "complementary_balance": 1e-4,
+        "mod_bce": 1e-2, "mod_predictor": 1.0})
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len")
@@ -278,9 +328,36 @@ def _moe_preset(size: str, n_experts: int, top_k: int, n_shared: int = 0, fine: 
     return Preset(name, why, model | {"blocks": blocks}, train)
 
 
+def _mod_preset(size: str) -> Preset:
+    """dense-<size> with every other block (the 2nd, 4th, ...) routed at 12.5 % capacity: the paper's best."""
+    model, train, _ = _DENSE_SIZES[size]
+    blocks = [{"wrapper": "mod", "mod": {"capacity": 0.125}} if i % 2 else {} for i in range(model["n_layers"])]
+    return Preset(f"mod-{size}", f"dense-{size} shape, MoD 12.5 % on every other block", model | {"blocks": blocks},
+                  train)
+
+
+def _mode_preset(size: str, staged: bool) -> Preset:
+    """MoDE (section 4.3). Integrated: every FFN a MoE of 8 experts top-2 (moe-<size>) whose router also
+    offers 8 no-op experts, so about half of the expert slots are skipped. Staged: moe-<size> with MoD
+    12.5 % around every other block, so routed tokens skip attention and the MoE alike."""
+    base = _moe_preset(size, 8, 2)
+    moe = base.model["blocks"][0]["moe"]
+    if staged:
+        blocks = [{"ffn": "moe", "moe": moe} | ({"wrapper": "mod", "mod": {"capacity": 0.125}} if i % 2 else {})
+                  for i in range(base.model["n_layers"])]
+        name, why = f"mode-staged-{size}", f"moe-{size} with MoD 12.5 % on every other block"
+    else:
+        blocks = [{"ffn": "moe", "moe": moe | {"n_noop": 8}} for _ in range(base.model["n_layers"])]
+        name, why = f"mode-{size}", f"moe-{size} whose router also offers 8 no-op experts (integrated MoDE)"
+    return Preset(name, why, base.model | {"blocks": blocks}, base.train)
+
+
 for _size in ("debug", "tiny", "small", "medium"):
     PRESETS[f"moe-{_size}"] = _moe_preset(_size, 8, 2)
     PRESETS[f"moe-fg-{_size}"] = _moe_preset(_size, 64, 6, n_shared=2, fine=True)
+    PRESETS[f"mod-{_size}"] = _mod_preset(_size)
+    PRESETS[f"mode-{_size}"] = _mode_preset(_size, staged=False)
+    PRESETS[f"mode-staged-{_size}"] = _mode_preset(_size, staged=True)
 
 
 def get_preset(name: str) -> Preset:

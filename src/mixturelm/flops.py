@@ -4,7 +4,11 @@ Conventions (the same as torch.utils.flop_counter.FlopCounterMode, which a test 
 - a multiply-add is 2 FLOPs; only matrix products are counted (norms, RoPE, softmax, SiLU are not);
 - attention scores count the full T x T products (QK^T and AV) that SDPA computes, causal or not:
   4 * T * n_heads * head_dim FLOPs per token per layer, at the training sequence length T;
-- training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul).
+- training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul);
+- a Mixture-of-Depths block at training capacity c = C/T (C = ceil(capacity x T) tokens enter) costs its
+  linear parts x c and its attention scores x c^2 (C queries over C keys), plus the router and, for the
+  causal predictor, the predictor on every token. That is what `--max-flops` and isoFLOP comparisons
+  count; it is the top-k routing of training, not the threshold routing of sampling, whose fraction varies.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from .config import BlockSpec, ModelConfig
 # Forward FLOPs per token of each FFN kind; later mechanisms register theirs.
 def moe_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
     """Router, routed experts (k per token; capacity_factor per token for expert choice; with token
-    dropping this is the upper bound), shared experts. The noisy router's noise projection is counted."""
+    dropping this is the upper bound; with no-op experts the real share under balanced routing), shared
+    experts. The noisy router's noise projection is counted."""
     m, D = spec.moe, cfg.d_model
-    router = 2.0 * D * m.n_experts * (2 if m.router == "noisy" else 1)
+    router = 2.0 * D * (m.n_experts + m.n_noop) * (2 if m.router == "noisy" else 1)
     parts = {"router": router, "experts": m.experts_per_token() * 6.0 * D * m.d_expert}
     if m.n_shared:
         parts["shared_experts"] = 6.0 * D * m.n_shared * m.d_expert
@@ -46,7 +51,23 @@ def block_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, fl
     }
     for name, value in FFN_FLOPS[spec.ffn](spec, cfg).items():
         parts[name] = parts.get(name, 0.0) + value
+    if spec.wrapper == "mod":
+        parts = mod_flops(parts, spec, cfg, seq_len)
     return parts
+
+
+def mod_flops(parts: dict[str, float], spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """A routed block: c of the tokens enter, and attend only to each other (scores x c^2)."""
+    from .layers.mod import capacity_tokens
+
+    c = capacity_tokens(spec.mod.capacity, seq_len) / seq_len
+    scaled = {name: value * (c * c if name == "attn_scores" else c) for name, value in parts.items()}
+    D = cfg.d_model
+    scaled["mod_router"] = 2.0 * D
+    if spec.mod.causal == "predictor":
+        hidden = spec.mod.predictor_hidden or max(1, D // 2)
+        scaled["mod_predictor"] = 2.0 * D * hidden + 2.0 * hidden
+    return scaled
 
 
 def forward_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

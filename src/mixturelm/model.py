@@ -20,6 +20,7 @@ from torch import nn
 from .config import BlockSpec, ModelConfig
 from .layers.attention import Attention, LayerKVCache, rope_angles
 from .layers.ffn import SwiGLU
+from .layers.mod import MoD
 from .layers.moe import MoE
 
 Aux = dict[str, torch.Tensor]  # "loss/<name>" entries are auxiliary losses, "stat/<name>" statistics
@@ -29,7 +30,13 @@ def _build_moe(spec: BlockSpec, cfg: ModelConfig) -> MoE:
     m = spec.moe
     return MoE(cfg.d_model, m.d_expert, m.n_experts, m.top_k, m.router, n_shared=m.n_shared,
                capacity_factor=m.capacity_factor, renormalize=m.renormalize, route_scale=m.route_scale,
-               bias_rate=m.bias_rate, impl=m.impl)
+               bias_rate=m.bias_rate, impl=m.impl, n_noop=m.n_noop)
+
+
+def _build_mod(block: nn.Module, spec: BlockSpec, cfg: ModelConfig) -> MoD:
+    m = spec.mod
+    return MoD(block, cfg.d_model, m.capacity, causal=m.causal, predictor_hidden=m.predictor_hidden,
+               calibrate=m.calibrate, threshold_momentum=m.threshold_momentum)
 
 
 FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
@@ -38,6 +45,7 @@ FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
 }
 WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Module]] = {
     "none": lambda block, spec, cfg: block,
+    "mod": _build_mod,
 }
 
 
@@ -70,20 +78,31 @@ class Block(nn.Module):
         self.ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None,
-                return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
+                return_aux: bool = True, causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
+        """causal_routing concerns routing wrappers around a block; a plain block has none."""
         h = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
         y, aux = call_with_aux(self.ffn, self.ffn_norm(h), return_aux)
         return h + y, aux
+
+    def branch(self, x_BTD: torch.Tensor, rope, cache=None, return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
+        """The residual branch f alone, forward(x) = x + f(x): what Mixture-of-Depths scales by the router
+        weight. Returning f, not x + f, is what keeps the residual from being counted twice."""
+        a = self.attn(self.attn_norm(x_BTD), rope, cache)
+        y, aux = call_with_aux(self.ffn, self.ffn_norm(x_BTD + a), return_aux)
+        return a + y, aux
+
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> LayerKVCache:
+        a = self.attn
+        return LayerKVCache(batch, a.kv_heads, a.head_dim, capacity, device, dtype)
 
 
 class KVCache:
     """One LayerKVCache per block, for decoding; `length` is the number of tokens seen so far."""
 
     def __init__(self, model: MixtureLM, batch: int, capacity: int) -> None:
-        cfg = model.config
         p = next(model.parameters())
-        self.layers = [LayerKVCache(batch, cfg.kv_heads, cfg.head_dim, capacity, p.device, p.dtype)
-                       for _ in range(cfg.n_layers)]
+        # each block makes its own: plain blocks a uniform cache, routed (MoD) blocks a ragged one
+        self.layers = [block.new_cache(batch, capacity, p.device, p.dtype) for block in model.blocks]
         self.length = 0
 
 
@@ -127,8 +146,11 @@ class MixtureLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, return_aux: bool | None = None) -> ModelOutput:
-        """return_aux: gather the routed layers' losses and statistics (default: when gradients are on)."""
+                cache: KVCache | None = None, last_only: bool = False, return_aux: bool | None = None,
+                causal_routing: bool = False) -> ModelOutput:
+        """return_aux: gather the routed layers' losses and statistics (default: when gradients are on).
+        causal_routing: Mixture-of-Depths blocks decide token by token, as when sampling (always so with
+        a cache), instead of by the top-k of the whole sequence, which looks at future tokens."""
         return_aux = torch.is_grad_enabled() if return_aux is None else return_aux
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
@@ -137,7 +159,8 @@ class MixtureLM(nn.Module):
         x = self.embed(idx_BT)
         aux: Aux = {}
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None, return_aux)
+            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None, return_aux,
+                                 causal_routing)
             aux.update({f"layer{i}.{k}": v for k, v in block_aux.items()})
         if cache is not None:
             cache.length += T

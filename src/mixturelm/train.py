@@ -29,6 +29,7 @@ from .data.tokens import TokenData, check_length, prepare, train_rows, val_windo
 from .errors import UsageError
 from .flops import forward_flops_per_token, measure_matmul_flops, train_flops_per_token
 from .model import MixtureLM
+from .layers.mod import MoD
 from .runtime import steady_allocator
 
 DEFAULT_PRESET = "dense-tiny"
@@ -53,17 +54,13 @@ class RunConfig:
 # Resolving the configuration of a new or resumed run
 
 def new_run_config(preset: str | None, train_overrides: dict, model_overrides: dict | None = None,
-                   moe_overrides: dict | None = None) -> RunConfig:
-    """The preset's config with the given options on top. moe_overrides apply to every MoE block."""
+                   moe_overrides: dict | None = None, mod_overrides: dict | None = None) -> RunConfig:
+    """The preset's config with the given options on top. moe_overrides apply to every MoE block,
+    mod_overrides (MoDConfig fields) to every Mixture-of-Depths block."""
     p = get_preset(preset or DEFAULT_PRESET)
     model_fields = p.model | (model_overrides or {})
-    if moe_overrides:
-        blocks = [b for b in model_fields.get("blocks", []) if b.get("ffn") == "moe"]
-        if not blocks:
-            raise UsageError(f"--{next(iter(moe_overrides)).replace('_', '-')} applies to MoE blocks, and preset "
-                             f"{p.name} has none; choose a moe-* preset")
-        model_fields["blocks"] = [b | {"moe": b["moe"] | moe_overrides} if b.get("ffn") == "moe" else b
-                                  for b in model_fields["blocks"]]
+    model_fields = _override_blocks(model_fields, "moe", moe_overrides, p.name, "moe-* or mode-*")
+    model_fields = _override_blocks(model_fields, "mod", mod_overrides, p.name, "mod-* or mode-staged-*")
     model = ModelConfig(**model_fields)
     train = TrainConfig(**(p.train | train_overrides))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
@@ -73,8 +70,22 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
     return RunConfig(p.name, model, train)
 
 
+def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, preset: str, presets: str) -> dict:
+    """The blocks' `kind` configs (moe or mod) with overrides on top; an error if the preset has none."""
+    if not overrides:
+        return model_fields
+    if not any(b.get(kind) for b in model_fields.get("blocks", [])):
+        option = next(iter(overrides)).replace("_", "-")
+        raise UsageError(f"--{'mod-' if kind == 'mod' and option == 'causal' else ''}{option} applies to "
+                         f"{kind.upper() if kind == 'moe' else 'MoD'} blocks, and preset {preset} has none; "
+                         f"choose a {presets} preset")
+    blocks = [b | {kind: b[kind] | overrides} if b.get(kind) else b for b in model_fields["blocks"]]
+    return model_fields | {"blocks": blocks}
+
+
 def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
-                       model_overrides: dict | None = None, moe_overrides: dict | None = None) -> RunConfig:
+                       model_overrides: dict | None = None, moe_overrides: dict | None = None,
+                       mod_overrides: dict | None = None) -> RunConfig:
     """The saved config of the run in out_dir; any option given again must agree with it."""
     path = out_dir / checkpoint.CONFIG_FILE
     if not path.is_file():
@@ -92,6 +103,8 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
     given += [(saved.model, k, v) for k, v in (model_overrides or {}).items()]
     moe_blocks = [b.moe for b in saved.model.blocks if b.moe is not None]
     given += [(m, k, v) for k, v in (moe_overrides or {}).items() for m in moe_blocks[:1]]
+    mod_blocks = [b.mod for b in saved.model.blocks if b.mod is not None]
+    given += [(m, k, v) for k, v in (mod_overrides or {}).items() for m in mod_blocks[:1]]
     for saved_cfg, key, value in given:
         if getattr(saved_cfg, key) != value:
             raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved_cfg, key)}; "
@@ -274,22 +287,30 @@ class Metrics:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: int, batch: int,
              device: str, d: Dist = Dist(), autocast=contextlib.nullcontext) -> dict:
-    """Mean next-token loss over the fixed validation windows, with perplexity and bits per byte."""
+    """Mean next-token loss over the fixed validation windows, with perplexity and bits per byte.
+
+    Models with Mixture-of-Depths blocks are also evaluated with causal routing (val_loss_causal): the
+    token-by-token decisions of sampling, where the training-time top-k looks at future tokens."""
     was_training = model.training
     model.eval()
     windows = val_windows(data.val, seq_len, max_tokens)[d.rank::d.world]
-    total = torch.zeros(2, dtype=torch.float64)
+    routings = [False, True] if any(isinstance(m, MoD) for m in model.modules()) else [False]
+    total = torch.zeros(len(routings), 2, dtype=torch.float64)
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch].to(device)
-        with autocast():
-            loss = model(w[:, :-1], w[:, 1:]).loss
-        total += torch.tensor([loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
+        for j, causal in enumerate(routings):
+            with autocast():
+                loss = model(w[:, :-1], w[:, 1:], causal_routing=causal).loss
+            total[j] += torch.tensor([loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
     if d.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    loss = (total[0] / total[1]).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-            "val_bpb": loss / math.log(2) / data.val.bytes_per_token, "val_tokens": int(total[1])}
+    loss = (total[0, 0] / total[0, 1]).item()
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+           "val_bpb": loss / math.log(2) / data.val.bytes_per_token, "val_tokens": int(total[0, 1])}
+    if len(routings) > 1:
+        out["val_loss_causal"] = (total[1, 0] / total[1, 1]).item()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,6 +549,18 @@ class Trainer:
             "wall_s": self.elapsed, "corpus": self.data.stats,
             **{k: record.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bpb")},
         }
+        if "val_loss_causal" in record:
+            summary["val_loss_causal"] = record["val_loss_causal"]
+        causal = {k.removeprefix("stat/"): v for k, v in record.items()
+                  if k.endswith(("mod_causal_accuracy", "mod_causal_fraction"))}
+        if causal:
+            summary["mod_causal"] = causal
+            layers = sorted({k.split(".")[0] for k in causal}, key=lambda name: int(name.removeprefix("layer")))
+            self.log("MoD causal routing (last step), accuracy against top-k / fraction routed in: "
+                     + ", ".join(f"{n} {causal[n + '.mod_causal_accuracy']:.3f}/{causal[n + '.mod_causal_fraction']:.3f}"
+                                 for n in layers)
+                     + (f"; val loss top-k {record['val_loss']:.4f}, causal {record['val_loss_causal']:.4f}"
+                        if "val_loss_causal" in record else ""))
         loads = {k.removeprefix("stat/"): v for k, v in record.items() if k.endswith("load_max_over_mean")}
         if loads:
             summary["load_max_over_mean"] = loads

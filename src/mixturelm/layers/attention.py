@@ -68,7 +68,8 @@ class QKVRope(torch.autograd.Function):
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer, preallocated for `capacity` tokens per sequence."""
+    """Keys and values of one attention layer, preallocated for `capacity` tokens per sequence; every
+    sequence of the batch has the same length (all tokens enter every plain block)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
         self.k_BGLK = torch.empty(batch, kv_heads, capacity, head_dim, device=device, dtype=dtype)
@@ -84,6 +85,64 @@ class LayerKVCache:
         self.length = end
         return self.k_BGLK[:, :, :end], self.v_BGLK[:, :, :end]
 
+    def attend(self, q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor) -> torch.Tensor:
+        """Store the new keys and values, then attend causally over everything cached."""
+        past, T = self.length, q_BHTK.shape[2]
+        k, v = self.append(k_BGTK, v_BGTK)
+        gqa = q_BHTK.shape[1] != k.shape[1]
+        if past == 0:  # the new tokens only: plain causal attention
+            return F.scaled_dot_product_attention(q_BHTK, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1:  # one new token attends to everything cached
+            return F.scaled_dot_product_attention(q_BHTK, k, v, enable_gqa=gqa)
+        allowed_TL = torch.ones(T, past + T, dtype=torch.bool, device=q_BHTK.device).tril(past)
+        return F.scaled_dot_product_attention(q_BHTK, k, v, attn_mask=allowed_TL, enable_gqa=gqa)
+
+
+class RaggedKVCache:
+    """Keys and values of a routed block (Mixture-of-Depths): each sequence stores only the tokens that
+    entered the block, so every row has its own length. A token that skips the block writes nothing,
+    and later tokens cannot attend to it there (Raposo et al. 2024, section 5).
+
+    Zero-initialised on purpose: a row shorter than the longest one reads zeros (masked) past its end,
+    and masked garbage could hold NaN, which a mask does not remove (NaN + -inf is NaN)."""
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, device, dtype) -> None:
+        self.k_BLGK = torch.zeros(batch, capacity, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v_BLGK = torch.zeros_like(self.k_BLGK)
+        self.length_B = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def rows(self, rows_R: torch.Tensor, count_R: torch.Tensor) -> RaggedRows:
+        """The view a block call writes through: batch rows rows_R, of which row r brings count_R[r] tokens."""
+        return RaggedRows(self, rows_R, count_R)
+
+
+class RaggedRows:
+    """Rows of a RaggedKVCache for one block call. The call's C tokens per row are compacted: row r's
+    count_R[r] real tokens come first, in order, then padding. Padding is written past the row's end
+    (the next real token overwrites it) and, coming after every real token, is never attended by one."""
+
+    def __init__(self, cache: RaggedKVCache, rows_R: torch.Tensor, count_R: torch.Tensor) -> None:
+        self.cache, self.rows_R, self.count_R = cache, rows_R, count_R
+
+    def attend(self, q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor) -> torch.Tensor:
+        c, rows = self.cache, self.rows_R
+        C = q_RHCK.shape[2]
+        start_R = c.length_B[rows]
+        slot_RC = start_R[:, None] + torch.arange(C, device=rows.device)
+        end = int(slot_RC[:, -1].max()) + 1
+        if end > c.k_BLGK.shape[1]:
+            raise RuntimeError(f"KV cache holds {c.k_BLGK.shape[1]} tokens; {end} were asked for")
+        c.k_BLGK[rows[:, None], slot_RC] = k_RGCK.transpose(1, 2)
+        c.v_BLGK[rows[:, None], slot_RC] = v_RGCK.transpose(1, 2)
+        k_RGLK = c.k_BLGK[rows, :end].transpose(1, 2)
+        v_RGLK = c.v_BLGK[rows, :end].transpose(1, 2)
+        # token j of row r sees the row's past and the call's tokens up to itself
+        allowed_RCL = torch.arange(end, device=rows.device) <= slot_RC[:, :, None]
+        y = F.scaled_dot_product_attention(q_RHCK, k_RGLK, v_RGLK, attn_mask=allowed_RCL[:, None],
+                                           enable_gqa=q_RHCK.shape[1] != k_RGLK.shape[1])
+        c.length_B[rows] += self.count_R
+        return y
+
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, kv_heads: int) -> None:
@@ -94,20 +153,14 @@ class Attention(nn.Module):
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LayerKVCache | None = None) -> torch.Tensor:
+                cache: LayerKVCache | RaggedRows | None = None) -> torch.Tensor:
+        """rope: cos and sin of each token's angles, (T, K/2) shared by the batch or (B, T, K/2) per row."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.kv_heads, self.head_dim
         q, k, v = QKVRope.apply(self.qkv(x_BTD).view(B, T, H + 2 * G, K), *rope, H, G)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)
-        if past == 0:  # the new tokens only: plain causal attention
+        if cache is None:  # a whole sequence, or the tokens a router chose, in order: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)
-        elif T == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)
-        else:  # several new tokens after a cached prefix: causal with an offset
-            allowed_TL = torch.ones(T, past + T, dtype=torch.bool, device=x_BTD.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed_TL, enable_gqa=G != H)
+        else:
+            y = cache.attend(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, H * K))

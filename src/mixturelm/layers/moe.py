@@ -6,6 +6,10 @@ Routers (layers/routing.py): softmax top-k (Mixtral/Qwen), noisy top-k (Shazeer 
 DeepSeek-V3's sigmoid with a balancing bias, expert choice (Zhou 2022, not causal). Fine-grained
 experts are many small experts (DeepSeekMoE): set n_experts high and d_hidden low.
 
+No-op experts (integrated MoDE, Raposo et al. 2024 section 4.3): `n_noop` extra choices in the router
+that compute nothing; a token sent to one keeps only its residual. Their assignments are dropped before
+dispatch, so they cost only their column of the router.
+
 `MoE(x)` maps (B, T, D) to (B, T, D). Its auxiliary losses ("loss/<name>") and statistics
 ("stat/<name>") come back from the call itself: `y, aux = MoE(x, return_aux=True)`.
 """
@@ -27,19 +31,22 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, top_k: int, router: str = "softmax", *,
                  n_shared: int = 0, capacity_factor: float | None = None, renormalize: bool = True,
-                 route_scale: float = 1.0, bias_rate: float = 1e-3, impl: str = "auto") -> None:
+                 route_scale: float = 1.0, bias_rate: float = 1e-3, impl: str = "auto", n_noop: int = 0) -> None:
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router={router!r} is unknown; choose one of {', '.join(ROUTERS)}")
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-        if not 1 <= top_k <= n_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
+        if not 1 <= top_k <= n_experts + n_noop:
+            raise ValueError(f"top_k={top_k} must be between 1 and n_experts + n_noop={n_experts + n_noop}")
+        if n_noop and router not in ("softmax", "noisy", "switch"):
+            raise ValueError(f"no-op experts need a token-choice router (softmax, noisy, switch), not {router!r}")
         self.d_hidden, self.n_experts, self.top_k, self.impl = d_hidden, n_experts, top_k, impl
+        self.n_noop = n_noop
         self.router_kind = router
         options = {"softmax": {"renormalize": renormalize}, "sigmoid_bias": {"route_scale": route_scale,
                    "bias_rate": bias_rate}, "expert_choice": {"capacity_factor": capacity_factor or 2.0}}
-        self.router = build_router(router, d_model, n_experts, top_k, **options.get(router, {}))
+        self.router = build_router(router, d_model, n_experts + n_noop, top_k, **options.get(router, {}))
         # expert choice has its capacity built in; for token choice a capacity factor means dropping
         self.capacity_factor = None if router == "expert_choice" else capacity_factor
         # experts as 3-D tensors, laid out for x @ W: one grouped matmul serves them all
@@ -63,8 +70,12 @@ class MoE(nn.Module):
         dropped = torch.zeros(())
         if self.capacity_factor is not None:
             routing, dropped = apply_capacity(routing, self.capacity_factor, x_TD.shape[0])
-        y_TD = dispatch_swiglu(x_TD, routing.token_A, routing.expert_A, routing.weight_A, self.w_gate_up,
-                               self.w_down, self.impl, routing.k_per_token)
+        token_A, expert_A, weight_A, k_per_token = routing.token_A, routing.expert_A, routing.weight_A, routing.k_per_token
+        if self.n_noop:  # choices of a no-op expert compute nothing: drop them before dispatch
+            real_A = expert_A < self.n_experts
+            token_A, expert_A, weight_A, k_per_token = token_A[real_A], expert_A[real_A], weight_A[real_A], None
+        y_TD = dispatch_swiglu(x_TD, token_A, expert_A, weight_A, self.w_gate_up, self.w_down, self.impl,
+                               k_per_token)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         y = y_TD.reshape(shape)
@@ -72,6 +83,8 @@ class MoE(nn.Module):
             return y
         aux = {f"loss/{k}": v for k, v in routing.losses.items()}
         aux.update({f"stat/{k}": v for k, v in routing_stats(routing, dropped, valid_T).items()})
+        if self.n_noop:
+            aux["stat/noop_fraction"] = (routing.expert_A >= self.n_experts).float().mean().detach()
         return y, aux
 
     def after_optimizer_step(self, reduce=None) -> None:

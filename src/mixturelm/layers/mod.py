@@ -1,0 +1,176 @@
+"""Mixture-of-Depths (Raposo et al. 2024, arXiv 2404.02258): a router decides which tokens a block
+processes; the others go around it unchanged.
+
+Dimension letters: B batch, T tokens, C tokens that enter the block (per row), R rows that send at least
+one token in, D d_model, k half a head size (rope angles).
+
+Training (and `causal_routing=False`): the top C = ceil(capacity x T) tokens of each sequence by the
+scalar router weight r = w . x (Eq. 1) enter, gathered in their original order so the block's plain
+causal mask is right, rotated by their ORIGINAL positions, and
+
+    x_out = x + r * f(x)   for entering tokens,    x_out = x   for the others,
+
+where f is the block's residual branch (attention + FFN), so r multiplies f only (section 3.4).
+
+Sampling cannot use top-k: whether a token is in the top-k depends on tokens after it (section 3.5).
+Both of the paper's fixes are here, chosen by `causal`: "aux_loss" trains r itself with a BCE loss on
+top-k membership; "predictor" trains a small MLP on stop-gradient inputs to predict membership. With a
+KV cache (prefill and decoding), or `causal_routing=True`, a token enters when its causal score is above
+`threshold`: 0 (sigmoid 0.5, the paper's rule), or with `calibrate` the running (1 - capacity) quantile
+of the scores seen in training, so the realised fraction stays near the capacity.
+
+A token that skips the block writes no key/value there (RaggedKVCache); a block no token enters costs
+only the router.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import RaggedKVCache
+from .routing import fp32_linear
+
+Aux = dict[str, torch.Tensor]
+
+
+def capacity_tokens(capacity: float, T: int) -> int:
+    """Tokens of a T-token sequence that enter a routed block in training: ceil(capacity x T), at least 1."""
+    return min(T, max(1, math.ceil(capacity * T - 1e-9)))
+
+
+class MoD(nn.Module):
+    has_aux = True
+
+    def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125, *, causal: str = "aux_loss",
+                 predictor_hidden: int | None = None, calibrate: bool = True,
+                 threshold_momentum: float = 0.05) -> None:
+        """block: a module with `branch(x, rope, cache, return_aux) -> (f(x), aux)` and `new_cache`
+        (mixturelm's Block): MoD must scale the residual branch, not the block's output."""
+        super().__init__()
+        if not 0 < capacity <= 1:
+            raise ValueError(f"capacity must be in (0, 1], got {capacity}")
+        if causal not in ("aux_loss", "predictor"):
+            raise ValueError(f"causal={causal!r} is unknown; choose aux_loss or predictor")
+        self.block, self.capacity, self.causal = block, capacity, causal
+        self.calibrate, self.threshold_momentum = calibrate, threshold_momentum
+        self.router = nn.Linear(d_model, 1, bias=False)  # r = w . x, no nonlinearity (Eq. 1)
+        self.predictor = None
+        if causal == "predictor":  # d -> d/2 -> 1 with SiLU (a linear predictor samples badly, per joey00072)
+            hidden = predictor_hidden or max(1, d_model // 2)
+            self.predictor = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        # the sampling threshold on the causal score; moved only by after_optimizer_step
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+        self._quantiles = None  # (sum of per-step quantiles, count) since the last optimizer step
+
+    # -- scores ---------------------------------------------------------------------------------
+    def router_weights(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """r, (B, T), in float32 (a router in low precision mis-ranks close tokens)."""
+        return fp32_linear(x_BTD, self.router.weight).squeeze(-1)
+
+    def causal_scores(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+        """The score compared with the threshold when routing token by token: r itself, or the predictor's
+        logit from a stop-gradient input (it must not steer the LM)."""
+        if self.predictor is None:
+            return r_BT
+        x = x_BTD.detach()
+        return self.predictor(x.to(self.predictor[0].weight.dtype)).squeeze(-1).float()
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x_BTD: torch.Tensor, rope, cache: RaggedKVCache | None = None, return_aux: bool = True,
+                causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
+        r_BT = self.router_weights(x_BTD)
+        if cache is None and not causal_routing:
+            return self._forward_topk(x_BTD, r_BT, rope, return_aux)
+        return self._forward_causal(x_BTD, r_BT, rope, cache, return_aux)
+
+    def _forward_topk(self, x_BTD, r_BT, rope, return_aux) -> tuple[torch.Tensor, Aux]:
+        B, T, D = x_BTD.shape
+        C = capacity_tokens(self.capacity, T)
+        # top-C per sequence, then back in order: the block's causal mask needs it
+        idx_BC = r_BT.topk(C, dim=1, sorted=False).indices.sort(dim=1).values
+        out = self._run_block(x_BTD, r_BT, idx_BC, None, rope, None, return_aux)
+        x_out, aux = out
+        if return_aux:
+            aux.update(self._causal_losses(x_BTD, r_BT, idx_BC))
+        return x_out, aux
+
+    def _forward_causal(self, x_BTD, r_BT, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
+        B, T, D = x_BTD.shape
+        enter_BT = self.causal_scores(x_BTD, r_BT) > self.threshold
+        count_B = enter_BT.sum(1)
+        aux: Aux = {"stat/mod_causal_fraction": enter_BT.float().mean().detach()} if return_aux else {}
+        rows_R = count_B.nonzero().squeeze(1)
+        if rows_R.numel() == 0:  # nobody enters: the block costs only the router
+            return x_BTD, aux
+        count_R = count_B[rows_R]
+        C = int(count_R.max())
+        # entering tokens first, in order, then the others as padding (weight 0, never attended)
+        position_T = torch.arange(T, device=x_BTD.device)
+        order_RT = torch.where(enter_BT[rows_R], position_T, position_T + T).argsort(dim=1)
+        idx_RC = order_RT[:, :C]
+        real_RC = torch.arange(C, device=x_BTD.device) < count_R[:, None]
+        view = cache.rows(rows_R, count_R) if cache is not None else None
+        all_rows = rows_R.numel() == B
+        x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
+        y_RTD, block_aux = self._run_block(x_RTD, r_RT, idx_RC, real_RC, rope, view, return_aux)
+        aux.update(block_aux)
+        if all_rows:
+            return y_RTD, aux
+        return x_BTD.index_copy(0, rows_R, y_RTD), aux
+
+    def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
+        """x + r * f(x) on the tokens idx_BC (in order) of each row, scattered back; real_BC marks padding."""
+        D = x_BTD.shape[-1]
+        idx_BCD = idx_BC[..., None].expand(-1, -1, D)
+        cos, sin = rope  # (T, k): the same positions for every row
+        rope_BC = (cos[idx_BC], sin[idx_BC])  # ORIGINAL positions, not 0..C-1
+        f_BCD, aux = self.block.branch(x_BTD.gather(1, idx_BCD), rope_BC, cache, return_aux)
+        w_BC = r_BT.gather(1, idx_BC)
+        if real_BC is not None:
+            w_BC = w_BC * real_BC
+        return x_BTD.scatter_add(1, idx_BCD, w_BC[..., None].to(f_BCD.dtype) * f_BCD), aux
+
+    # -- causal routing: losses, accuracy, threshold ------------------------------------------------
+    def _causal_losses(self, x_BTD, r_BT, idx_BC) -> Aux:
+        member_BT = torch.zeros_like(r_BT).scatter_(1, idx_BC, 1.0)  # per row: no flattened-index bug
+        score_BT = self.causal_scores(x_BTD, r_BT)
+        name = "mod_bce" if self.predictor is None else "mod_predictor"
+        aux = {f"loss/{name}": F.binary_cross_entropy_with_logits(score_BT, member_BT)}
+        with torch.no_grad():
+            score = score_BT.detach()
+            enter = score > self.threshold
+            aux["stat/mod_causal_accuracy"] = (enter == member_BT.bool()).float().mean()
+            aux["stat/mod_causal_fraction"] = enter.float().mean()
+            aux["stat/mod_threshold"] = self.threshold.clone()
+            if self.training and self.calibrate:
+                q = self._score_quantile(score.flatten())
+                step = torch.stack([q, torch.ones_like(q)])
+                self._quantiles = step if self._quantiles is None else self._quantiles + step
+        return aux
+
+    def _score_quantile(self, score_N: torch.Tensor) -> torch.Tensor:
+        """The (1 - capacity) quantile: the threshold above which a `capacity` share of the scores lie."""
+        n = score_N.numel()
+        k = min(n, max(1, round((1 - self.capacity) * n)))
+        return score_N.kthvalue(k).values.float()
+
+    @torch.no_grad()
+    def after_optimizer_step(self, reduce=None) -> None:
+        """Move the sampling threshold toward the quantiles of this step (summed over processes by reduce)."""
+        if self._quantiles is None:
+            return
+        total = reduce(self._quantiles) if reduce else self._quantiles
+        self._quantiles = None
+        # a plain mean over the first 1/momentum steps (no lag from the initial 0), then a running average
+        self.threshold_updates += 1
+        m = max(self.threshold_momentum, 1.0 / float(self.threshold_updates))
+        self.threshold.mul_(1 - m).add_(m * total[0] / total[1])
+
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> RaggedKVCache:
+        a = self.block.attn
+        return RaggedKVCache(batch, a.kv_heads, a.head_dim, capacity, device, dtype)

@@ -1,0 +1,321 @@
+"""Mixture-of-Depths and MoDE against slow references written here, in float64.
+
+The reference runs the block on EVERY token with an attention mask (token i may attend token j when
+both entered the block and j <= i) and rotates by positions 0..T-1: no gathering, no compaction, no
+cache. The layer under test gathers the entering tokens, runs the block on them alone and scatters
+back, and with a cache keeps a ragged per-row KV cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixturelm import MixtureLM, ModelConfig, UsageError
+from mixturelm.config import PRESETS, BlockSpec, MoDConfig
+from mixturelm.layers.attention import apply_rope, rope_angles
+from mixturelm.layers.mod import MoD, capacity_tokens
+from mixturelm.layers.moe import MoE
+from mixturelm.model import Block
+
+D, HEADS, KV_HEADS, T = 32, 4, 2, 16
+CFG = ModelConfig(vocab_size=50, d_model=D, n_layers=2, n_heads=HEADS, n_kv_heads=KV_HEADS, d_ffn=48, max_seq_len=64)
+
+
+def make_mod(capacity: float = 0.25, causal: str = "aux_loss", seed: int = 0) -> MoD:
+    torch.manual_seed(seed)
+    mod = MoD(Block(BlockSpec(), CFG), D, capacity, causal=causal).double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.3)  # spread the router weights: no near-ties in the top-k
+        mod.block.attn_norm.weight.fill_(1.0)
+        mod.block.ffn_norm.weight.fill_(1.0)
+    return mod
+
+
+def topk_members(r_BT: torch.Tensor, capacity: float) -> torch.Tensor:
+    """Top-C of each row by sorting in Python: the obviously right membership."""
+    B, T = r_BT.shape
+    member = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        for t in sorted(range(T), key=lambda t: -r_BT[b, t].item())[:capacity_tokens(capacity, T)]:
+            member[b, t] = True
+    return member
+
+
+def masked_reference(mod: MoD, x_BTD: torch.Tensor, member_BT: torch.Tensor) -> torch.Tensor:
+    """x + r * (attn + ffn) for members, x for the others, with the block run on all tokens under a mask."""
+    blk, a = mod.block, mod.block.attn
+    B, T, _ = x_BTD.shape
+    H, G, K = a.n_heads, a.kv_heads, a.head_dim
+    r_BT = x_BTD @ mod.router.weight[0]
+    qkv = (F.rms_norm(x_BTD, (D,), blk.attn_norm.weight, CFG.norm_eps) @ a.qkv.weight.t()).view(B, T, H + 2 * G, K)
+    q, k, v = (qkv[:, :, :H], qkv[:, :, H:H + G], qkv[:, :, H + G:])
+    cos, sin = rope_angles(torch.arange(T), K, CFG.rope_theta)  # original positions
+    q, k, v = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+    k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = (member_BT[:, None, :, None] & member_BT[:, None, None, :] & causal) | torch.eye(T, dtype=torch.bool)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(K)).masked_fill(~allowed, float("-inf"))
+    attn = a.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * K))
+    f = attn + blk.ffn(blk.ffn_norm(x_BTD + attn))
+    return torch.where(member_BT[..., None], x_BTD + r_BT[..., None] * f, x_BTD)
+
+
+def rope_for(T: int):
+    return rope_angles(torch.arange(T), D // HEADS, CFG.rope_theta)
+
+
+def grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+@pytest.mark.parametrize("capacity", [0.125, 0.25, 0.6])
+def test_topk_routing_matches_masked_reference_with_gradients(capacity):
+    mod = make_mod(capacity)
+    x = torch.randn(3, T, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, T, D, dtype=torch.float64)
+    params = [p for n, p in mod.named_parameters()]
+    got, _ = mod(x, rope_for(T), return_aux=False)
+    member = topk_members((x @ mod.router.weight[0]).detach(), capacity)
+    want = masked_reference(mod, x, member)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(["x", *dict(mod.named_parameters())], grads(got, [x, *params], g),
+                          grads(want, [x, *params], g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+    assert member.sum(1).eq(capacity_tokens(capacity, T)).all()
+
+
+def test_capacity_one_with_unit_weights_is_the_plain_block():
+    mod = make_mod(1.0)
+    mod.router_weights = lambda x: torch.ones(x.shape[:2], dtype=torch.float64)  # a stub router: r = 1
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    got, _ = mod(x, rope_for(T), return_aux=False)
+    want, _ = mod.block(x, rope_for(T))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_skipped_tokens_pass_unchanged_and_r_scales_only_the_branch():
+    mod = make_mod(0.25)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    got, _ = mod(x, rope_for(T), return_aux=False)
+    member = topk_members(x @ mod.router.weight[0].detach(), 0.25)
+    torch.testing.assert_close(got[~member], x[~member], rtol=0, atol=0)
+    doubled = copy.deepcopy(mod)
+    doubled.router.weight.data *= 2  # same ranking, twice the weight: the change is r * f, not r * (x + f)
+    got2, _ = doubled(x, rope_for(T), return_aux=False)
+    torch.testing.assert_close((got2 - x)[member], 2 * (got - x)[member], rtol=1e-10, atol=1e-12)
+
+
+def test_bce_targets_are_per_row_topk_membership():
+    mod = make_mod(0.25)
+    x = torch.randn(4, T, D, dtype=torch.float64)
+    _, aux = mod(x, rope_for(T))
+    r = x @ mod.router.weight[0]
+    want = F.binary_cross_entropy_with_logits(r, topk_members(r, 0.25).double())
+    torch.testing.assert_close(aux["loss/mod_bce"], want)
+
+
+def test_predictor_learns_from_detached_inputs_only():
+    mod = make_mod(0.25, causal="predictor")
+    x = torch.randn(3, T, D, dtype=torch.float64, requires_grad=True)
+    _, aux = mod(x, rope_for(T))
+    r = x @ mod.router.weight[0]
+    score = mod.predictor(x).squeeze(-1)
+    want = F.binary_cross_entropy_with_logits(score, topk_members(r.detach(), 0.25).double())
+    torch.testing.assert_close(aux["loss/mod_predictor"], want)
+    aux["loss/mod_predictor"].backward()
+    assert x.grad is None or x.grad.abs().max() == 0  # stop-gradient: the LM never feels the predictor
+    assert all(p.grad is None for n, p in mod.named_parameters() if not n.startswith("predictor."))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.predictor.parameters())
+
+
+def causal_inputs(mod: MoD, B: int = 3) -> torch.Tensor:
+    """Inputs, and a threshold set so that rows enter in different numbers and none of the last row enters."""
+    torch.manual_seed(1)
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    x[1] *= 2.0  # wider scores: more of them above the threshold
+    x[-1] *= 0.1
+    with torch.no_grad():
+        score = mod.causal_scores(x, x @ mod.router.weight[0])
+        mod.threshold.fill_(max(score[-1].max().item(), score[0].quantile(0.6).item()) + 1e-6)
+        count = (score > mod.threshold).sum(1)
+    assert count[-1] == 0 and count[:-1].min() > 0 and count.unique().numel() == B, count
+    return x
+
+
+@pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
+def test_causal_routing_matches_masked_reference(causal):
+    mod = make_mod(0.25, causal=causal)
+    x = causal_inputs(mod).requires_grad_()
+    member = mod.causal_scores(x, x @ mod.router.weight[0]).detach() > mod.threshold
+    got, _ = mod(x, rope_for(T), causal_routing=True, return_aux=False)
+    want = masked_reference(mod, x, member)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(x)
+    params = list(mod.block.parameters()) + [mod.router.weight]
+    for a, b in zip(grads(got, [x, *params], g), grads(want, [x, *params], g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_cached_prefill_and_decode_equal_the_uncached_causal_forward():
+    mod = make_mod(0.25)
+    x = causal_inputs(mod)
+    rope = rope_for(T)
+    want, _ = mod(x, rope, causal_routing=True, return_aux=False)
+    cache = mod.new_cache(3, T, x.device, x.dtype)
+    outs = [mod(x[:, :5], (rope[0][:5], rope[1][:5]), cache, return_aux=False)[0]]  # prefill of 5 tokens
+    for t in range(5, T):
+        outs.append(mod(x[:, t:t + 1], (rope[0][t:t + 1], rope[1][t:t + 1]), cache, return_aux=False)[0])
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-10, atol=1e-12)
+    entered = (x @ mod.router.weight[0] > mod.threshold).sum(1)
+    assert torch.equal(cache.length_B, entered)  # a skipping token wrote no key/value
+
+
+def test_a_block_nobody_enters_costs_only_the_router():
+    mod = make_mod(0.25)
+    calls = []
+    branch = mod.block.branch
+    mod.block.branch = lambda *a, **k: calls.append(1) or branch(*a, **k)
+    mod.threshold.fill_(float("inf"))
+    x = torch.randn(4, 1, D, dtype=torch.float64)
+    cache = mod.new_cache(4, 8, x.device, x.dtype)
+    rope = rope_for(1)
+    y, _ = mod(x, rope, cache, return_aux=False)
+    assert not calls and torch.equal(y, x) and cache.length_B.sum() == 0
+    mod.threshold.fill_(float("-inf"))
+    mod(x, rope, cache, return_aux=False)
+    assert calls == [1]
+
+
+def model_cfg(preset: str, **mod_options) -> ModelConfig:
+    fields = dict(PRESETS[preset].model)
+    if mod_options:
+        fields["blocks"] = [b | {"mod": b["mod"] | mod_options} if b.get("wrapper") == "mod" else b
+                            for b in fields["blocks"]]
+    return ModelConfig(**fields)
+
+
+def calibrated_model(preset: str, **mod_options) -> MixtureLM:
+    """A model whose MoD thresholds sit at the median score, so rows enter in different numbers."""
+    torch.manual_seed(0)
+    model = MixtureLM(model_cfg(preset, **mod_options)).double()
+    idx = torch.randint(0, 257, (4, 48))
+    model.train()
+    for _ in range(3):
+        model(idx, idx)
+        for m in model.modules():
+            if isinstance(m, MoD):
+                m.after_optimizer_step()
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("preset", ["mod-debug", "mode-staged-debug"])
+@pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
+def test_model_decode_with_ragged_cache_equals_recompute(preset, causal):
+    model = calibrated_model(preset, causal=causal, capacity=0.5)
+    torch.manual_seed(2)
+    idx = torch.randint(0, 257, (3, 24))
+    with torch.no_grad():
+        want = model(idx, causal_routing=True).logits
+        cache = model.new_cache(3, 24)
+        got = [model(idx[:, :7], cache=cache).logits]
+        got += [model(idx[:, t:t + 1], cache=cache).logits for t in range(7, 24)]
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-9, atol=1e-10)
+    lengths = [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
+    assert lengths and any(len(set(l.tolist())) > 1 for l in lengths)  # really ragged
+    assert all((l < 24).all() and (l > 0).all() for l in lengths)
+
+
+def test_sampling_decisions_never_depend_on_future_tokens():
+    model = calibrated_model("mod-debug", capacity=0.25)
+    torch.manual_seed(3)
+    a = torch.randint(0, 257, (8, 48))
+    b = a.clone()
+    b[:, 20:] = torch.randint(0, 257, (8, 28))
+    with torch.no_grad():
+        causal_a, causal_b = model(a, causal_routing=True).logits, model(b, causal_routing=True).logits
+        topk_a, topk_b = model(a).logits, model(b).logits
+    torch.testing.assert_close(causal_a[:, :20], causal_b[:, :20], rtol=0, atol=0)
+    # the same check catches top-k routing, whose membership looks at the future
+    assert not torch.equal(topk_a[:, :20], topk_b[:, :20])
+
+
+def test_threshold_calibration_brings_sampling_fraction_to_capacity_and_eval_leaves_it():
+    torch.manual_seed(0)
+    mod = MoD(Block(BlockSpec(), CFG), D, 0.125)
+    with torch.no_grad():
+        mod.router.weight.normal_(0, 1.0)
+    rope = rope_for(T)
+    for _ in range(60):
+        mod(torch.randn(8, T, D) + 0.5, rope)  # scores mostly above the paper's fixed threshold 0
+        mod.after_optimizer_step()
+    threshold = mod.threshold.clone()
+    mod.eval()
+    fresh = torch.randn(64, T, D) + 0.5
+    _, aux = mod(fresh, rope, causal_routing=True)
+    assert aux["stat/mod_causal_fraction"].item() == pytest.approx(0.125, abs=0.03)
+    mod(fresh, rope)
+    mod.after_optimizer_step()
+    assert torch.equal(mod.threshold, threshold)
+    uncalibrated = (fresh @ mod.router.weight[0] > 0).float().mean().item()
+    assert uncalibrated > 0.5  # what sigmoid > 0.5 would have done here
+
+
+def test_integrated_mode_noop_experts_match_reference():
+    torch.manual_seed(0)
+    E, Z, k, F_ = 4, 3, 2, 24
+    moe = MoE(D, F_, E, k, "softmax", n_noop=Z).double()
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 1.0)
+    x = torch.randn(20, D, dtype=torch.float64, requires_grad=True)
+    y, aux = moe(x.view(4, 5, D), return_aux=True)
+    rows = []
+    for t in range(20):
+        p = (moe.router.gate.weight @ x[t]).softmax(0)
+        chosen = sorted(range(E + Z), key=lambda e: -p[e].item())[:k]
+        total = sum(p[e] for e in chosen)
+        out = torch.zeros(D, dtype=torch.float64)
+        for e in chosen:
+            if e < E:  # a no-op expert adds nothing
+                gu = x[t] @ moe.w_gate_up[e]
+                out = out + p[e] / total * ((F.silu(gu[:F_]) * gu[F_:]) @ moe.w_down[e])
+        rows.append(out)
+    want = torch.stack(rows)
+    torch.testing.assert_close(y.view(20, D), want, rtol=1e-10, atol=1e-12)
+    g = torch.randn(20, D, dtype=torch.float64)
+    params = [x, moe.w_gate_up, moe.w_down, moe.router.gate.weight]
+    for a, b in zip(grads(y.view(20, D), params, g), grads(want, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert 0 < aux["stat/noop_fraction"] < 1
+
+
+def test_mod_and_mode_models_train_one_step():
+    for preset in ("mod-debug", "mode-debug", "mode-staged-debug"):
+        torch.manual_seed(0)
+        model = MixtureLM(ModelConfig(**PRESETS[preset].model))
+        idx = torch.randint(0, 257, (2, 33))
+        out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        assert all(p.grad is not None for p in model.parameters()), preset
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(capacity=0.0), "capacity"),
+    (dict(capacity=1.5), "capacity"),
+    (dict(causal="oracle"), "causal"),
+    (dict(threshold_momentum=0.0), "threshold_momentum"),
+])
+def test_bad_mod_config_names_the_field(fields, message):
+    with pytest.raises(UsageError, match=message):
+        MoDConfig(**fields)
+
+
+def test_mod_wrapper_needs_its_config():
+    with pytest.raises(UsageError, match="MoDConfig"):
+        BlockSpec(wrapper="mod")
