@@ -88,6 +88,7 @@ def bench_train(args) -> dict:
     if args.steps < 1 or args.rounds < 1:
         raise UsageError("--steps and --rounds must be >= 1")
     steady_allocator()
+    args.seq_len, args.batch_size = args.seq_len or 256, args.batch_size or 16
     cfg = ModelConfig(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408, max_seq_len=args.seq_len,
                       tie_embeddings=False)
     torch.manual_seed(0)
@@ -275,3 +276,149 @@ def _print_train(r: dict) -> None:
     for name, c in r["contenders"].items():
         print(f"{name:<22}{c['step_s']:>9.3f}{c['tok_per_s']:>11,.0f}{c['mfu']:>7.1%}")
     print(f"ours / Llama tokens/s: {r['ratio_tok_per_s_ours_over_peer']:.3f}x")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench mod: Mixture-of-Depths (12.5 %, every other block) against the dense model of the same shape
+
+MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
+
+
+def _mod_models(seq_len: int, capacity: float) -> dict[str, MixtureLM]:
+    from .config import BlockSpec, MoDConfig
+
+    dense_cfg = ModelConfig(**MOD_SHAPE, max_seq_len=seq_len)
+    blocks = [BlockSpec(wrapper="mod", mod=MoDConfig(capacity=capacity)) if i % 2 else BlockSpec()
+              for i in range(dense_cfg.n_layers)]
+    models = {}
+    for name, cfg in (("dense", dense_cfg), ("MoD", ModelConfig(**(dense_cfg.to_dict() | {"blocks": blocks})))):
+        torch.manual_seed(0)
+        models[name] = MixtureLM(cfg)
+    _calibrate_mod(models["MoD"], seq_len)
+    return models
+
+
+@torch.no_grad()
+def _calibrate_mod(model: MixtureLM, seq_len: int, steps: int = 8) -> None:
+    """Set the sampling thresholds as training does (running quantile of the scores), so that the causal
+    routing of prefill and decoding lets in the capacity's share of tokens, as in a trained model."""
+    from .layers.mod import MoD
+
+    model.train()
+    for _ in range(steps):
+        model(torch.randint(0, model.config.vocab_size, (2, seq_len)), return_aux=True)
+        for m in model.modules():
+            if isinstance(m, MoD):
+                m.after_optimizer_step()
+    model.eval()
+
+
+def _mod_routed_caches(cache) -> list:
+    return [layer for layer in cache.layers if hasattr(layer, "length_B")]
+
+
+def _decode_contenders(models: dict, batch: int, prompt_len: int, new_tokens: int, record: dict):
+    """Per model, a function that prefills a fresh cache (untimed) and returns the seconds of decoding
+    new_tokens tokens one at a time; record gets the MoD blocks' realised fraction during decoding."""
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 257, (batch, prompt_len))
+    feed = torch.randint(0, 257, (batch, new_tokens))
+
+    def run(name: str, model: MixtureLM) -> float:
+        with torch.no_grad():
+            cache = model.new_cache(batch, prompt_len + new_tokens)
+            model(prompt, cache=cache, last_only=True)
+            before = [c.length_B.clone() for c in _mod_routed_caches(cache)]
+            t0 = time.perf_counter()
+            for i in range(new_tokens):
+                model(feed[:, i:i + 1], cache=cache)
+            sec = time.perf_counter() - t0
+            routed = _mod_routed_caches(cache)
+            if routed:
+                entered = sum(int((c.length_B - b).sum()) for c, b in zip(routed, before))
+                record.setdefault(name, []).append(entered / (len(routed) * batch * new_tokens))
+        return sec
+
+    return run
+
+
+def bench_mod(args) -> dict:
+    """MoD against dense, same shape, one run: forward FLOPs, prefill time, training step, decode tokens/s."""
+    from .flops import flop_counter, forward_flops_per_token
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seq_len, batch = args.seq_len or 1024, args.batch_size or 2
+    if min(args.steps, args.rounds, seq_len, batch, args.decode_tokens) < 1:
+        raise UsageError("--steps, --rounds, --seq-len, --batch-size and --decode-tokens must be >= 1")
+    steady_allocator()
+    models = _mod_models(seq_len, args.capacity)
+    cfgs = {name: m.config for name, m in models.items()}
+    result = {"machine": machine(), "command": "mixturelm " + " ".join(sys.argv[1:]),
+              "shape": MOD_SHAPE | {"seq_len": seq_len, "train_batch": batch, "dtype": "fp32",
+                                    "mod": f"capacity {args.capacity}, every other block (4 of 8)"},
+              "rows": {}}
+    rows = result["rows"]
+    # forward FLOPs per token: analytic, and counted by FlopCounterMode on one sequence (top-k routing)
+    idx = torch.randint(0, 257, (1, seq_len))
+    counted = {}
+    for name, m in models.items():
+        with torch.no_grad(), flop_counter() as fc:
+            m(idx)
+        counted[name] = fc.get_total_flops() / seq_len
+    rows["forward FLOPs/token (analytic)"] = {n: forward_flops_per_token(c, seq_len) for n, c in cfgs.items()}
+    rows["forward FLOPs/token (counted)"] = counted
+    flop_ratio = rows["forward FLOPs/token (analytic)"]["MoD"] / rows["forward FLOPs/token (analytic)"]["dense"]
+    result["flop_ratio"] = flop_ratio
+    result["goal_speedup"] = 0.9 / flop_ratio
+
+    def prefill(m: MixtureLM) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.no_grad():
+                m(idx, cache=m.new_cache(1, seq_len), last_only=True)
+        return fn
+
+    times = time_alternating({n: prefill(m) for n, m in models.items()}, args.steps, args.rounds, warmup=1)
+    rows[f"prefill {seq_len} tokens, batch 1 (s)"] = {n: statistics.median(t) for n, t in times.items()}
+    train_batch = torch.randint(0, 257, (batch, seq_len + 1))
+    steps = {n: _train_step_fn(m.train(), lambda x, m=m: m(x).logits, train_batch) for n, m in models.items()}
+    times = time_alternating(steps, args.steps, args.rounds, warmup=1)
+    rows[f"training step, {batch} x {seq_len} tokens (s)"] = {n: statistics.median(t) for n, t in times.items()}
+    for m in models.values():
+        m.eval()
+    fractions: dict[str, list[float]] = {}
+    for b in (1, 8):
+        run = _decode_contenders(models, b, seq_len // 2, args.decode_tokens, fractions)
+        secs: dict[str, list[float]] = {n: [] for n in models}
+        run("dense", models["dense"]), run("MoD", models["MoD"])  # warm-up
+        fractions.clear()
+        for _ in range(args.rounds):
+            for n, m in models.items():
+                secs[n].append(run(n, m))
+        rows[f"decode, batch {b}, after {seq_len // 2} (tokens/s)"] = {
+            n: b * args.decode_tokens / statistics.median(s) for n, s in secs.items()}
+        result[f"decode_batch{b}_fraction_entered"] = statistics.mean(fractions["MoD"])
+        fractions.clear()
+    for name, row in rows.items():
+        faster_is_higher = "tokens/s" in name
+        row["speedup"] = (row["MoD"] / row["dense"]) if faster_is_higher else (row["dense"] / row["MoD"])
+    _print_mod(result)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _print_mod(r: dict) -> None:
+    m = r["machine"]
+    print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    print(f"shape: {r['shape']}")
+    print(f"{'':<44}{'dense':>12}{'MoD':>12}{'MoD speed-up':>14}")
+    for name, row in r["rows"].items():
+        fmt = (lambda v: f"{v / 1e6:>11.1f}M") if "FLOPs" in name else (lambda v: f"{v:>12.3f}")
+        label = "x fewer" if "FLOPs" in name else "x"
+        print(f"{name:<44}{fmt(row['dense'])}{fmt(row['MoD'])}{row['speedup']:>12.2f}{label:>2}"[:120])
+    print(f"FLOP ratio MoD/dense {r['flop_ratio']:.3f}: FLOP speed-up {1 / r['flop_ratio']:.2f}x, "
+          f"goal (90 %) {r['goal_speedup']:.2f}x")
+    print(f"MoD blocks' realised fraction while decoding: batch 1 {r['decode_batch1_fraction_entered']:.3f}, "
+          f"batch 8 {r['decode_batch8_fraction_entered']:.3f}")

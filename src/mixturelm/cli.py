@@ -126,13 +126,16 @@ def _add_flops(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    p.add_argument("what", choices=("train", "moe"),
+    p.add_argument("what", choices=("train", "moe", "mod"),
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
-                        "transformers' Mixtral block and the dense floor")
+                        "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
+                        "dense model of the same shape (FLOPs, prefill, training step, decoding)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step)")
+    p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024")
+    p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
+    p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--tokens", type=int, default=4096, help="moe: tokens per call")
     p.add_argument("--no-memory", action="store_true", help="moe: skip the peak-memory measurement")
@@ -275,9 +278,9 @@ def cmd_flops(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench_moe, bench_train
+    from .bench import bench_mod, bench_moe, bench_train
 
-    (bench_moe if args.what == "moe" else bench_train)(args)
+    {"moe": bench_moe, "mod": bench_mod, "train": bench_train}[args.what](args)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench}

@@ -126,7 +126,7 @@ class RaggedRows:
 
     def attend(self, q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor) -> torch.Tensor:
         c, rows = self.cache, self.rows_R
-        C = q_RHCK.shape[2]
+        R, C = q_RHCK.shape[0], q_RHCK.shape[2]
         start_R = c.length_B[rows]
         slot_RC = start_R[:, None] + torch.arange(C, device=rows.device)
         end = int(slot_RC[:, -1].max()) + 1
@@ -134,12 +134,16 @@ class RaggedRows:
             raise RuntimeError(f"KV cache holds {c.k_BLGK.shape[1]} tokens; {end} were asked for")
         c.k_BLGK[rows[:, None], slot_RC] = k_RGCK.transpose(1, 2)
         c.v_BLGK[rows[:, None], slot_RC] = v_RGCK.transpose(1, 2)
-        k_RGLK = c.k_BLGK[rows, :end].transpose(1, 2)
-        v_RGLK = c.v_BLGK[rows, :end].transpose(1, 2)
+        if R == c.k_BLGK.shape[0]:  # every row: views, no copy
+            k_RLGK, v_RLGK = c.k_BLGK[:, :end], c.v_BLGK[:, :end]
+        else:
+            k_RLGK, v_RLGK = c.k_BLGK[rows, :end], c.v_BLGK[rows, :end]
         # token j of row r sees the row's past and the call's tokens up to itself
-        allowed_RCL = torch.arange(end, device=rows.device) <= slot_RC[:, :, None]
-        y = F.scaled_dot_product_attention(q_RHCK, k_RGLK, v_RGLK, attn_mask=allowed_RCL[:, None],
-                                           enable_gqa=q_RHCK.shape[1] != k_RGLK.shape[1])
+        mask = None
+        if R > 1 or C > 1:
+            mask = (torch.arange(end, device=rows.device) <= slot_RC[:, :, None])[:, None]
+        y = F.scaled_dot_product_attention(q_RHCK, k_RLGK.transpose(1, 2), v_RLGK.transpose(1, 2), attn_mask=mask,
+                                           enable_gqa=q_RHCK.shape[1] != k_RLGK.shape[2])
         c.length_B[rows] += self.count_R
         return y
 

@@ -37,6 +37,37 @@ from .routing import fp32_linear
 Aux = dict[str, torch.Tensor]
 
 
+class GatherRows(torch.autograd.Function):
+    """x_ND[idx_M] by index_select. torch.gather with an expanded (B, C, D) index, and its scatter-add
+    backward, were 10-20x slower on CPU than copying whole rows. Indices are unique (a token enters once),
+    so the backward is an index_copy into zeros."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx_M)
+        ctx.n = x_ND.shape[0]
+        return x_ND.index_select(0, idx_M)
+
+    @staticmethod
+    def backward(ctx, g_MD: torch.Tensor):
+        (idx_M,) = ctx.saved_tensors
+        return g_MD.new_zeros(ctx.n, g_MD.shape[1]).index_copy_(0, idx_M, g_MD), None
+
+
+class AddRows(torch.autograd.Function):
+    """x_ND with src_MD added to rows idx_M (unique): the residual stream passes through untouched."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, idx_M: torch.Tensor, src_MD: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx_M)
+        return x_ND.clone().index_add_(0, idx_M, src_MD.to(x_ND.dtype))
+
+    @staticmethod
+    def backward(ctx, g_ND: torch.Tensor):
+        (idx_M,) = ctx.saved_tensors
+        return g_ND, None, g_ND.index_select(0, idx_M)
+
+
 def capacity_tokens(capacity: float, T: int) -> int:
     """Tokens of a T-token sequence that enter a routed block in training: ceil(capacity x T), at least 1."""
     return min(T, max(1, math.ceil(capacity * T - 1e-9)))
@@ -108,32 +139,38 @@ class MoD(nn.Module):
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, aux
         count_R = count_B[rows_R]
-        C = int(count_R.max())
-        # entering tokens first, in order, then the others as padding (weight 0, never attended)
-        position_T = torch.arange(T, device=x_BTD.device)
-        order_RT = torch.where(enter_BT[rows_R], position_T, position_T + T).argsort(dim=1)
-        idx_RC = order_RT[:, :C]
-        real_RC = torch.arange(C, device=x_BTD.device) < count_R[:, None]
-        view = cache.rows(rows_R, count_R) if cache is not None else None
         all_rows = rows_R.numel() == B
         x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
-        y_RTD, block_aux = self._run_block(x_RTD, r_RT, idx_RC, real_RC, rope, view, return_aux)
+        view = cache.rows(rows_R, count_R) if cache is not None else None
+        if T == 1:  # decoding: the entering rows' one token each, no compaction to do
+            f_RTD, block_aux = self.block.branch(x_RTD, rope, view, return_aux)
+            y_RTD = x_RTD + r_RT[..., None].to(f_RTD.dtype) * f_RTD
+        else:
+            C = int(count_R.max())
+            # entering tokens first, in order, then the others as padding (weight 0, never attended)
+            position_T = torch.arange(T, device=x_BTD.device)
+            idx_RC = torch.where(enter_BT[rows_R], position_T, position_T + T).argsort(dim=1)[:, :C]
+            real_RC = torch.arange(C, device=x_BTD.device) < count_R[:, None]
+            y_RTD, block_aux = self._run_block(x_RTD, r_RT, idx_RC, real_RC, rope, view, return_aux)
         aux.update(block_aux)
         if all_rows:
             return y_RTD, aux
         return x_BTD.index_copy(0, rows_R, y_RTD), aux
 
     def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
-        """x + r * f(x) on the tokens idx_BC (in order) of each row, scattered back; real_BC marks padding."""
-        D = x_BTD.shape[-1]
-        idx_BCD = idx_BC[..., None].expand(-1, -1, D)
+        """x + r * f(x) on the tokens idx_BC (in order) of each row, added back; real_BC marks padding."""
+        B, T, D = x_BTD.shape
+        C = idx_BC.shape[1]
+        flat_N = (idx_BC + T * torch.arange(B, device=idx_BC.device)[:, None]).reshape(-1)  # rows of (B*T, D)
         cos, sin = rope  # (T, k): the same positions for every row
         rope_BC = (cos[idx_BC], sin[idx_BC])  # ORIGINAL positions, not 0..C-1
-        f_BCD, aux = self.block.branch(x_BTD.gather(1, idx_BCD), rope_BC, cache, return_aux)
+        x_BCD = GatherRows.apply(x_BTD.reshape(B * T, D), flat_N).view(B, C, D)
+        f_BCD, aux = self.block.branch(x_BCD, rope_BC, cache, return_aux)
         w_BC = r_BT.gather(1, idx_BC)
         if real_BC is not None:
             w_BC = w_BC * real_BC
-        return x_BTD.scatter_add(1, idx_BCD, w_BC[..., None].to(f_BCD.dtype) * f_BCD), aux
+        src_ND = (w_BC[..., None].to(f_BCD.dtype) * f_BCD).reshape(B * C, D)
+        return AddRows.apply(x_BTD.reshape(B * T, D), flat_N, src_ND).view(B, T, D), aux
 
     # -- causal routing: losses, accuracy, threshold ------------------------------------------------
     def _causal_losses(self, x_BTD, r_BT, idx_BC) -> Aux:
