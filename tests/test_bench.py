@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mixturelm.bench import bench_moe, bench_train
+from mixturelm.bench import bench_mod, bench_moe, bench_train
 
 
 def test_bench_moe_smoke(tmp_path):
@@ -27,3 +27,15 @@ def test_bench_train_smoke(tmp_path):
     result = bench_train(args)
     assert result["params"]["mixturelm"] == result["params"]["transformers Llama"]  # the same shape
     assert result["ratio_tok_per_s_ours_over_peer"] > 0
+
+
+def test_bench_mod_smoke(tmp_path):
+    args = argparse.Namespace(threads=None, steps=1, rounds=1, batch_size=1, seq_len=64, capacity=0.125,
+                              decode_tokens=4, out=str(tmp_path))
+    result = bench_mod(args)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    flops = rows["forward FLOPs/token (analytic)"]
+    assert flops["MoD"] < 0.6 * flops["dense"]
+    assert rows["forward FLOPs/token (counted)"]["MoD"] == pytest.approx(flops["MoD"], rel=0.02)
+    assert all(r["dense"] > 0 and r["MoD"] > 0 for r in rows.values())
+    assert 0 <= result["decode_batch1_fraction_entered"] <= 1

@@ -22,6 +22,8 @@ from mixturelm.layers.mod import MoD, capacity_tokens
 from mixturelm.layers.moe import MoE
 from mixturelm.model import Block
 
+from conftest import run_cli, tree_digest
+
 D, HEADS, KV_HEADS, T = 32, 4, 2, 16
 CFG = ModelConfig(vocab_size=50, d_model=D, n_layers=2, n_heads=HEADS, n_kv_heads=KV_HEADS, d_ffn=48, max_seq_len=64)
 
@@ -319,3 +321,31 @@ def test_bad_mod_config_names_the_field(fields, message):
 def test_mod_wrapper_needs_its_config():
     with pytest.raises(UsageError, match="MoDConfig"):
         BlockSpec(wrapper="mod")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "mod-debug", "--capacity", "0"], "capacity"),
+    (["--preset", "mod-debug", "--mod-causal", "oracle"], "causal"),
+    (["--preset", "dense-debug", "--capacity", "0.25"], "mod-"),
+])
+def test_cli_bad_mod_options_exit_2_with_one_line(tmp_path, args, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous work")
+    before = tree_digest(out)
+    proc = run_cli("train", *args, "--out", str(out), "--max-steps", "1")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert tree_digest(out) == before
+
+
+def test_train_and_generate_a_mod_model_from_the_cli(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    run_cli("train", "--preset", "mod-debug", "--data", str(corpus_dir), "--max-steps", "4", "--out", str(out),
+            "--mod-causal", "predictor", "--no-progress", check=True)
+    import json
+    results = json.loads((out / "results.json").read_text())
+    assert results["val_loss_causal"] > 0 and "layer1.mod_causal_accuracy" in results["mod_causal"]
+    proc = run_cli("generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8",
+                   "--num-samples", "2", check=True)
+    assert "fraction of tokens that entered" in proc.stderr

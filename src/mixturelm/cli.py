@@ -240,11 +240,15 @@ def cmd_generate(args) -> None:
     ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen)
+    routing: dict = {}
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, routing)
     for i, row in enumerate(out.tolist()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(tokenizer.decode(row))
+    if routing:
+        print("Mixture-of-Depths, fraction of tokens that entered each routed block: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in routing.items()), file=sys.stderr)
 
 
 def cmd_flops(args) -> None:

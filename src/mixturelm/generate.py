@@ -40,8 +40,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
 @torch.no_grad()
 def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """The prompt followed by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
+             generator: torch.Generator | None = None, routing: dict | None = None) -> torch.Tensor:
+    """The prompt followed by max_new_tokens sampled tokens, (B, T + max_new_tokens).
+
+    routing: if a dict is given, it receives for each Mixture-of-Depths layer the fraction of tokens
+    (prompt and generated) that entered it under causal routing, to compare with its capacity."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if prompt_BT.shape[1] == 0:
         raise UsageError("the prompt is empty; give at least one token (one byte) of --prompt")
@@ -58,4 +61,8 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
         out.append(nxt)
         if i + 1 < max_new_tokens:
             logits = model(nxt, cache=cache).logits[:, -1].float()
+    if routing is not None:
+        for i, layer in enumerate(cache.layers):
+            if hasattr(layer, "length_B") and cache.length:  # a ragged (MoD) cache: what entered
+                routing[f"layer{i}"] = layer.length_B.sum().item() / (cache.length * prompt_BT.shape[0])
     return torch.cat(out, dim=1)
