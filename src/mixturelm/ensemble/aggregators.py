@@ -23,8 +23,6 @@ import math
 from collections import deque
 
 import numpy as np
-from scipy.linalg import expm
-
 from ..errors import UsageError
 
 
@@ -182,13 +180,20 @@ def moef_generator(pibar_N: np.ndarray, alpha: float) -> np.ndarray:
     return -math.log(alpha) * (np.outer(np.ones(n), pibar_N) - np.eye(n))
 
 
+def moef_transition(pibar_N: np.ndarray, alpha: float, dt: float) -> np.ndarray:
+    """exp(Q dt) for Q = moef_generator(pibar, alpha): alpha^dt I + (1 - alpha^dt) 1 pibar^T (the same
+    idempotent argument; tests check it against scipy's expm)."""
+    a = alpha ** dt
+    return a * np.eye(len(pibar_N)) + (1 - a) * np.outer(np.ones(len(pibar_N)), pibar_N)
+
+
 class MoEF(Aggregator):
     """MoE-F (Saqur et al. 2025), in a positivity-preserving discrete form.
 
     Step 1: N Wonham-Shiryaev filters; filter n sees only expert n's loss l^(n) and keeps pi^(n), a
       posterior over the hidden "which expert is best" state. Per step: correct with the loss likelihood
       N(l^(n); A[n, i], V[n, i] + noise^2) under state i (A: the loss expert n takes if expert i is the
-      truth, losses.py), normalise, then predict with exp(Q dt)^T. This is the exact HMM-forward form of
+      truth, losses.py), normalise, then predict with exp(Q dt)^T (closed form, moef_transition). This is the exact HMM-forward form of
       the Wonham SDE (research note, Step 1), with no clipping.
     Step 2: Gibbs soft-min over the N filters' proposals, pibar_n ∝ exp(-lam S_n), S_n the cumulative loss of
       proposal n's mixture (lam="anytime": Hedge's rate, the Gibbs variational solution being EWA);
@@ -215,7 +220,7 @@ class MoEF(Aggregator):
         self.pi_NN = np.full((n, n), 1.0 / n)  # row n: filter n's predicted posterior over states
         self.scores = np.zeros(n)
         self.Q = moef_generator(np.full(n, 1.0 / n), alpha)
-        self._transition = expm(self.Q * dt)
+        self._transition = moef_transition(np.full(n, 1.0 / n), alpha, dt)
 
     def proposals(self) -> np.ndarray:
         return self.pi_NN if self.use_filter else np.eye(self.n)
@@ -241,8 +246,9 @@ class MoEF(Aggregator):
             post = self.pi_NN * np.exp(loglik - loglik.max(1, keepdims=True))
             post /= post.sum(1, keepdims=True)
         if self.use_q_update:
-            self.Q = moef_generator(self.gibbs(), self.alpha)
-            self._transition = expm(self.Q * self.dt)
+            pibar = self.gibbs()
+            self.Q = moef_generator(pibar, self.alpha)
+            self._transition = moef_transition(pibar, self.alpha, self.dt)
         if self.use_filter:
             self.pi_NN = post @ self._transition  # predict: pi <- exp(Q dt)^T pi, for every filter at once
             self.pi_NN /= self.pi_NN.sum(1, keepdims=True)

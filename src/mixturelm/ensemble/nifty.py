@@ -190,3 +190,76 @@ def evaluate_pool(pool: Pool, resamples: int, history: bool = True, boot_seed: i
     if pool.reference is not None:
         add("reference", "paper's MoE-F output (released)", pool.reference)
     return {"rows": rows, "paths": paths}
+
+
+# ---- the `mixturelm ensemble nifty` command ----
+
+HEADER = ["kind", "members", "name", "weighted F1", "macro F1", "accuracy", "MCC"]
+PLOTTED = ("moe-f", "fixed-share", "hedge")
+
+
+def _table_rows(rows: list[dict]) -> list[list[str]]:
+    from .report import ci
+
+    return [[r["kind"], r.get("members", ""), r["name"]] + [ci(r["metrics"][m]) for m in
+                                                           ("weighted_f1", "macro_f1", "accuracy", "mcc")]
+            for r in rows]
+
+
+def plot_weights(path: Path, pool: Pool, paths: dict, members: str) -> None:
+    """Heatmaps of expert weights over the days for a few aggregators, the realised labels below."""
+    from .report import pyplot
+
+    plt = pyplot()
+    fig, axes = plt.subplots(len(PLOTTED) + 1, 1, figsize=(12, 2.2 * len(PLOTTED) + 1.2), sharex=True,
+                             gridspec_kw={"height_ratios": [3] * len(PLOTTED) + [0.6]}, layout="constrained")
+    for ax, name in zip(axes, PLOTTED):
+        enames, w_TN = paths[(members, name)]
+        im = ax.imshow(w_TN.T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(enames)), [e[:28] for e in enames], fontsize=7)
+        ax.set_title(f"{name}: weights ({members}), pool {pool.name}, seed {pool.seed}", fontsize=9)
+    axes[-1].imshow(pool.y[None, :], aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest")
+    axes[-1].set_yticks([0], ["label"])
+    axes[-1].set_xlabel(f"test day (from {pool.dates[0]} to {pool.dates[-1]}); label blue Fall / grey Neutral / red Rise")
+    fig.colorbar(im, ax=list(axes), pad=0.01, shrink=0.6, label="weight")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int, history: bool,
+                  out: Path, log=print) -> dict:
+    from .report import markdown_table, print_table, write_json, write_text_atomic
+
+    loaded = [load_pool(root, p, s) for p in pools for s in seeds]  # every input checked before any work
+    results, md = [], ["# MoE-F on NIFTY: experts, baselines, aggregators",
+                       "", f"Weighted F1, macro F1, accuracy, MCC with bootstrap 95 % intervals ({resamples} resamples "
+                       "of the test days, seed 0). Day t's weights use days < t only; hyper-parameters fixed in "
+                       f"advance (fixed-share alpha {FS_ALPHA}, moe-f alpha {MOEF_ALPHA}, sigma {ZeroOne.noise}, "
+                       "Hedge / Gibbs rate sqrt(8 ln N / t), window 10) or online-tuned (Hedge over "
+                       f"switching rates {ALPHA_GRID}).", ""]
+    figures = []
+    for pool in loaded:
+        log(f"pool {pool.name}, seed {pool.seed}: {len(pool.experts)} experts, {len(pool.y)} days")
+        res = evaluate_pool(pool, resamples, history)
+        results.extend(res["rows"])
+        md += [f"## pool {pool.name}, seed {pool.seed} ({len(pool.experts)} experts, {len(pool.y)} days)", "",
+               markdown_table(HEADER, _table_rows(res["rows"])), ""]
+        for members in ("experts", "experts + history") if history else ("experts",):
+            fig = out / f"weights_{pool.name}_seed{pool.seed}{'_hist' if members != 'experts' else ''}.png"
+            figures.append((pool, res["paths"], members, fig))
+            md += [f"![weights]({fig.name})", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    for pool, paths, members, fig in figures:
+        plot_weights(fig, pool, paths, members)
+    summary = {"benchmark": "nifty", "labels": list(LABELS), "seeds": seeds, "pools": pools,
+               "resamples": resamples, "hyperparameters": {"fixed_share_alpha": FS_ALPHA, "moef_alpha": MOEF_ALPHA,
+                                                           "moef_noise": ZeroOne.noise, "alpha_grid": ALPHA_GRID,
+                                                           "window": HISTORY_WINDOW},
+               "rows": results}
+    write_json(out / "results.json", summary)
+    write_text_atomic(out / "report.md", "\n".join(md))
+    pool, seed = ("all" if "all" in pools else pools[0]), (42 if 42 in seeds else seeds[0])
+    shown = [r for r in results if r["pool"] == pool and r["seed"] == seed]
+    print_table(f"NIFTY, pool {pool}, seed {seed} (all tables in report.md)", HEADER, _table_rows(shown))
+    log(f"results.json, report.md and {len(figures)} weight plots in {out}")
+    return summary
