@@ -7,8 +7,8 @@ Dimension letters: N experts, L tokens of a segment, V vocabulary, T tokens of t
 - Text of each source is its held-out split: the documents that the hash split (corpus.is_validation)
   puts in validation at the smallest val_fraction of the experts, so no expert trained on them (the
   validation sets of larger fractions contain it).
-- Segment k comes from source k mod S: the next `segment_len` + 1 tokens of that source's held-out stream;
-  the first token is context, the other `segment_len` are scored. Each expert conditions on the segment
+- Segment k comes from source k mod S: `segment_len` + 1 consecutive tokens of that source's held-out
+  stream, the segments of a source spread evenly over it; the first token is context, the others are scored. Each expert conditions on the segment
   only, in windows of its max_seq_len that overlap by half (every scored token after the first window
   sees at least max_seq_len / 2 tokens of context).
 - The mixture's loss at a token is -log sum_i w_i p_i(y) (a mixture of probabilities); its weights are
@@ -76,16 +76,19 @@ def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fractio
     for src in sources:
         data = prepare(src, tokenizer_spec, val_fraction, text_field, tokenizer, log=log)
         held_out.append(np.asarray(data.val.tokens))
+    starts = []
+    for s, toks in enumerate(held_out):
+        count = len(range(s, n_segments, len(sources)))
+        if len(toks) < count * (segment_len + 1):
+            raise UsageError(f"source {sources[s]!r} has {len(toks):,} held-out tokens, fewer than the "
+                             f"{count} segments of {segment_len} + 1 it must give; lower --segments or "
+                             "--segment-len, or give more text")
+        # spread evenly over the held-out text, so that the stream is not just its first documents
+        starts.append(np.linspace(0, len(toks) - segment_len - 1, max(count, 1)).astype(int))
     segs = []
     for k in range(n_segments):
         s, j = k % len(sources), k // len(sources)
-        need = (j + 1) * segment_len + 1
-        if len(held_out[s]) < need:
-            count = len(range(s, n_segments, len(sources)))
-            raise UsageError(f"source {sources[s]!r} has {len(held_out[s]):,} held-out tokens, fewer than the "
-                             f"{count} segments of {segment_len} + 1 it must give; lower --segments or "
-                             "--segment-len, or give more text")
-        toks = held_out[s][j * segment_len: need].astype(np.int64)
+        toks = held_out[s][starts[s][j]: starts[s][j] + segment_len + 1].astype(np.int64)
         segs.append(Segment(s, toks, _bytes_of(tokenizer, toks[1:])))
     return segs
 
@@ -157,12 +160,15 @@ def mix_stream(agg: ag.Aggregator, losses_TN, a_TNN, v_TNN) -> tuple[np.ndarray,
     return mixed, w_TN
 
 
-def bpb_with_ci(seg_nats: np.ndarray, seg_bytes: np.ndarray, resamples: int = 1000, seed: int = 0) -> dict:
-    """Bits per byte over all segments, and a 95 % interval from resampling segments."""
+def bpb_with_ci(seg_nats: np.ndarray, seg_bytes: np.ndarray, resamples: int = 1000, seed: int = 0,
+                minus: np.ndarray | None = None) -> dict:
+    """Bits per byte over all segments, and a 95 % interval from resampling segments (the same resamples for
+    every row). With `minus` (another row's nats per segment): the paired difference of the two."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(seg_nats), size=(resamples, len(seg_nats)))
-    boot = seg_nats[idx].sum(1) / math.log(2) / seg_bytes[idx].sum(1)
-    return {"value": float(seg_nats.sum() / math.log(2) / seg_bytes.sum()),
+    diff = seg_nats - (minus if minus is not None else 0.0)
+    boot = diff[idx].sum(1) / math.log(2) / seg_bytes[idx].sum(1)
+    return {"value": float(diff.sum() / math.log(2) / seg_bytes.sum()),
             "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5))}
 
 
@@ -233,17 +239,25 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
     seg_NS = np.stack([per_segment(losses_TN[:, i]) for i in range(len(names))])
     oracle_tokens = losses_TN[np.arange(len(seg_id)), seg_NS.argmin(0)[seg_id]]
     rows.append(row("oracle", "per-segment oracle (best expert of each segment, sees the future)", oracle_tokens))
-    paths = {}
+    paths, mixed_of = {}, {}
     for name, make in lm_aggregators(len(names)).items():
         log(f"  mixing: {name}")
         mixed, w_TN = mix_stream(make(), losses_TN, a_TNN, v_TNN)
         rows.append(row("aggregator", name, mixed))
-        paths[name] = w_TN
+        paths[name], mixed_of[name] = w_TN, mixed
+    best = min((r for r in rows if r["kind"] == "expert"), key=lambda r: r["bits_per_byte"]["value"])["name"]
+    ref = {"best expert": per_segment(losses_TN[:, names.index(best)]),
+           "fixed-share": per_segment(mixed_of["fixed-share"])}
+    for r in rows:
+        if r["kind"] == "aggregator":
+            r["difference"] = {k: bpb_with_ci(per_segment(mixed_of[r["name"]]), seg_bytes, resamples, minus=v)
+                               for k, v in ref.items()}
     out.mkdir(parents=True, exist_ok=True)
     plot_weights(out / "weights.png", names, sources, segs, paths)
-    header = ["kind", "name", "bits/byte [95% CI over segments]"] + [f"bits/byte on {Path(s).name}" for s in sources]
+    header = (["kind", "name", "bits/byte [95% CI over segments]"] + [f"on {Path(s).name}" for s in sources]
+              + [f"minus best expert ({best})", "minus fixed-share"])
     table = [[r["kind"], r["name"], ci(r["bits_per_byte"], 4)] + [f"{v:.4f}" for v in r["bits_per_byte_by_source"].values()]
-             for r in rows]
+             + ([ci(r["difference"][k], 4) for k in ref] if "difference" in r else ["", ""]) for r in rows]
     summary = {"benchmark": "lm-stream", "experts": dict(zip(names, expert_paths)), "sources": sources,
                "val_fraction": vf, "segment_len": segment_len, "segments": [
                    {"source": sources[s.source], "bytes": s.n_bytes} for s in segs],
@@ -255,6 +269,7 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
           f"{len(segs)} segments of {segment_len} tokens ({int(seg_bytes.sum()):,} bytes), in turn from "
           + ", ".join(sources) + f" (held-out documents, val_fraction {vf}). Experts: "
           + ", ".join(f"{n} ({p})" for n, p in zip(names, expert_paths)) + ".", "",
+          "Differences are paired (the same resampled segments for both rows): below 0 is better.", "",
           markdown_table(header, table), "", "![weights](weights.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(md))
     print_table("bits per byte on the stream (lower is better)", header, table)
