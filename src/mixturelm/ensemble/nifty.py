@@ -238,6 +238,32 @@ def plot_weights(path: Path, pool: Pool, paths: dict, members: str) -> None:
     plt.close(fig)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per (pool, seed): best expert, best history rule, best non-MoE-F aggregator and MoE-F for each
+    member set, and the paper's released output."""
+    from .report import ci, markdown_table
+
+    def best(sel):
+        return max(sel, key=lambda r: r["metrics"]["weighted_f1"]["value"], default=None)
+
+    def cell(r, named=True):
+        return "" if r is None else (f"{r['name']}: " if named else "") + ci(r["metrics"]["weighted_f1"])
+
+    lines = []
+    for key in dict.fromkeys((r["pool"], r["seed"]) for r in rows):
+        sel = [r for r in rows if (r["pool"], r["seed"]) == key]
+        line = [key[0], str(key[1]), cell(best([r for r in sel if r["kind"] == "expert"])),
+                cell(best([r for r in sel if r["kind"] == "history"]))]
+        for members in ("experts", "experts + history"):
+            aggs = [r for r in sel if r["kind"] == "aggregator" and r.get("members") == members]
+            line += [cell(best([r for r in aggs if not r["name"].startswith("moe-f")])),
+                     cell(next((r for r in aggs if r["name"] == "moe-f"), None), named=False)]
+        line.append(cell(next((r for r in sel if r["kind"] == "reference"), None), named=False))
+        lines.append(line)
+    return markdown_table(["pool", "seed", "best expert", "best history rule", "best baseline aggregator",
+                           "moe-f", "best baseline (+ history)", "moe-f (+ history)", "paper's MoE-F output"], lines)
+
+
 def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int, history: bool,
                   out: Path, log=print) -> dict:
     from .report import markdown_table, print_table, write_json, write_text_atomic
@@ -260,6 +286,7 @@ def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int
             fig = out / f"weights_{pool.name}_seed{pool.seed}{'_hist' if members != 'experts' else ''}.png"
             figures.append((pool, res["paths"], members, fig))
             md += [f"![weights]({fig.name})", ""]
+    md[4:4] = ["## Summary: weighted F1 [95 % CI] per pool and seed", "", summary_table(results), ""]
     out.mkdir(parents=True, exist_ok=True)
     for pool, paths, members, fig in figures:
         plot_weights(fig, pool, paths, members)
