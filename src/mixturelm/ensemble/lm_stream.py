@@ -48,7 +48,8 @@ def load_experts(paths: list[str], device: str):
     for p in paths:
         model, run_cfg, tok, ckpt = checkpoint.load_model(p, device)
         experts.append((model, run_cfg, tok))
-        name = Path(p).resolve().name if Path(p).resolve().name != "checkpoints" else str(ckpt)
+        given = Path(p).resolve()
+        name = given.name if given != ckpt.resolve() else f"{ckpt.resolve().parent.parent.name}/{ckpt.name}"
         names.append(name if name not in names else f"{name}#{len(names)}")
     fp = [t.fingerprint() for _, _, t in experts]
     if len(set(fp)) > 1:
