@@ -46,6 +46,9 @@ def load_experts(paths: list[str], device: str):
         raise UsageError(f"--experts needs at least two checkpoints to mix, got {len(paths)}")
     experts, names = [], []
     for p in paths:
+        if not Path(p).exists():
+            raise UsageError(f"--experts {p}: no such file or folder; give run directories of `mixturelm train`")
+    for p in paths:
         model, run_cfg, tok, ckpt = checkpoint.load_model(p, device)
         experts.append((model, run_cfg, tok))
         given = Path(p).resolve()
