@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.linalg import expm, logm
 
-from conftest import make_text, run_cli, tree_digest
+from conftest import run_cli, tree_digest
 from mixturelm import UsageError
 from mixturelm.ensemble import aggregators as ag
 from mixturelm.ensemble import lm_stream, nifty

@@ -11,7 +11,7 @@ online by a Hedge over a small grid (OnlineTuned), never on the test labels.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -41,7 +41,6 @@ class Pool:
     y: np.ndarray  # (T,) realised label ids
     experts: dict[str, np.ndarray]  # name -> (T,) predicted label ids
     reference: np.ndarray | None = None
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _label_id(value: str, path: Path, line: int, column: str) -> int:
