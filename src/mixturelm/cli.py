@@ -1,4 +1,4 @@
-"""The `mixturelm` command: train, eval, generate, flops, bench.
+"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble.
 
 Bad input ends with one line on stderr that names the problem and the fix, and exit status 2.
 """
@@ -142,11 +142,75 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", help="also write results.json there")
 
 
+# ---- ensemble: MoE-F and online aggregation baselines (issue 7) ----
+
+def _add_ensemble(sub) -> None:
+    p = sub.add_parser("ensemble", help="mix whole models online: MoE-F and standard aggregators",
+                       description="Online aggregation of N experts whose forecasts arrive step by step: MoE-F "
+                                   "(stochastic filtering) against uniform, follow-the-leader, Hedge, Fixed-Share, "
+                                   "window soft-min and realised-history baselines.")
+    what = p.add_subparsers(dest="what", required=True, parser_class=Parser)
+    n = what.add_parser("nifty", help="the MoE-F paper's LLM experts on NIFTY ($SPY daily movement)",
+                        description="Every aggregator, expert and the paper's MoE-F output on the NIFTY test days, "
+                                    "with weighted/macro F1, accuracy and MCC and bootstrap 95 percent intervals.")
+    n.add_argument("--out", required=True, help="folder for results.json, report.md and weight heatmaps")
+    n.add_argument("--data", help="the nifty-moe-f folder (default: the copy inside the package)")
+    n.add_argument("--seeds", default="0,13,42", help="comma-separated seeds (default 0,13,42)")
+    n.add_argument("--pools", default="all,llama2-7b,llama3-8b",
+                   help="comma-separated pools: all (every LLM), llama2-7b and llama3-8b (each with its 4 adapters)")
+    n.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the days (default 1000)")
+    n.add_argument("--no-history", action="store_true",
+                   help="leave out the pools that add the realised-history forecasters to the experts")
+    m = what.add_parser("lm", help="mix language-model checkpoints on a stream of alternating sources",
+                        description="Per-token log loss of each expert, mixed online; bits per byte of each expert, "
+                                    "each aggregator and the per-segment oracle; a plot of weights against the source.")
+    m.add_argument("--experts", nargs="+", required=True, help="run directories or checkpoints (same tokenizer)")
+    m.add_argument("--data", required=True, help="sources, comma-separated (file, folder or glob each); segments "
+                                                 "are drawn from them in turn, from their held-out documents")
+    m.add_argument("--out", required=True, help="folder for results.json, report.md and weights.png")
+    m.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
+    m.add_argument("--segments", type=int, default=12, help="segments in the stream (default 12)")
+    m.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction defining each source's unseen documents (default: the experts' smallest)")
+    m.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
+    m.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
+    m.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def cmd_ensemble(args) -> None:
+    from .ensemble.report import check_out
+
+    out = check_out(args.out)
+    if args.resamples < 10:
+        raise UsageError(f"--resamples must be >= 10, got {args.resamples}")
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.what == "nifty":
+        from .ensemble import nifty
+
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds {args.seeds!r}: give integers separated by commas, e.g. 0,13,42") from None
+        pools = [p.strip() for p in args.pools.split(",") if p.strip()]
+        if not seeds or not pools:
+            raise UsageError("--seeds and --pools must each name at least one")
+        root = Path(args.data) if args.data else nifty.data_root()
+        if not root.is_dir():
+            raise UsageError(f"--data {root}: no such folder; give the nifty-moe-f folder")
+        nifty.run_benchmark(root, seeds, pools, args.resamples, not args.no_history, out, log=log)
+    else:
+        from .ensemble import lm_stream
+        from .train import resolve_device
+
+        lm_stream.run_lm(args.experts, args.data, out, args.segment_len, args.segments, args.val_fraction,
+                         args.text_field, resolve_device(args.device), args.resamples, log=log)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mixturelm", description="Conditional-computation language models: train, measure, "
                                                   "inspect and mix them.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench):
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble):
         add(sub)
     return parser
 
@@ -287,7 +351,8 @@ def cmd_bench(args) -> None:
     {"moe": bench_moe, "mod": bench_mod, "train": bench_train}[args.what](args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,
+            "ensemble": cmd_ensemble}
 
 
 def main(argv: list[str] | None = None) -> int:
