@@ -68,8 +68,9 @@ MOE_OPTIONS: dict[str, tuple[type, str]] = {
 MOD_OPTIONS: dict[str, tuple[type, str]] = {
     "capacity": (float, "MoD: fraction of each sequence's tokens that enter a routed block (default 0.125)"),
     "mod_causal": (str, "MoD: how sampling routes token by token: aux_loss (BCE on the router) or predictor"),
+    "mod_gate": (str, "MoD: what multiplies the block's output: linear (r, the paper's Eq. 1) or sigmoid (sigmoid(r))"),
 }
-MOD_FIELDS = {"capacity": "capacity", "mod_causal": "causal"}
+MOD_FIELDS = {"capacity": "capacity", "mod_causal": "causal", "mod_gate": "gate"}
 
 
 class Parser(argparse.ArgumentParser):

@@ -95,7 +95,8 @@ class MoDConfig:
     causal: str = "aux_loss"
     predictor_hidden: int | None = None  # None: d_model / 2
     calibrate: bool = True
-    threshold_momentum: float = 0.05  # weight of each step's quantile in the running threshold
+    threshold_momentum: float = 0.2  # weight of each step's quantile in the running threshold
+    gate: str = "linear"  # what multiplies the block's branch: r (Eq. 1) or sigmoid(r)
 
     def __post_init__(self) -> None:
         if not 0 < self.capacity <= 1:
@@ -104,6 +105,8 @@ class MoDConfig:
             raise UsageError(f"MoDConfig.causal={self.causal!r} is unknown; choose one of {', '.join(MOD_CAUSAL_KINDS)}")
         if self.predictor_hidden is not None:
             _positive(self, "predictor_hidden")
+        if self.gate not in ("linear", "sigmoid"):
+            raise UsageError(f"MoDConfig.gate={self.gate!r} is unknown; choose linear or sigmoid")
         if not 0 < self.threshold_momentum <= 1:
             raise UsageError(f"MoDConfig.threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
 

@@ -36,7 +36,7 @@ def _build_moe(spec: BlockSpec, cfg: ModelConfig) -> MoE:
 def _build_mod(block: nn.Module, spec: BlockSpec, cfg: ModelConfig) -> MoD:
     m = spec.mod
     return MoD(block, cfg.d_model, m.capacity, causal=m.causal, predictor_hidden=m.predictor_hidden,
-               calibrate=m.calibrate, threshold_momentum=m.threshold_momentum)
+               calibrate=m.calibrate, threshold_momentum=m.threshold_momentum, gate=m.gate)
 
 
 FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import ModelConfig, TrainConfig, get_preset
+from .config import MoDConfig, ModelConfig, TrainConfig, get_preset
 from .data.tokenizer import load_from_dir
 from .data.tokens import TokenData, check_length, prepare, train_rows, val_windows
 from .errors import UsageError
@@ -76,7 +76,7 @@ def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, pres
         return model_fields
     if not any(b.get(kind) for b in model_fields.get("blocks", [])):
         option = next(iter(overrides)).replace("_", "-")
-        raise UsageError(f"--{'mod-' if kind == 'mod' and option == 'causal' else ''}{option} applies to "
+        raise UsageError(f"--{'mod-' if kind == 'mod' and option in ('causal', 'gate') else ''}{option} applies to "
                          f"{kind.upper() if kind == 'moe' else 'MoD'} blocks, and preset {preset} has none; "
                          f"choose a {presets} preset")
     blocks = [b | {kind: b[kind] | overrides} if b.get(kind) else b for b in model_fields["blocks"]]
@@ -101,13 +101,18 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
                          "drop --preset or start a new run with another --out")
     given = [(saved.train, k, v) for k, v in train_overrides.items()]
     given += [(saved.model, k, v) for k, v in (model_overrides or {}).items()]
-    moe_blocks = [b.moe for b in saved.model.blocks if b.moe is not None]
-    given += [(m, k, v) for k, v in (moe_overrides or {}).items() for m in moe_blocks[:1]]
-    mod_blocks = [b.mod for b in saved.model.blocks if b.mod is not None]
-    given += [(m, k, v) for k, v in (mod_overrides or {}).items() for m in mod_blocks[:1]]
+    for kind, overrides in (("moe", moe_overrides), ("mod", mod_overrides)):
+        if overrides:  # the same error as a new run when the run has no such blocks
+            _override_blocks(saved.model.to_dict(), kind, overrides, saved.preset,
+                             "moe-* or mode-*" if kind == "moe" else "mod-* or mode-staged-*")
+            block = next(getattr(b, kind) for b in saved.model.blocks if getattr(b, kind) is not None)
+            given += [(block, k, v) for k, v in overrides.items()]
     for saved_cfg, key, value in given:
         if getattr(saved_cfg, key) != value:
-            raise UsageError(f"--{key.replace('_', '-')} {value} differs from the run's {getattr(saved_cfg, key)}; "
+            option = key.replace("_", "-")
+            if isinstance(saved_cfg, MoDConfig) and key in ("causal", "gate"):
+                option = f"mod-{key}"  # the command line's name for the field
+            raise UsageError(f"--{option} {value} differs from the run's {getattr(saved_cfg, key)}; "
                              "drop the option to resume, or start a new run with another --out")
     return saved
 

@@ -78,7 +78,7 @@ class MoD(nn.Module):
 
     def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125, *, causal: str = "aux_loss",
                  predictor_hidden: int | None = None, calibrate: bool = True,
-                 threshold_momentum: float = 0.05) -> None:
+                 threshold_momentum: float = 0.2, gate: str = "linear") -> None:
         """block: a module with `branch(x, rope, cache, return_aux) -> (f(x), aux)` and `new_cache`
         (mixturelm's Block): MoD must scale the residual branch, not the block's output."""
         super().__init__()
@@ -86,6 +86,9 @@ class MoD(nn.Module):
             raise ValueError(f"capacity must be in (0, 1], got {capacity}")
         if causal not in ("aux_loss", "predictor"):
             raise ValueError(f"causal={causal!r} is unknown; choose aux_loss or predictor")
+        if gate not in ("linear", "sigmoid"):
+            raise ValueError(f"gate={gate!r} is unknown; choose linear or sigmoid")
+        self.gate = gate
         self.block, self.capacity, self.causal = block, capacity, causal
         self.calibrate, self.threshold_momentum = calibrate, threshold_momentum
         self.router = nn.Linear(d_model, 1, bias=False)  # r = w . x, no nonlinearity (Eq. 1)
@@ -95,6 +98,7 @@ class MoD(nn.Module):
             self.predictor = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         # the sampling threshold on the causal score; moved only by after_optimizer_step
         self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_ema", torch.zeros(()))  # before bias correction (as Adam's moments)
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
         self._quantiles = None  # (sum of per-step quantiles, count) since the last optimizer step
 
@@ -102,6 +106,11 @@ class MoD(nn.Module):
     def router_weights(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """r, (B, T), in float32 (a router in low precision mis-ranks close tokens)."""
         return fp32_linear(x_BTD, self.router.weight).squeeze(-1)
+
+    def branch_weights(self, r_BT: torch.Tensor) -> torch.Tensor:
+        """What multiplies f(x): r itself (Eq. 1, gate="linear"), or sigmoid(r) (gate="sigmoid"), which
+        stays near 1/2 where the causal BCE pulls r toward 0 and so keeps the block's output from fading."""
+        return r_BT if self.gate == "linear" else torch.sigmoid(r_BT)
 
     def causal_scores(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
         """The score compared with the threshold when routing token by token: r itself, or the predictor's
@@ -144,7 +153,7 @@ class MoD(nn.Module):
         view = cache.rows(rows_R, count_R) if cache is not None else None
         if T == 1:  # decoding: the entering rows' one token each, no compaction to do
             f_RTD, block_aux = self.block.branch(x_RTD, rope, view, return_aux)
-            y_RTD = x_RTD + r_RT[..., None].to(f_RTD.dtype) * f_RTD
+            y_RTD = x_RTD + self.branch_weights(r_RT)[..., None].to(f_RTD.dtype) * f_RTD
         else:
             C = int(count_R.max())
             # entering tokens first, in order, then the others as padding (weight 0, never attended)
@@ -166,7 +175,7 @@ class MoD(nn.Module):
         rope_BC = (cos[idx_BC], sin[idx_BC])  # ORIGINAL positions, not 0..C-1
         x_BCD = GatherRows.apply(x_BTD.reshape(B * T, D), flat_N).view(B, C, D)
         f_BCD, aux = self.block.branch(x_BCD, rope_BC, cache, return_aux)
-        w_BC = r_BT.gather(1, idx_BC)
+        w_BC = self.branch_weights(r_BT.gather(1, idx_BC))
         if real_BC is not None:
             w_BC = w_BC * real_BC
         src_ND = (w_BC[..., None].to(f_BCD.dtype) * f_BCD).reshape(B * C, D)
@@ -181,7 +190,10 @@ class MoD(nn.Module):
         with torch.no_grad():
             score = score_BT.detach()
             enter = score > self.threshold
-            aux["stat/mod_causal_accuracy"] = (enter == member_BT.bool()).float().mean()
+            member = member_BT.bool()
+            aux["stat/mod_causal_accuracy"] = (enter == member).float().mean()
+            # accuracy alone flatters: always skipping scores 1 - capacity; recall shows the members let in
+            aux["stat/mod_causal_recall"] = (enter & member).float().sum() / member.float().sum()
             aux["stat/mod_causal_fraction"] = enter.float().mean()
             aux["stat/mod_threshold"] = self.threshold.clone()
             if self.training and self.calibrate:
@@ -203,10 +215,12 @@ class MoD(nn.Module):
             return
         total = reduce(self._quantiles) if reduce else self._quantiles
         self._quantiles = None
-        # a plain mean over the first 1/momentum steps (no lag from the initial 0), then a running average
+        # an exponential average, bias-corrected so the initial 0 does not drag it (as Adam's moments):
+        # scores drift while the router trains, so old quantiles must fade within a few steps
         self.threshold_updates += 1
-        m = max(self.threshold_momentum, 1.0 / float(self.threshold_updates))
-        self.threshold.mul_(1 - m).add_(m * total[0] / total[1])
+        m = self.threshold_momentum
+        self.threshold_ema.mul_(1 - m).add_(m * total[0] / total[1])
+        self.threshold.copy_(self.threshold_ema / (1 - (1 - m) ** float(self.threshold_updates)))
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> RaggedKVCache:
         a = self.block.attn
