@@ -235,7 +235,7 @@ def cmd_generate(args) -> None:
 def cmd_flops(args) -> None:
     from . import checkpoint
     from .config import ModelConfig, get_preset
-    from .flops import TRAIN_FLOPS_MULTIPLIER, forward_flops_breakdown
+    from .flops import FORWARD_ONLY_PARTS, forward_flops_breakdown, train_flops_per_token
 
     if args.ckpt:
         ckpt = checkpoint.resolve(args.ckpt)
@@ -251,15 +251,18 @@ def cmd_flops(args) -> None:
         raise UsageError(f"--seq-len must be positive, got {seq_len}")
     parts = forward_flops_breakdown(cfg, seq_len)
     fwd = sum(parts.values())
+    train = train_flops_per_token(cfg, seq_len)
     if args.json:
         print(json.dumps({"model": name, "seq_len": seq_len, "forward_per_token": parts, "forward_total": fwd,
-                          "train_per_token": TRAIN_FLOPS_MULTIPLIER * fwd}, indent=1))
+                          "train_per_token": train}, indent=1))
         return
     print(f"{name}, sequence {seq_len}: FLOPs per token")
     for k, v in parts.items():
         print(f"  {k:<14}{v:>14,.0f}  {v / fwd:6.1%}")
     print(f"  {'forward':<14}{fwd:>14,.0f}")
-    print(f"  {'training':<14}{TRAIN_FLOPS_MULTIPLIER * fwd:>14,.0f}  (forward + backward = 3 x forward)")
+    note = ("3 x forward" if not any(k in parts for k in FORWARD_ONLY_PARTS)
+            else f"3 x forward, but 1 x {', '.join(k for k in FORWARD_ONLY_PARTS if k in parts)}")
+    print(f"  {'training':<14}{train:>14,.0f}  (forward + backward = {note})")
 
 
 def cmd_bench(args) -> None:
