@@ -250,7 +250,8 @@ class PEER(nn.Module):
             ids = (sub_THK + offset_H[:, None]).reshape(T * H, K)
             q_XP = q_THQ[..., half * P:(half + 1) * P].reshape(T * H, P)
             score = score + gather_dot(q_XP, self.sub_keys[half].reshape(-1, P), ids).view(T, H, K)
-        return a_THK * S + b_THK, score.float().softmax(-1)
+        # softmax in float32 at least (bf16 autocast), float64 stays float64
+        return a_THK * S + b_THK, score.to(torch.promote_types(score.dtype, torch.float32)).softmax(-1)
 
     def forward(self, x_BTD: torch.Tensor, return_aux: bool = False):
         shape = x_BTD.shape
