@@ -119,16 +119,23 @@ def _add_flops(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    p.add_argument("what", choices=("train", "moe"),
+    p.add_argument("what", choices=("train", "moe", "peer"),
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
-                        "transformers' Mixtral block and the dense floor")
+                        "transformers' Mixtral block and the dense floor; peer: one PEER layer against "
+                        "PEER-pytorch and a large copy")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--tokens", type=int, default=4096, help="moe: tokens per call")
-    p.add_argument("--no-memory", action="store_true", help="moe: skip the peak-memory measurement")
+    p.add_argument("--tokens", type=int, default=None, help="moe, peer: tokens per call (default 4096, 2048)")
+    p.add_argument("--no-memory", action="store_true", help="moe, peer: skip the peak-memory measurement")
+    p.add_argument("--n-experts", type=int, default=1024 * 1024, help="peer: experts N, a perfect square")
+    p.add_argument("--d-model", type=int, default=256, help="peer: model width")
+    p.add_argument("--heads", type=int, default=8, help="peer: retrieval heads")
+    p.add_argument("--top-k", type=int, default=16, help="peer: experts per head")
+    p.add_argument("--d-key", type=int, default=128, help="peer: query / key size")
+    p.add_argument("--no-peer", action="store_true", help="peer: time ours alone (no PEER-pytorch)")
     p.add_argument("--out", help="also write results.json there")
 
 
@@ -268,9 +275,11 @@ def cmd_flops(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench_moe, bench_train
+    from .bench import bench_moe, bench_peer, bench_train
 
-    (bench_moe if args.what == "moe" else bench_train)(args)
+    if args.tokens is None:
+        args.tokens = 2048 if args.what == "peer" else 4096
+    {"moe": bench_moe, "peer": bench_peer, "train": bench_train}[args.what](args)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench}

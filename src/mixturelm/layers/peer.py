@@ -35,6 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import kernels
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 QUERY_NORMS = ("batch", "layer", "none")
@@ -56,10 +59,13 @@ class Rows:
     offsets_R: torch.Tensor  # (R,) start of each row's pairs in the sorted order
 
     @staticmethod
-    def of(ids_TJ: torch.Tensor) -> Rows:
+    def of(ids_TJ: torch.Tensor, n_rows: int) -> Rows:
         with torch.no_grad():
             J = ids_TJ.shape[1]
-            ids_sorted, order = ids_TJ.reshape(-1).sort(stable=True)
+            flat = ids_TJ.reshape(-1)
+            # int32 keys sort several times faster on CPU than int64
+            ids_sorted, order = (flat.int() if n_rows < 2**31 else flat).sort(stable=True)
+            ids_sorted = ids_sorted.long()
             rows_R, counts_R = torch.unique_consecutive(ids_sorted, return_counts=True)
             offsets_R = torch.zeros_like(counts_R)
             offsets_R[1:] = counts_R.cumsum(0)[:-1]
@@ -77,7 +83,11 @@ class Rows:
 
 
 def _gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
-    """out_tj = table[ids_tj] . x_t, gathering at most CHUNK_ELEMENTS table values at a time."""
+    """out_tj = table[ids_tj] . x_t: the fused CPU kernel (layers/kernels.py) where it can be had and no
+    dispatch mode (FlopCounterMode, fake tensors) must see the ops; else PyTorch ops, gathering at most
+    CHUNK_ELEMENTS table values at a time."""
+    if _get_current_dispatch_mode() is None and kernels.usable(table_ND, ids_TJ, x_TD):
+        return kernels.gather_dot(table_ND, ids_TJ, x_TD)
     T, J = ids_TJ.shape
     D = table_ND.shape[1]
     out_TJ = torch.empty(T, J, dtype=x_TD.dtype, device=x_TD.device)
@@ -112,7 +122,7 @@ class GatherDot(torch.autograd.Function):
         dx = _bag(table_ND, ids_TJ, dh_TJ).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dtable = None
         if ctx.needs_input_grad[1]:
-            rows = ctx.rows or Rows.of(ids_TJ)
+            rows = ctx.rows or Rows.of(ids_TJ, table_ND.shape[0])
             dtable = rows.table_grad(x_TD, dh_TJ, table_ND.shape[0], ctx.sparse)
         return dx, dtable, None, None, None
 
@@ -134,7 +144,7 @@ class BagSum(torch.autograd.Function):
         dw = _gather_dot(table_ND, ids_TJ, dy_TD) if ctx.needs_input_grad[0] else None
         dtable = None
         if ctx.needs_input_grad[1]:
-            rows = ctx.rows or Rows.of(ids_TJ)
+            rows = ctx.rows or Rows.of(ids_TJ, table_ND.shape[0])
             dtable = rows.table_grad(dy_TD, w_TJ, table_ND.shape[0], ctx.sparse)
         return dw, dtable, None, None, None
 
@@ -157,17 +167,15 @@ def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tu
     sub-key sets, L = 1 (shared) or H (per head). Returns the sub-key ids (a, b), each (T, H, K),
     best first; the expert id is a * S + b."""
     T, H, Q = q_THQ.shape
-    S, P = keys_2LSP.shape[2], keys_2LSP.shape[3]
-    halves = []
-    for half in range(2):
-        q_THP = q_THQ[..., half * P:(half + 1) * P]
-        c_LSP = keys_2LSP[half]
-        if c_LSP.shape[0] == 1:
-            s_THS = (q_THP.reshape(T * H, P) @ c_LSP[0].t()).view(T, H, S)
-        else:
-            s_THS = torch.bmm(q_THP.transpose(0, 1), c_LSP.transpose(1, 2)).transpose(0, 1)
-        halves.append(s_THS.topk(k, dim=-1))
-    (v1, i1), (v2, i2) = halves
+    L, S, P = keys_2LSP.shape[1:]
+    q_2XP = q_THQ.reshape(T, H, 2, P).permute(2, 1, 0, 3)  # (half, head, token, P)
+    if L == 1:
+        s_2LTS = torch.bmm(q_2XP.reshape(2, H * T, P), keys_2LSP[:, 0].transpose(1, 2)).view(2, H, T, S)
+    else:
+        s_2LTS = torch.bmm(q_2XP.reshape(2 * H, T, P), keys_2LSP.reshape(2 * H, S, P).transpose(1, 2)).view(2, H, T, S)
+    v_2HTK, i_2HTK = s_2LTS.topk(k, dim=-1)
+    v1, v2 = v_2HTK.permute(0, 2, 1, 3)  # (T, H, K) each
+    i1, i2 = i_2HTK.permute(0, 2, 1, 3)
     cand_THKK = v1[..., :, None] + v2[..., None, :]
     _, pos_THK = cand_THKK.reshape(T, H, k * k).topk(k, dim=-1)
     a_THK = i1.gather(-1, torch.div(pos_THK, k, rounding_mode="floor"))
@@ -242,14 +250,14 @@ class PEER(nn.Module):
         q_THQ = self.queries(x_TD)
         a_THK, b_THK = product_key_topk(q_THQ.detach(), self.sub_keys.detach(), self.top_k)
         T, H, K, S, P = *a_THK.shape, self.n_sub_keys, self.d_key // 2
-        # the scores of the chosen keys, recomputed with gradients: c_a . q1 + c'_b . q2
-        offset_H = (torch.arange(H, device=x_TD.device) * S if self.sub_keys.shape[1] > 1
-                    else torch.zeros(H, dtype=torch.long, device=x_TD.device))
-        score = 0
-        for half, sub_THK in enumerate((a_THK, b_THK)):
-            ids = (sub_THK + offset_H[:, None]).reshape(T * H, K)
-            q_XP = q_THQ[..., half * P:(half + 1) * P].reshape(T * H, P)
-            score = score + gather_dot(q_XP, self.sub_keys[half].reshape(-1, P), ids).view(T, H, K)
+        L = self.sub_keys.shape[1]
+        # the scores of the chosen keys, recomputed with gradients: c_a . q1 + c'_b . q2, both halves in
+        # one call: row (t, h, half) of q against the table of all 2*L*S sub-keys
+        offset_H2 = (torch.arange(H, device=x_TD.device)[:, None] * S * (L > 1)
+                     + torch.arange(2, device=x_TD.device)[None, :] * L * S)
+        ids_XK = (torch.stack([a_THK, b_THK], 2) + offset_H2[:, :, None]).reshape(T * H * 2, K)
+        score_X = gather_dot(q_THQ.reshape(T * H * 2, P), self.sub_keys.reshape(2 * L * S, P), ids_XK)
+        score = score_X.view(T, H, 2, K).sum(2)
         # softmax in float32 at least (bf16 autocast), float64 stays float64
         return a_THK * S + b_THK, score.to(torch.promote_types(score.dtype, torch.float32)).softmax(-1)
 
@@ -259,7 +267,7 @@ class PEER(nn.Module):
         ids_THK, g_THK = self.retrieve(x_TD)
         T, J = x_TD.shape[0], self.n_heads * self.top_k
         ids_TJ = ids_THK.reshape(T, J)
-        rows = Rows.of(ids_TJ) if torch.is_grad_enabled() and self.w_up.requires_grad else None
+        rows = Rows.of(ids_TJ, self.n_experts) if torch.is_grad_enabled() and self.w_up.requires_grad else None
         act = ACTIVATIONS[self.activation]
         h_TJ = gather_dot(x_TD, self.w_down, ids_TJ, rows, self.sparse_grad)  # u_i . x
         if self.glu:
