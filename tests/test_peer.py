@@ -15,11 +15,22 @@ import torch.nn.functional as F
 from mixturelm import MixtureLM, ModelConfig
 from mixturelm.config import PRESETS, BlockSpec, PEERConfig
 from mixturelm.errors import UsageError
+from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
 
 from conftest import run_cli
 
 D = 12
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def impl(request, monkeypatch):
+    """Each test twice: with the compiled CPU kernels, and with the PyTorch ops (CUDA's path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler: the PEER kernel is not built here")
+    return request.param
 
 
 def brute_force_topk(q_HQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,19 +45,20 @@ def brute_force_topk(q_HQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tor
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("per_head", [False, True])
-def test_retrieval_equals_brute_force_topk(per_head):
+@pytest.mark.parametrize("per_head, dtype, S, K", [(False, torch.float64, 9, 5), (True, torch.float64, 9, 5),
+                                                   (False, torch.float32, 40, 16), (True, torch.float32, 40, 16)])
+def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
     torch.manual_seed(0)
-    T, H, Q, S, K = 300, 3, 8, 9, 5
-    keys = torch.randn(2, H if per_head else 1, S, Q // 2, dtype=torch.float64)
-    q = torch.randn(T, H, Q, dtype=torch.float64)
+    T, H, Q = 300, 3, 8
+    keys = torch.randn(2, H if per_head else 1, S, Q // 2, dtype=dtype)
+    q = torch.randn(T, H, Q, dtype=dtype)
     a, b = product_key_topk(q, keys, K)
     ids = a * S + b
     for t in range(T):
         assert torch.equal(ids[t], brute_force_topk(q[t], keys, K))
 
 
-def test_every_expert_id_in_range_and_reachable():
+def test_every_expert_id_in_range_and_reachable(impl):
     torch.manual_seed(1)
     m = PEER(D, 8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="none")
     ids, g = m.retrieve(torch.randn(4000, D))
@@ -102,7 +114,7 @@ def _grads(m: PEER, x, out, gy):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_outputs_and_gradients_match_reference(variant):
+def test_outputs_and_gradients_match_reference(variant, impl):
     torch.manual_seed(2)
     kw = VARIANTS[variant]
     m = PEER(D, 7 * 7, n_heads=3, top_k=4, d_key=8, sparse_grad=kw.pop("sparse_grad", True), **kw).double()
@@ -121,7 +133,7 @@ def test_outputs_and_gradients_match_reference(variant):
         assert m.w_up.grad._nnz() <= 18 * 3 * 4  # only touched rows
 
 
-def test_row_functions_match_dense_autograd():
+def test_row_functions_match_dense_autograd(impl):
     torch.manual_seed(3)
     table = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
     x = torch.randn(20, 7, dtype=torch.float64, requires_grad=True)

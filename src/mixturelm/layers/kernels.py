@@ -1,9 +1,12 @@
-"""A fused CPU kernel for PEER's gather-and-dot, out_tj = table[ids_tj] . x_t, compiled on first use.
+"""Fused CPU kernels for PEER, compiled on first use: the gather-and-dot out_tj = table[ids_tj] . x_t,
+and the product-key top-k (each half's top-k, then the top-k of the k x k sums, in one pass).
 
 PyTorch has no fused op for it: index_select + bmm writes every gathered row to memory and reads it
 again, and a batched (1 x d)(d x 1) product runs at a fraction of the memory bandwidth. This loop
 reads each row once, prefetching rows a few pairs ahead (the gather is latency bound: rows are 1 KB
-apart at random in a table of gigabytes), and parallelises over tokens with OpenMP.
+apart at random in a table of gigabytes), and parallelises over tokens with OpenMP. The top-k keeps
+k values per row in a sorted array (one comparison for most scores), where torch.topk partially
+sorts each row and the candidate stage would take ten more ops.
 
 It is plain C called through ctypes, so it needs only a C compiler (`cc`, found on first use and
 built into $MIXTURELM_CACHE/kernels, ~1 s); where there is none, or on CUDA, or with
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 
 #define GATHER_DOT(NAME, T)                                                                           \
@@ -51,6 +55,49 @@ void NAME(const T* table, const int64_t* ids, const T* x, T* out, int64_t n_tok,
 
 GATHER_DOT(gather_dot_f32, float)
 GATHER_DOT(gather_dot_f64, double)
+
+/* keep the k largest of a stream, sorted descending; on ties the earlier one stays first */
+#define TOPK_INSERT(T)                                                                             \
+static inline void topk_insert_##T(T* val, int64_t* idx, int64_t k, T v, int64_t i) {              \
+    if (!(v > val[k - 1])) return;                                                                 \
+    int64_t p = k - 1;                                                                             \
+    while (p > 0 && v > val[p - 1]) { val[p] = val[p - 1]; idx[p] = idx[p - 1]; --p; }              \
+    val[p] = v; idx[p] = i;                                                                        \
+}
+TOPK_INSERT(float)
+TOPK_INSERT(double)
+
+/* Product-key top-k. scores: (2, H, n_tok, S), the two halves' sub-key scores of each head's query.
+   For each (token, head): the top-k of each half, then the top-k of the k*k sums, best first.
+   Writes the sub-key ids a, b: (n_tok, H, k). k <= 64. */
+#define PK_TOPK(NAME, T)                                                                           \
+void NAME(const T* scores, int64_t* a_out, int64_t* b_out, int64_t n_tok, int64_t H, int64_t S,    \
+          int64_t k, int n_threads) {                                                              \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t th = 0; th < n_tok * H; ++th) {                                                   \
+        int64_t t = th / H, h = th % H;                                                            \
+        T v1[64], v2[64], vc[64]; int64_t i1[64], i2[64], ic[64];                                  \
+        for (int64_t p = 0; p < k; ++p) { v1[p] = v2[p] = vc[p] = -(T)INFINITY; i1[p] = i2[p] = ic[p] = -1; } \
+        const T* r1 = scores + (h * n_tok + t) * S;                                                \
+        const T* r2 = scores + ((H + h) * n_tok + t) * S;                                          \
+        for (int64_t s = 0; s < S; ++s) { topk_insert_##T(v1, i1, k, r1[s], s);                     \
+                                          topk_insert_##T(v2, i2, k, r2[s], s); }                  \
+        for (int64_t p = 0; p < k; ++p) {                                                          \
+            if (!(v1[p] + v2[0] > vc[k - 1])) break;  /* rows sorted: nothing further can enter */  \
+            for (int64_t q = 0; q < k; ++q) {                                                      \
+                T v = v1[p] + v2[q];                                                               \
+                if (!(v > vc[k - 1])) break;                                                       \
+                topk_insert_##T(vc, ic, k, v, p * k + q);                                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t p = 0; p < k; ++p) {                                                          \
+            a_out[th * k + p] = i1[ic[p] / k];                                                     \
+            b_out[th * k + p] = i2[ic[p] % k];                                                     \
+        }                                                                                          \
+    }                                                                                              \
+}
+PK_TOPK(pk_topk_f32, float)
+PK_TOPK(pk_topk_f64, double)
 """
 
 _lib: ctypes.CDLL | None = None
@@ -81,6 +128,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     for name in ("gather_dot_f32", "gather_dot_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for name in ("pk_topk_f32", "pk_topk_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -112,3 +161,15 @@ def gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor)
     fn(table_ND.data_ptr(), ids_TJ.data_ptr(), x_TD.data_ptr(), out.data_ptr(), T, J, table_ND.shape[1],
        torch.get_num_threads())
     return out
+
+
+def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product-key top-k from the two halves' sub-key scores (2, H, T, S), in one pass per
+    (token, head): sub-key ids a, b, each (T, H, k), best first. k <= 64."""
+    scores_2HTS = scores_2HTS.contiguous()
+    _, H, T, S = scores_2HTS.shape
+    a = torch.empty(T, H, k, dtype=torch.int64)
+    b = torch.empty(T, H, k, dtype=torch.int64)
+    fn = library().pk_topk_f32 if scores_2HTS.dtype == torch.float32 else library().pk_topk_f64
+    fn(scores_2HTS.data_ptr(), a.data_ptr(), b.data_ptr(), T, H, S, k, torch.get_num_threads())
+    return a, b

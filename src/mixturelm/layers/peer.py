@@ -173,6 +173,8 @@ def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tu
         s_2LTS = torch.bmm(q_2XP.reshape(2, H * T, P), keys_2LSP[:, 0].transpose(1, 2)).view(2, H, T, S)
     else:
         s_2LTS = torch.bmm(q_2XP.reshape(2 * H, T, P), keys_2LSP.reshape(2 * H, S, P).transpose(1, 2)).view(2, H, T, S)
+    if k <= 64 and _get_current_dispatch_mode() is None and kernels.usable(s_2LTS):
+        return kernels.product_key_topk(s_2LTS, k)
     v_2HTK, i_2HTK = s_2LTS.topk(k, dim=-1)
     v1, v2 = v_2HTK.permute(0, 2, 1, 3)  # (T, H, K) each
     i1, i2 = i_2HTK.permute(0, 2, 1, 3)
