@@ -98,6 +98,25 @@ void NAME(const T* scores, int64_t* a_out, int64_t* b_out, int64_t n_tok, int64_
 }
 PK_TOPK(pk_topk_f32, float)
 PK_TOPK(pk_topk_f64, double)
+
+/* Group the n pairs by row id (a stable counting sort; ids in [0, n_rows), count zeroed, n_rows + 1
+   long): order (pairs by row), token (= order / J), the distinct rows ascending and where each
+   row's pairs start. Returns the number of distinct rows. */
+int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int64_t* count,
+                   int64_t* order, int64_t* token, int64_t* rows, int64_t* offsets) {
+    for (int64_t p = 0; p < n; ++p) count[ids[p] + 1]++;
+    int64_t R = 0;
+    for (int64_t r = 0; r < n_rows; ++r) {
+        if (count[r + 1]) { rows[R] = r; offsets[R] = count[r]; ++R; }
+        count[r + 1] += count[r];
+    }
+    for (int64_t p = 0; p < n; ++p) {
+        int64_t dst = count[ids[p]]++;
+        order[dst] = p;
+        token[dst] = p / J;
+    }
+    return R;
+}
 """
 
 _lib: ctypes.CDLL | None = None
@@ -128,6 +147,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     for name in ("gather_dot_f32", "gather_dot_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.group_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
+    lib.group_rows.restype = ctypes.c_int64
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -173,3 +194,16 @@ def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     fn = library().pk_topk_f32 if scores_2HTS.dtype == torch.float32 else library().pk_topk_f64
     fn(scores_2HTS.data_ptr(), a.data_ptr(), b.data_ptr(), T, H, S, k, torch.get_num_threads())
     return a, b
+
+
+def group_rows(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
+    """Pairs grouped by row id, by a counting sort: (token of each pair, pair order, distinct rows,
+    offsets), in expert order; the same as a stable sort by id."""
+    ids = ids_TJ.contiguous()
+    n, J = ids.numel(), ids.shape[1]
+    count = torch.zeros(n_rows + 1, dtype=torch.int64)
+    order, token = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    rows, offsets = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    R = library().group_rows(ids.data_ptr(), n, n_rows, J, count.data_ptr(), order.data_ptr(), token.data_ptr(),
+                             rows.data_ptr(), offsets.data_ptr())
+    return token, order, rows[:R], offsets[:R]
