@@ -39,8 +39,9 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "seed": (int, "random seed (weights and data order)"),
     "dtype": (str, "fp32 or bf16 (autocast)"),
     "val_fraction": (float, "fraction of documents held out for validation"),
-    "peer_lr": (float, "PEER: fixed learning rate of the expert tables and product keys (default: the preset's; "
-                       "none given: --lr and its schedule)"),
+    "peer_lr": (float, "PEER: fixed learning rate of the expert tables (default: the preset's; none given: "
+                       "--lr and its schedule)"),
+    "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: --lr and its schedule)"),
 }
 
 

@@ -239,9 +239,11 @@ class TrainConfig:
     tokenizer: str = "bytes"  # bytes, or bpe:VOCAB
     text_field: str = "text"  # the field read from .jsonl records
     val_fraction: float = 0.02
-    # PEER: learning rate of the expert tables and product keys, held constant (product-key memories train
-    # their values at a fixed, higher rate: Lample et al. 2019, Berges et al. 2024); None: lr and its schedule
+    # PEER: learning rate of the expert tables, held constant (product-key memories train their values at a
+    # fixed, higher rate: Lample et al. 2019, Berges et al. 2024); None: lr and its schedule
     peer_lr: float | None = None
+    # PEER: learning rate of the product keys, held constant; None: lr and its schedule (as PKM trains them)
+    peer_key_lr: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every",
@@ -250,8 +252,9 @@ class TrainConfig:
             raise UsageError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
-        if self.peer_lr is not None and self.peer_lr <= 0:
-            raise UsageError(f"TrainConfig.peer_lr must be > 0 (or None: lr), got {self.peer_lr}")
+        for name in ("peer_lr", "peer_key_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UsageError(f"TrainConfig.{name} must be > 0 (or None: lr), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UsageError("TrainConfig.weight_decay and grad_clip must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

@@ -139,34 +139,36 @@ def clear_out_dir(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
-def peer_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """The PEER layers' expert tables with sparse gradients (trained by SparseAdam), and the rest of
-    their memory: product keys and dense-gradient tables (trained by AdamW at the PEER learning rate)."""
+def peer_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
+    """PEER's parameters that train apart: expert tables with sparse gradients (SparseAdam), expert
+    tables with dense gradients, and product keys (both AdamW, without weight decay)."""
     from .layers.peer import PEER
 
-    sparse, dense = [], []
+    sparse, dense, keys = [], [], []
     for m in model.modules():
         if isinstance(m, PEER):
             (sparse if m.sparse_grad else dense).extend(m.expert_tables())
-            dense.append(m.sub_keys)
-    return sparse, dense
+            keys.append(m.sub_keys)
+    return sparse, dense, keys
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, peer_lr: float | None = None) -> list[dict]:
-    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding). PEER's keys
-    and dense-gradient expert tables form a third group, without decay, at the PEER learning rate; its
-    sparse-gradient tables are left to a SparseAdam (see peer_parameters)."""
-    sparse, peer_dense = peer_parameters(model)
-    memory = {id(p) for p in sparse + peer_dense}
+def param_groups(model: torch.nn.Module, weight_decay: float, peer_lr: float | None = None,
+                 peer_key_lr: float | None = None) -> list[dict]:
+    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding). PEER's
+    dense-gradient expert tables (at peer_lr) and its product keys (at peer_key_lr) form groups of
+    their own, without decay; its sparse-gradient tables are left to a SparseAdam (peer_parameters)."""
+    sparse, tables, keys = peer_parameters(model)
+    memory = {id(p) for p in sparse + tables + keys}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in memory:
             continue
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if peer_dense:
-        groups.append({"params": peer_dense, "weight_decay": 0.0, "peer": True}
-                      | ({"lr": peer_lr} if peer_lr is not None else {}))
+    for params, lr in ((tables, peer_lr), (keys, peer_key_lr)):
+        if params:
+            groups.append({"params": params, "weight_decay": 0.0, "fixed_lr": lr is not None}
+                          | ({"lr": lr} if lr is not None else {}))
     return groups
 
 
@@ -416,7 +418,7 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
-        groups = param_groups(self.model, t.weight_decay, t.peer_lr)
+        groups = param_groups(self.model, t.weight_decay, t.peer_lr, t.peer_key_lr)
         self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                                      fused=True)  # one kernel per step, on CPU as on CUDA
         warmup = min(t.warmup_steps, self.total_steps)
@@ -427,15 +429,15 @@ class Trainer:
         def constant(s: int) -> float:
             return 1.0
 
-        peer_schedule = schedule if t.peer_lr is None else constant  # a given peer_lr is held fixed
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, [peer_schedule if g.get("peer") else schedule for g in groups])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # a given peer_lr / peer_key_lr is held fixed
+            self.opt, [constant if g.get("fixed_lr") else schedule for g in groups])
         # PEER's sparse-gradient expert tables: lazy Adam on the touched rows only (no N x d work per step)
-        self.sparse_params, _ = peer_parameters(self.model)
+        self.sparse_params = peer_parameters(self.model)[0]
         self.sparse_opt = self.sparse_sched = None
         if self.sparse_params:
             self.sparse_opt = torch.optim.SparseAdam(self.sparse_params, lr=t.peer_lr or t.lr, betas=(t.beta1, t.beta2))
-            self.sparse_sched = torch.optim.lr_scheduler.LambdaLR(self.sparse_opt, peer_schedule)
+            self.sparse_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.sparse_opt, schedule if t.peer_lr is None else constant)
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
         ckpt = checkpoint.latest(self.out_dir) if self.resume else None
