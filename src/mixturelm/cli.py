@@ -156,6 +156,8 @@ def cmd_train(args) -> None:
     from .train import Trainer, new_run_config, resumed_run_config
 
     if args.list_presets:
+        import torch
+
         from .config import ModelConfig
         from .flops import forward_flops_per_token
         from .model import MixtureLM
@@ -163,7 +165,8 @@ def cmd_train(args) -> None:
         print(f"{'preset':<16}{'params':>12}{'fwd FLOPs/token':>18}  description")
         for name, p in PRESETS.items():
             cfg = ModelConfig(**p.model)
-            n = MixtureLM(cfg).num_params()
+            with torch.device("meta"):  # shapes only: peer-tiny's tables alone are 1 GiB
+                n = MixtureLM(cfg).num_params()
             print(f"{name:<16}{n:>12,}{forward_flops_per_token(cfg, p.train['seq_len']):>18.3g}  {p.description}")
         return
     if not args.out:
@@ -267,12 +270,13 @@ def cmd_flops(args) -> None:
                           "train_per_token": train}, indent=1))
         return
     print(f"{name}, sequence {seq_len}: FLOPs per token")
+    w = max(14, max(len(k) for k in parts) + 2)
     for k, v in parts.items():
-        print(f"  {k:<14}{v:>14,.0f}  {v / fwd:6.1%}")
-    print(f"  {'forward':<14}{fwd:>14,.0f}")
+        print(f"  {k:<{w}}{v:>14,.0f}  {v / fwd:6.1%}")
+    print(f"  {'forward':<{w}}{fwd:>14,.0f}")
     note = ("3 x forward" if not any(k in parts for k in FORWARD_ONLY_PARTS)
             else f"3 x forward, but 1 x {', '.join(k for k in FORWARD_ONLY_PARTS if k in parts)}")
-    print(f"  {'training':<14}{train:>14,.0f}  (forward + backward = {note})")
+    print(f"  {'training':<{w}}{train:>14,.0f}  (forward + backward = {note})")
 
 
 def cmd_bench(args) -> None:
