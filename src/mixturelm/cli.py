@@ -215,6 +215,9 @@ def cmd_eval(args) -> None:
     res.update(checkpoint=str(ckpt), data=args.data or t["data"] or "stdlib", split=args.split)
     print(f"loss {res['val_loss']:.4f}  perplexity {res['val_ppl']:.3f}  bits/byte {res['val_bpb']:.4f}  "
           f"({res['val_tokens']:,} tokens of {res['data']}, {args.split} split)")
+    for k in (k for k in res if k.endswith("peer_usage")):
+        print(f"{k.split('.')[0]}: PEER expert usage {res[k]:.1%}, KL(usage || uniform) "
+              f"{res[k.replace('peer_usage', 'peer_kl')]:.3f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(res, indent=1))
