@@ -99,6 +99,27 @@ void NAME(const T* scores, int64_t* a_out, int64_t* b_out, int64_t n_tok, int64_
 PK_TOPK(pk_topk_f32, float)
 PK_TOPK(pk_topk_f64, double)
 
+/* Table-gradient rows: out[r] = sum over the pairs p of row r (in grouped order) of w[order[p]] * src[token[p]].
+   Rows in parallel; each is written once, so there is no race and no zero-fill of the output. */
+#define ROW_GRAD(NAME, T)                                                                          \
+void NAME(const T* src, const T* w, const int64_t* order, const int64_t* token,                    \
+          const int64_t* offsets, T* out, int64_t R, int64_t n, int64_t D, int n_threads) {         \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        T* o = out + r * D;                                                                        \
+        int64_t end = r + 1 < R ? offsets[r + 1] : n;                                              \
+        for (int64_t d = 0; d < D; ++d) o[d] = 0;                                                  \
+        for (int64_t p = offsets[r]; p < end; ++p) {                                               \
+            const T* s = src + token[p] * D;                                                       \
+            T wp = w[order[p]];                                                                    \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t d = 0; d < D; ++d) o[d] += wp * s[d];                                     \
+        }                                                                                          \
+    }                                                                                              \
+}
+ROW_GRAD(row_grad_f32, float)
+ROW_GRAD(row_grad_f64, double)
+
 /* Group the n pairs by row id (a stable counting sort; ids in [0, n_rows), count zeroed, n_rows + 1
    long): order (pairs by row), token (= order / J), the distinct rows ascending and where each
    row's pairs start. Returns the number of distinct rows. */
@@ -147,6 +168,8 @@ def _build() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     for name in ("gather_dot_f32", "gather_dot_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for name in ("row_grad_f32", "row_grad_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.group_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
     lib.group_rows.restype = ctypes.c_int64
     for name in ("pk_topk_f32", "pk_topk_f64"):
@@ -207,3 +230,16 @@ def group_rows(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
     R = library().group_rows(ids.data_ptr(), n, n_rows, J, count.data_ptr(), order.data_ptr(), token.data_ptr(),
                              rows.data_ptr(), offsets.data_ptr())
     return token, order, rows[:R], offsets[:R]
+
+
+def row_grad(src_TD: torch.Tensor, w_TJ: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+             offsets_R: torch.Tensor) -> torch.Tensor:
+    """The touched rows of a table's gradient: row r = sum over its pairs p of w_p * src[token_p]."""
+    src_TD = src_TD.contiguous()
+    w = w_TJ.to(src_TD.dtype).contiguous()
+    R, D = offsets_R.numel(), src_TD.shape[1]
+    out = torch.empty(R, D, dtype=src_TD.dtype)
+    fn = library().row_grad_f32 if src_TD.dtype == torch.float32 else library().row_grad_f64
+    fn(src_TD.data_ptr(), w.data_ptr(), order.data_ptr(), token.data_ptr(), offsets_R.data_ptr(), out.data_ptr(),
+       R, order.numel(), D, torch.get_num_threads())
+    return out

@@ -75,8 +75,11 @@ class Rows:
 
     def table_grad(self, src_TD: torch.Tensor, weight_TJ: torch.Tensor, n_rows: int, sparse: bool) -> torch.Tensor:
         """d table[r] = sum over pairs (t, j) with id r of weight_tj * src_t: a bag over src rows."""
-        rows_RD = F.embedding_bag(self.token_sorted, src_TD, self.offsets_R, mode="sum",
-                                  per_sample_weights=weight_TJ.reshape(-1)[self.order])
+        if _get_current_dispatch_mode() is None and kernels.usable(src_TD, weight_TJ):
+            rows_RD = kernels.row_grad(src_TD, weight_TJ, self.order, self.token_sorted, self.offsets_R)
+        else:
+            rows_RD = F.embedding_bag(self.token_sorted, src_TD, self.offsets_R, mode="sum",
+                                      per_sample_weights=weight_TJ.reshape(-1)[self.order])
         if sparse:
             return torch.sparse_coo_tensor(self.rows_R[None], rows_RD, (n_rows, src_TD.shape[1]),
                                            is_coalesced=True, check_invariants=False)
