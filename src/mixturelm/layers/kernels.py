@@ -30,6 +30,7 @@ import torch
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#define PF 4  /* rows prefetched ahead */
 
 #define GATHER_DOT(NAME, T)                                                                           \
 void NAME(const T* table, const int64_t* ids, const T* x, T* out, int64_t n_tok, int64_t J,        \
@@ -39,8 +40,8 @@ void NAME(const T* table, const int64_t* ids, const T* x, T* out, int64_t n_tok,
         const T* xt = x + t * D;                                                                   \
         const int64_t* it = ids + t * J;                                                           \
         for (int64_t j = 0; j < J; ++j) {                                                          \
-            if (j + 3 < J) {                                                                       \
-                const char* ahead = (const char*)(table + it[j + 3] * D);                          \
+            if (j + PF < J) {                                                                      \
+                const char* ahead = (const char*)(table + it[j + PF] * D);                         \
                 for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64)                           \
                     __builtin_prefetch(ahead + b, 0, 0);                                           \
             }                                                                                      \
