@@ -145,7 +145,7 @@ class BagSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_TD):
         w_TJ, table_ND, ids_TJ = ctx.saved_tensors
-        dy_TD = dy_TD.contiguous()
+        dy_TD = dy_TD.to(table_ND.dtype).contiguous()  # bf16 autocast: the tables' dtype
         dw = _gather_dot(table_ND, ids_TJ, dy_TD) if ctx.needs_input_grad[0] else None
         dtable = None
         if ctx.needs_input_grad[1]:
