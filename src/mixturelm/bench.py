@@ -378,7 +378,7 @@ def bench_peer(args) -> dict:
     moved = peer_expert_bytes(modules["mixturelm PEER"], x)
     times = time_alternating({name: _fwd_bwd(m, x, grad) for name, m in modules.items()}, args.steps, args.rounds)
     del modules
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(min(1 << 29, max(1 << 24, moved["bytes"])))  # large, but no larger than needed
     result = {"machine": machine(), "command": "mixturelm " + " ".join(sys.argv[1:]), "shape": shape,
               "dtype": "fp32", "copy_bytes_per_s": bandwidth, "expert_rows": moved, "contenders": {}}
     for name, ts in times.items():
