@@ -33,16 +33,16 @@ def impl(request, monkeypatch):
     return request.param
 
 
-def brute_force_topk(q_HQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> torch.Tensor:
-    """Each head's top-k over all S*S concatenated keys [c_a; c'_b], id a*S + b: (H, K), best first."""
-    H, Q = q_HQ.shape
+def brute_force_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> torch.Tensor:
+    """Each head's top-k over all S*S concatenated keys [c_a; c'_b], id a*S + b: (T, H, K), best first."""
+    T, H, Q = q_THQ.shape
     S = keys_2LSP.shape[2]
     out = []
     for h in range(H):
         c1, c2 = keys_2LSP[0, h % keys_2LSP.shape[1]], keys_2LSP[1, h % keys_2LSP.shape[1]]
         full_NQ = torch.cat([c1[:, None, :].expand(S, S, -1), c2[None, :, :].expand(S, S, -1)], -1).reshape(S * S, Q)
-        out.append((full_NQ @ q_HQ[h]).topk(k).indices)
-    return torch.stack(out)
+        out.append((q_THQ[:, h] @ full_NQ.t()).topk(k, dim=-1).indices)
+    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("per_head, dtype, S, K", [(False, torch.float64, 9, 5), (True, torch.float64, 9, 5),
@@ -53,9 +53,7 @@ def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
     keys = torch.randn(2, H if per_head else 1, S, Q // 2, dtype=dtype)
     q = torch.randn(T, H, Q, dtype=dtype)
     a, b = product_key_topk(q, keys, K)
-    ids = a * S + b
-    for t in range(T):
-        assert torch.equal(ids[t], brute_force_topk(q[t], keys, K))
+    assert torch.equal(a * S + b, brute_force_topk(q, keys, K))
 
 
 def test_every_expert_id_in_range_and_reachable(impl):
@@ -219,20 +217,21 @@ def test_batch_norm_leaks_across_the_batch_in_training_only():
 def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
     out = tmp_path / "run"
     proc = run_cli("train", "--preset", "peer-debug", "--data", str(corpus_dir), "--out", str(out),
-                   "--max-steps", "12", "--no-progress", check=True)
+                   "--max-steps", "6", "--ckpt-every", "4", "--eval-every", "3", "--eval-tokens", "512",
+                   "--no-progress", check=True)
     assert "expert usage" in proc.stderr
     res = json.loads((out / "results.json").read_text())
     usage = res["peer_usage"]["layer0"]
     assert 0 < usage["usage"] <= 1 and usage["kl_uniform"] >= 0
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("layer0.peer_usage" in r for r in evals if r["kind"] == "eval")
-    # resume from the step-10 checkpoint repeats steps 11-12 exactly, the sparse optimizer's state included
+    # resume from the step-4 checkpoint repeats steps 5-6 exactly, the sparse optimizer's state included
     first = [r["loss"] for r in evals if r["kind"] == "train"]
-    state = torch.load(out / "checkpoints" / "step_0000012" / "train_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step_0000006" / "train_state.pt", weights_only=False)
     assert state["peer_optimizer"]["state"]  # the expert tables' optimizer state is saved
     import shutil
-    shutil.rmtree(out / "checkpoints" / "step_0000012")
-    (out / "checkpoints" / "latest").write_text("step_0000010")
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    (out / "checkpoints" / "latest").write_text("step_0000004")
     run_cli("train", "--out", str(out), "--resume", "--no-progress", check=True)
     again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in again if r["kind"] == "train"] == first
