@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mixturelm.bench import bench_mod, bench_moe, bench_train
+from mixturelm.bench import bench_mod, bench_moe, bench_peer, bench_train
 
 
 def test_bench_moe_smoke(tmp_path):
@@ -39,3 +39,19 @@ def test_bench_mod_smoke(tmp_path):
     assert rows["forward FLOPs/token (counted)"]["MoD"] == pytest.approx(flops["MoD"], rel=0.02)
     assert all(r["dense"] > 0 and r["MoD"] > 0 for r in rows.values())
     assert 0 <= result["decode_batch1_fraction_entered"] <= 1
+
+
+def test_bench_peer_smoke(tmp_path):
+    """A tiny PEER shape; PEER-pytorch joins when installed (the `bench` and `dev` extras)."""
+    try:
+        import PEER_pytorch  # noqa: F401
+        no_peer = False
+    except ImportError:
+        no_peer = True
+    args = argparse.Namespace(threads=None, steps=1, rounds=1, tokens=32, no_memory=True, out=str(tmp_path),
+                              n_experts=16 * 16, d_model=16, heads=2, top_k=4, d_key=8, no_peer=no_peer)
+    result = bench_peer(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["expert_rows"]["pairs"] == 32 * 2 * 4
+    assert result["contenders"]["mixturelm PEER"]["fwd_bwd_s"] > 0 and result["copy_bytes_per_s"] > 0
+    assert no_peer or result["speedup_over_peer"] > 0

@@ -25,6 +25,13 @@ CONFIGS = {
                                      max_seq_len=64, blocks=[{}, {"wrapper": "mod",
                                                                    "mod": {"capacity": 0.3, "causal": "predictor"}}]),
     "mode-staged": ModelConfig(**PRESETS["mode-staged-debug"].model),
+    "peer": ModelConfig(**PRESETS["peer-debug"].model),
+    "peer-glu-per-head-keys-beside": ModelConfig(
+        vocab_size=257, d_model=32, n_layers=2, n_heads=4, d_ffn=64, max_seq_len=32,
+        blocks=[{"ffn": "dense", "peer_beside": True, "peer": {"n_experts": 256, "n_heads": 2, "top_k": 4, "d_key": 8,
+                                                               "glu": True, "per_head_keys": True}},
+                {"ffn": "peer", "peer": {"n_experts": 100, "n_heads": 3, "top_k": 5, "d_key": 6,
+                                         "query_norm": "layer"}}]),
     "mixed-ffn": ModelConfig(vocab_size=257, d_model=48, n_layers=2, n_heads=4, d_ffn=96, max_seq_len=32,
                              blocks=[{"ffn": "dense"}, {"ffn": "dense", "ffn_hidden": 200}]),
 }

@@ -409,6 +409,130 @@ def bench_mod(args) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# bench peer: one PEER layer, forward + backward, against PEER-pytorch, and against the memory floor
+
+def _peer_contenders(shape: dict) -> dict[str, Callable[[], torch.nn.Module]]:
+    from .layers.peer import PEER
+
+    def lucidrains():
+        try:
+            from PEER_pytorch import PEER as LucidPEER
+        except ImportError:
+            raise UsageError("bench peer needs PEER-pytorch for the peer; pip install 'mixturelm[bench]' "
+                             "(or --no-peer to time ours alone)") from None
+        # the paper's setting: softmax over each head's top-k (non_competing_scores=False); its dim_key
+        # is the size of one half of the query, ours the whole query
+        return LucidPEER(shape["d_model"], heads=shape["heads"], num_experts=shape["n_experts"],
+                         num_experts_per_head=shape["top_k"], dim_key=shape["d_key"] // 2,
+                         non_competing_scores=False)
+
+    return {
+        "mixturelm PEER": lambda: PEER(shape["d_model"], shape["n_experts"], shape["heads"], shape["top_k"],
+                                       shape["d_key"], sparse_grad=True),
+        "PEER-pytorch": lucidrains,
+    }
+
+
+def _peer_memory_child(name: str, shape: dict, queue) -> None:
+    """Peak resident memory of one forward + backward in a fresh process: total, and above the state
+    at the start of the step (the parameters and the input)."""
+    torch.manual_seed(0)
+    steady_allocator()
+    module = _peer_contenders(shape)[name]()
+    x = torch.randn(1, shape["tokens"], shape["d_model"], requires_grad=True)
+    grad = torch.randn(1, shape["tokens"], shape["d_model"])
+    before = _rss_bytes()
+    Path("/proc/self/clear_refs").write_text("5")
+    _fwd_bwd(module, x, grad)()
+    queue.put((_peak_rss_bytes(), _peak_rss_bytes() - before))
+
+
+def _peer_peak_memory(name: str, shape: dict) -> tuple[int, int]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peer_memory_child, args=(name, shape, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return value
+
+
+def copy_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
+    """Bytes per second moved by a large tensor copy (each byte read once and written once: 2x size)."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * n_bytes / (time.perf_counter() - t0))
+    return best
+
+
+def peer_expert_bytes(module, x: torch.Tensor) -> dict:
+    """Bytes of expert rows one forward + backward must move: each of the T*h*k retrieved rows of u and v
+    read in the forward and again in the backward (not kept: that would hold (T, h*k, d) twice), and the
+    gradient rows of the distinct experts written once per table."""
+    with torch.no_grad():
+        ids, _ = module.retrieve(x.reshape(-1, x.shape[-1]))
+    pairs, rows = ids.numel(), torch.unique(ids).numel()
+    row_bytes = module.d_model * module.w_up.element_size()
+    n_tables = len(module.expert_tables())
+    return {"pairs": pairs, "distinct_experts": rows,
+            "bytes": n_tables * (2 * pairs + rows) * row_bytes}
+
+
+def bench_peer(args) -> dict:
+    """One PEER layer at the paper's N, h, k: forward + backward time and peak memory, ours against
+    PEER-pytorch (the paper's softmax setting), and the bytes of expert rows against a large copy."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.rounds < 1 or args.tokens < 1:
+        raise UsageError("--steps, --rounds and --tokens must be >= 1")
+    from .config import PEERConfig
+
+    PEERConfig(n_experts=args.n_experts, n_heads=args.heads, top_k=args.top_k, d_key=args.d_key)  # validates
+    steady_allocator()
+    shape = {"tokens": args.tokens, "d_model": args.d_model, "n_experts": args.n_experts, "heads": args.heads,
+             "top_k": args.top_k, "d_key": args.d_key}
+    builders = _peer_contenders(shape)
+    if args.no_peer:
+        builders.pop("PEER-pytorch")
+    torch.manual_seed(0)
+    x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
+    grad = torch.randn(1, args.tokens, args.d_model)
+    modules = {name: build() for name, build in builders.items()}
+    params = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in modules.items()}
+    moved = peer_expert_bytes(modules["mixturelm PEER"], x)
+    times = time_alternating({name: _fwd_bwd(m, x, grad) for name, m in modules.items()}, args.steps, args.rounds)
+    del modules
+    bandwidth = copy_bandwidth(min(1 << 29, max(1 << 24, moved["bytes"])))  # large, but no larger than needed
+    result = {"machine": machine(), "command": "mixturelm " + " ".join(sys.argv[1:]), "shape": shape,
+              "dtype": "fp32", "copy_bytes_per_s": bandwidth, "expert_rows": moved, "contenders": {}}
+    for name, ts in times.items():
+        row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name]}
+        if not args.no_memory:
+            row["peak_rss_bytes"], row["peak_above_start_bytes"] = _peer_peak_memory(name, shape)
+        result["contenders"][name] = row
+    ours = result["contenders"]["mixturelm PEER"]
+    ours["expert_bytes_per_s"] = moved["bytes"] / ours["fwd_bwd_s"]
+    ours["x_copy_floor"] = ours["fwd_bwd_s"] / (moved["bytes"] / bandwidth)
+    if "PEER-pytorch" in result["contenders"]:
+        peer = result["contenders"]["PEER-pytorch"]
+        result["speedup_over_peer"] = peer["fwd_bwd_s"] / ours["fwd_bwd_s"]
+        if not args.no_memory:
+            result["memory_above_start_ours_over_peer"] = ours["peak_above_start_bytes"] / peer["peak_above_start_bytes"]
+    _print_peer(result)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def _print_mod(r: dict) -> None:
     m = r["machine"]
     print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
@@ -422,3 +546,23 @@ def _print_mod(r: dict) -> None:
           f"goal (90 %) {r['goal_speedup']:.2f}x")
     print(f"MoD blocks' realised fraction while decoding: batch 1 {r['decode_batch1_fraction_entered']:.3f}, "
           f"batch 8 {r['decode_batch8_fraction_entered']:.3f}")
+
+
+def _print_peer(r: dict) -> None:
+    m, s, e = r["machine"], r["shape"], r["expert_rows"]
+    print(f"machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}")
+    print(f"PEER: N={s['n_experts']:,} experts, d_model {s['d_model']}, {s['heads']} heads x top-{s['top_k']}, "
+          f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, forward + backward")
+    print(f"  {'':<18}{'fwd+bwd s':>10}{'params MB':>11}{'peak RSS MB':>13}{'peak above params MB':>22}")
+    for name, c in r["contenders"].items():
+        mem = (f"{c['peak_rss_bytes'] / 2**20:>13.0f}{c['peak_above_start_bytes'] / 2**20:>22.0f}"
+               if "peak_rss_bytes" in c else "")
+        print(f"  {name:<18}{c['fwd_bwd_s']:>10.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
+    if "speedup_over_peer" in r:
+        print(f"ours is {r['speedup_over_peer']:.2f}x faster than PEER-pytorch"
+              + (f"; peak memory above the parameters: ours / PEER-pytorch = "
+                 f"{r['memory_above_start_ours_over_peer']:.3f}" if "memory_above_start_ours_over_peer" in r else ""))
+    ours = r["contenders"]["mixturelm PEER"]
+    print(f"expert rows moved per step: {e['bytes'] / 1e9:.3f} GB ({e['pairs']:,} retrievals, "
+          f"{e['distinct_experts']:,} distinct experts); large copy {r['copy_bytes_per_s'] / 1e9:.1f} GB/s; "
+          f"ours {ours['expert_bytes_per_s'] / 1e9:.2f} GB/s, {ours['x_copy_floor']:.1f}x the copy floor")

@@ -39,6 +39,9 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "seed": (int, "random seed (weights and data order)"),
     "dtype": (str, "fp32 or bf16 (autocast)"),
     "val_fraction": (float, "fraction of documents held out for validation"),
+    "peer_lr": (float, "PEER: fixed learning rate of the expert tables (default: the preset's; none given: "
+                       "--lr and its schedule)"),
+    "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: --lr and its schedule)"),
 }
 
 
@@ -127,10 +130,11 @@ def _add_flops(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    p.add_argument("what", choices=("train", "moe", "mod"),
+    p.add_argument("what", choices=("train", "moe", "mod", "peer"),
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
                         "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
-                        "dense model of the same shape (FLOPs, prefill, training step, decoding)")
+                        "dense model of the same shape (FLOPs, prefill, training step, decoding); peer: one "
+                        "PEER layer against PEER-pytorch and a large copy")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
     p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step)")
@@ -138,8 +142,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
     p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--tokens", type=int, default=4096, help="moe: tokens per call")
-    p.add_argument("--no-memory", action="store_true", help="moe: skip the peak-memory measurement")
+    p.add_argument("--tokens", type=int, default=None, help="moe, peer: tokens per call (default 4096, 2048)")
+    p.add_argument("--no-memory", action="store_true", help="moe, peer: skip the peak-memory measurement")
+    p.add_argument("--n-experts", type=int, default=1024 * 1024, help="peer: experts N, a perfect square")
+    p.add_argument("--d-model", type=int, default=256, help="peer: model width")
+    p.add_argument("--heads", type=int, default=8, help="peer: retrieval heads")
+    p.add_argument("--top-k", type=int, default=16, help="peer: experts per head")
+    p.add_argument("--d-key", type=int, default=128, help="peer: query / key size")
+    p.add_argument("--no-peer", action="store_true", help="peer: time ours alone (no PEER-pytorch)")
     p.add_argument("--out", help="also write results.json there")
 
 
@@ -223,6 +233,8 @@ def cmd_train(args) -> None:
     from .train import Trainer, new_run_config, resumed_run_config
 
     if args.list_presets:
+        import torch
+
         from .config import ModelConfig
         from .flops import forward_flops_per_token
         from .model import MixtureLM
@@ -230,7 +242,8 @@ def cmd_train(args) -> None:
         print(f"{'preset':<16}{'params':>12}{'fwd FLOPs/token':>18}  description")
         for name, p in PRESETS.items():
             cfg = ModelConfig(**p.model)
-            n = MixtureLM(cfg).num_params()
+            with torch.device("meta"):  # shapes only: peer-tiny's tables alone are 1 GiB
+                n = MixtureLM(cfg).num_params()
             print(f"{name:<16}{n:>12,}{forward_flops_per_token(cfg, p.train['seq_len']):>18.3g}  {p.description}")
         return
     if not args.out:
@@ -282,6 +295,9 @@ def cmd_eval(args) -> None:
           f"({res['val_tokens']:,} tokens of {res['data']}, {args.split} split)")
     if "val_loss_causal" in res:
         print(f"with causal (sampling) routing of the MoD blocks: loss {res['val_loss_causal']:.4f}")
+    for k in (k for k in res if k.endswith("peer_usage")):
+        print(f"{k.split('.')[0]}: PEER expert usage {res[k]:.1%}, KL(usage || uniform) "
+              f"{res[k.replace('peer_usage', 'peer_kl')]:.3f}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(res, indent=1))
@@ -319,7 +335,7 @@ def cmd_generate(args) -> None:
 def cmd_flops(args) -> None:
     from . import checkpoint
     from .config import ModelConfig, get_preset
-    from .flops import TRAIN_FLOPS_MULTIPLIER, forward_flops_breakdown
+    from .flops import FORWARD_ONLY_PARTS, forward_flops_breakdown, train_flops_per_token
 
     if args.ckpt:
         ckpt = checkpoint.resolve(args.ckpt)
@@ -335,21 +351,27 @@ def cmd_flops(args) -> None:
         raise UsageError(f"--seq-len must be positive, got {seq_len}")
     parts = forward_flops_breakdown(cfg, seq_len)
     fwd = sum(parts.values())
+    train = train_flops_per_token(cfg, seq_len)
     if args.json:
         print(json.dumps({"model": name, "seq_len": seq_len, "forward_per_token": parts, "forward_total": fwd,
-                          "train_per_token": TRAIN_FLOPS_MULTIPLIER * fwd}, indent=1))
+                          "train_per_token": train}, indent=1))
         return
     print(f"{name}, sequence {seq_len}: FLOPs per token")
+    w = max(14, max(len(k) for k in parts) + 2)
     for k, v in parts.items():
-        print(f"  {k:<14}{v:>14,.0f}  {v / fwd:6.1%}")
-    print(f"  {'forward':<14}{fwd:>14,.0f}")
-    print(f"  {'training':<14}{TRAIN_FLOPS_MULTIPLIER * fwd:>14,.0f}  (forward + backward = 3 x forward)")
+        print(f"  {k:<{w}}{v:>14,.0f}  {v / fwd:6.1%}")
+    print(f"  {'forward':<{w}}{fwd:>14,.0f}")
+    note = ("3 x forward" if not any(k in parts for k in FORWARD_ONLY_PARTS)
+            else f"3 x forward, but 1 x {', '.join(k for k in FORWARD_ONLY_PARTS if k in parts)}")
+    print(f"  {'training':<{w}}{train:>14,.0f}  (forward + backward = {note})")
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench_mod, bench_moe, bench_train
+    from .bench import bench_mod, bench_moe, bench_peer, bench_train
 
-    {"moe": bench_moe, "mod": bench_mod, "train": bench_train}[args.what](args)
+    if args.tokens is None:
+        args.tokens = 2048 if args.what == "peer" else 4096
+    {"moe": bench_moe, "mod": bench_mod, "peer": bench_peer, "train": bench_train}[args.what](args)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,

@@ -8,6 +8,7 @@ Every config is a small kw_only dataclass validated in ``__post_init__``; an inv
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from .errors import UsageError
 
 # FFN kinds a block may have. Later mechanisms (moe, peer) register theirs in layers/__init__.py;
 # the list here is what config validation accepts.
-FFN_KINDS = ("dense", "moe")
+FFN_KINDS = ("dense", "moe", "peer")
 # Routing wrappers that may surround a whole block: Mixture-of-Depths routes tokens around it.
 WRAPPER_KINDS = ("none", "mod")
 
@@ -111,6 +112,44 @@ class MoDConfig:
             raise UsageError(f"MoDConfig.threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
 
 
+PEER_ACTIVATIONS = ("gelu", "relu", "silu")
+PEER_QUERY_NORMS = ("batch", "layer", "none")
+
+
+@dataclass(kw_only=True)
+class PEERConfig:
+    """A PEER layer (layers/peer.py, He 2024): N single-neuron experts retrieved by product keys.
+    Defaults are the paper's (Sec. 3.1): N = 1024^2, h = 8 heads, k = 16 per head, query BatchNorm."""
+
+    n_experts: int = 1024 * 1024  # N, a perfect square (two sets of sqrt(N) sub-keys)
+    n_heads: int = 8  # h query networks sharing one key set and one expert pool
+    top_k: int = 16  # k experts per head
+    d_key: int = 128  # query / product-key size (each sub-key is d_key / 2)
+    activation: str = "gelu"  # of the single-neuron experts: gelu, relu (the paper's two), silu
+    glu: bool = False  # expert act(g_i . x) (u_i . x) v_i, one more N x d table
+    per_head_keys: bool = False  # each head its own sub-keys (the paper shares them); experts stay shared
+    query_norm: str = "batch"  # batch (the paper's; leaks batch statistics in training), layer, none
+    sparse_grad: bool = True  # row-sparse gradients of the expert tables (trained by SparseAdam)
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_experts", "n_heads", "top_k", "d_key")
+        s = math.isqrt(self.n_experts)
+        if s * s != self.n_experts:
+            raise UsageError(f"PEERConfig.n_experts={self.n_experts} is not a perfect square; product keys need "
+                             f"N = S*S, e.g. {s * s} or {(s + 1) ** 2}")
+        if self.d_key % 2:
+            raise UsageError(f"PEERConfig.d_key={self.d_key} is odd; the query is split in two halves, use an even size")
+        if self.top_k > s:
+            raise UsageError(f"PEERConfig.top_k={self.top_k} exceeds sqrt(n_experts)={s}; each half's top-k "
+                             "picks among sqrt(N) sub-keys")
+        if self.activation not in PEER_ACTIVATIONS:
+            raise UsageError(f"PEERConfig.activation={self.activation!r} is unknown; choose one of "
+                             f"{', '.join(PEER_ACTIVATIONS)}")
+        if self.query_norm not in PEER_QUERY_NORMS:
+            raise UsageError(f"PEERConfig.query_norm={self.query_norm!r} is unknown; choose one of "
+                             f"{', '.join(PEER_QUERY_NORMS)}")
+
+
 @dataclass(kw_only=True)
 class BlockSpec:
     """What one transformer block computes: its FFN kind and an optional routing wrapper around it."""
@@ -118,6 +157,8 @@ class BlockSpec:
     ffn: str = "dense"
     ffn_hidden: int | None = None  # None: the model's d_ffn
     moe: MoEConfig | None = None  # required when ffn == "moe"
+    peer: PEERConfig | None = None  # required when ffn == "peer" or peer_beside
+    peer_beside: bool = False  # add PEER(x) to this block's FFN output instead of replacing the FFN
     wrapper: str = "none"
     mod: MoDConfig | None = None  # required when wrapper == "mod"
 
@@ -128,6 +169,16 @@ class BlockSpec:
             self.moe = MoEConfig(**self.moe)
         if self.ffn == "moe" and self.moe is None:
             raise UsageError("BlockSpec.ffn='moe' needs its MoEConfig in BlockSpec.moe")
+        if isinstance(self.peer, dict):
+            self.peer = PEERConfig(**self.peer)
+        if (self.ffn == "peer" or self.peer_beside) and self.peer is None:
+            raise UsageError("BlockSpec.ffn='peer' and peer_beside need a PEERConfig in BlockSpec.peer")
+        if self.peer_beside and self.ffn == "peer":
+            raise UsageError("BlockSpec.peer_beside=True adds PEER beside a dense or moe FFN; with ffn='peer' "
+                             "it would be there twice, set one of them")
+        if self.peer is not None and self.ffn != "peer" and not self.peer_beside:
+            raise UsageError("BlockSpec.peer is given but unused; set ffn='peer' (replace the FFN) or "
+                             "peer_beside=True (add it beside the FFN)")
         if self.wrapper not in WRAPPER_KINDS:
             raise UsageError(
                 f"BlockSpec.wrapper={self.wrapper!r} is unknown; choose one of {', '.join(WRAPPER_KINDS)}"
@@ -241,6 +292,11 @@ class TrainConfig:
     tokenizer: str = "bytes"  # bytes, or bpe:VOCAB
     text_field: str = "text"  # the field read from .jsonl records
     val_fraction: float = 0.02
+    # PEER: learning rate of the expert tables, held constant (product-key memories train their values at a
+    # fixed, higher rate: Lample et al. 2019, Berges et al. 2024); None: lr and its schedule
+    peer_lr: float | None = None
+    # PEER: learning rate of the product keys, held constant; None: lr and its schedule (as PKM trains them)
+    peer_key_lr: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens", "log_every",
@@ -249,6 +305,9 @@ class TrainConfig:
             raise UsageError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        for name in ("peer_lr", "peer_key_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UsageError(f"TrainConfig.{name} must be > 0 (or None: lr), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UsageError("TrainConfig.weight_decay and grad_clip must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -361,6 +420,24 @@ for _size in ("debug", "tiny", "small", "medium"):
     PRESETS[f"mod-{_size}"] = _mod_preset(_size)
     PRESETS[f"mode-{_size}"] = _mode_preset(_size, staged=False)
     PRESETS[f"mode-staged-{_size}"] = _mode_preset(_size, staged=True)
+
+
+def _peer_preset(size: str, n_experts: int, why: str, train_extra: dict | None = None, **peer: Any) -> Preset:
+    """dense-<size> with the FFN of the middle block replaced by PEER, as the paper places it ("in a 12
+    block transformer, we replace the FFN in block 6": block (n_layers - 1) // 2, counted from 0)."""
+    model, train, _ = _DENSE_SIZES[size]
+    middle = (model["n_layers"] - 1) // 2
+    blocks = [{"ffn": "peer", "peer": {"n_experts": n_experts} | peer} if i == middle else {"ffn": "dense"}
+              for i in range(model["n_layers"])]
+    return Preset(f"peer-{size}", why, model | {"blocks": blocks}, train | {"peer_lr": 1e-2} | (train_extra or {}))
+
+
+PRESETS["peer-debug"] = _peer_preset("debug", 64 * 64, "PEER in block 0: 64^2 experts, h 4, k 8, d_key 32; seconds",
+                                     n_heads=4, top_k=8, d_key=32)
+PRESETS["peer-tiny"] = _peer_preset("tiny", 1024 * 1024, "dense-tiny with block 1's FFN a PEER of 1024^2 experts, "
+                                    "h 8, k 16, d_key 128 (the paper's N, h, k)",
+                                    # evaluation over 2^17 tokens: 16 retrievals per expert, so usage can be near 100 %
+                                    train_extra={"eval_tokens": 131072})
 
 
 def get_preset(name: str) -> Preset:

@@ -4,15 +4,22 @@ Conventions (the same as torch.utils.flop_counter.FlopCounterMode, which a test 
 - a multiply-add is 2 FLOPs; only matrix products are counted (norms, RoPE, softmax, SiLU are not);
 - attention scores count the full T x T products (QK^T and AV) that SDPA computes, causal or not:
   4 * T * n_heads * head_dim FLOPs per token per layer, at the training sequence length T;
-- training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul);
 - a Mixture-of-Depths block at training capacity c = C/T (C = ceil(capacity x T) tokens enter) costs its
   linear parts x c and its attention scores x c^2 (C queries over C keys), plus the router and, for the
   causal predictor, the predictor on every token. That is what `--max-flops` and isoFLOP comparisons
-  count; it is the top-k routing of training, not the threshold routing of sampling, whose fraction varies.
+  count; it is the top-k routing of training, not the threshold routing of sampling, whose fraction varies;
+- training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul), except
+  the parts in FORWARD_ONLY_PARTS, which have no backward: PEER's sub-key scores (the top-k has no
+  gradient; the chosen keys' scores are recomputed, and that recomputation is counted apart);
+- PEER's expert rows are read by gathers and EmbeddingBags, which FlopCounterMode does not count:
+  `flop_counter()` counts an EmbeddingBag with per-sample weights as 2 FLOPs per bagged value (a
+  multiply-add), like the batched dot products that do the rest; gathers and the k x k candidate sums
+  (additions) are not counted.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -33,12 +40,24 @@ def moe_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
     return parts
 
 
+def peer_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
+    """Query network 2*D*H*Q; sub-key scores of both halves against sqrt(N) sub-keys each, 2*sqrt(N)*Q per
+    head (forward only); the chosen keys' scores recomputed, 2*K*Q per head; experts u_i . x (and g_i . x
+    for GLU) and the weighted sum of v_i, 2*D per expert and table, H*K experts."""
+    p, D = spec.peer, cfg.d_model
+    H, K, Q, S = p.n_heads, p.top_k, p.d_key, math.isqrt(p.n_experts)
+    return {"peer_query": 2.0 * D * H * Q, "peer_subkey_scores": 2.0 * S * Q * H,
+            "peer_key_scores": 2.0 * K * Q * H, "peer_experts": (3 if p.glu else 2) * 2.0 * H * K * D}
+
+
 FFN_FLOPS: dict[str, Callable[[BlockSpec, ModelConfig], dict[str, float]]] = {
     "dense": lambda spec, cfg: {"ffn": 6.0 * cfg.d_model * (spec.ffn_hidden or cfg.d_ffn)},
     "moe": moe_flops,
+    "peer": peer_flops,
 }
 
 TRAIN_FLOPS_MULTIPLIER = 3.0
+FORWARD_ONLY_PARTS = ("peer_subkey_scores",)
 
 
 def block_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -49,7 +68,8 @@ def block_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, fl
         "attn_scores": 4.0 * seq_len * H * K,
         "attn_out": 2.0 * H * K * D,
     }
-    for name, value in FFN_FLOPS[spec.ffn](spec, cfg).items():
+    ffn = [FFN_FLOPS[spec.ffn](spec, cfg)] + ([peer_flops(spec, cfg)] if spec.peer_beside else [])
+    for name, value in ((n, v) for f in ffn for n, v in f.items()):
         parts[name] = parts.get(name, 0.0) + value
     if spec.wrapper == "mod":
         parts = mod_flops(parts, spec, cfg, seq_len)
@@ -85,7 +105,9 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return TRAIN_FLOPS_MULTIPLIER * forward_flops_per_token(cfg, seq_len)
+    parts = forward_flops_breakdown(cfg, seq_len)
+    forward_only = sum(parts.get(name, 0.0) for name in FORWARD_ONLY_PARTS)
+    return TRAIN_FLOPS_MULTIPLIER * sum(parts.values()) - (TRAIN_FLOPS_MULTIPLIER - 1) * forward_only
 
 
 def measure_matmul_flops(device: str | torch.device = "cpu", n: int = 2048, dtype=torch.float32,
@@ -123,9 +145,16 @@ def _grouped_mm_flops(mat_a, mat_b, *args, out_shape=None, **kwargs) -> int:
     return 2 * n_out * mat_a[-1]
 
 
+def _embedding_bag_flops(weight, indices, *args, out_shape=None, **kwargs) -> int:
+    n = 1
+    for s in indices:
+        n *= s
+    return 2 * n * weight[1]  # a multiply-add per bagged value (PEER always passes per-sample weights)
+
+
 def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
     """torch's FlopCounterMode, taught what it does not count in torch 2.13: the CPU flash-attention
-    kernel and torch._grouped_mm (the MoE experts)."""
+    kernel, torch._grouped_mm (the MoE experts) and EmbeddingBag (PEER's experts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
@@ -133,5 +162,7 @@ def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
         aten._grouped_mm: _grouped_mm_flops,
+        aten._embedding_bag: _embedding_bag_flops,
+        aten._embedding_bag_forward_only: _embedding_bag_flops,
     }
     return FlopCounterMode(display=False, custom_mapping=mapping, **kwargs)

@@ -22,6 +22,7 @@ from .layers.attention import Attention, LayerKVCache, rope_angles
 from .layers.ffn import SwiGLU
 from .layers.mod import MoD
 from .layers.moe import MoE
+from .layers.peer import PEER
 
 Aux = dict[str, torch.Tensor]  # "loss/<name>" entries are auxiliary losses, "stat/<name>" statistics
 
@@ -39,10 +40,39 @@ def _build_mod(block: nn.Module, spec: BlockSpec, cfg: ModelConfig) -> MoD:
                calibrate=m.calibrate, threshold_momentum=m.threshold_momentum, gate=m.gate)
 
 
+def _build_peer(spec: BlockSpec, cfg: ModelConfig) -> PEER:
+    p = spec.peer
+    return PEER(cfg.d_model, p.n_experts, p.n_heads, p.top_k, p.d_key, activation=p.activation, glu=p.glu,
+                per_head_keys=p.per_head_keys, query_norm=p.query_norm, sparse_grad=p.sparse_grad)
+
+
 FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
     "dense": lambda spec, cfg: SwiGLU(cfg.d_model, spec.ffn_hidden or cfg.d_ffn),
     "moe": _build_moe,
+    "peer": _build_peer,
 }
+
+
+class Beside(nn.Module):
+    """An FFN with a second one added beside it: main(x) + extra(x) (PEER beside the dense FFN, Fig. 2 of
+    He 2024; clovaai/pkm-transformers found memories next to the FFN stay in use)."""
+
+    has_aux = True
+
+    def __init__(self, main: nn.Module, extra: nn.Module) -> None:
+        super().__init__()
+        self.main, self.extra = main, extra
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        y1, aux1 = call_with_aux(self.main, x, return_aux)
+        y2, aux2 = call_with_aux(self.extra, x, return_aux)
+        return (y1 + y2, {**aux1, **{f"{k}_beside" if k in aux1 else k: v for k, v in aux2.items()}}) \
+            if return_aux else y1 + y2
+
+
+def build_ffn(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
+    ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
+    return Beside(ffn, _build_peer(spec, cfg)) if spec.peer_beside else ffn
 WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Module]] = {
     "none": lambda block, spec, cfg: block,
     "mod": _build_mod,
@@ -75,7 +105,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
+        self.ffn = build_ffn(spec, cfg)
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None,
                 return_aux: bool = True, causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
@@ -133,9 +163,10 @@ class MixtureLM(nn.Module):
         # Residual-branch outputs are scaled down with depth (GPT-2) so the residual stream stays O(1).
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, MoE):
+            if isinstance(module, (MoE, PEER)):
                 module.reset_parameters(std, out_std)
-            elif isinstance(module, (nn.Linear, nn.Embedding)) and ".router." not in name:
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and ".router." not in name and not name.endswith(
+                    ".query"):  # PEER's query network: initialised by PEER.reset_parameters
                 is_out = name.endswith(("attn.out", ".down"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:

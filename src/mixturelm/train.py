@@ -157,14 +157,67 @@ def clear_out_dir(out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding)."""
+def peer_parameters(model: torch.nn.Module) -> tuple[list, list, list]:
+    """PEER's parameters that train apart: expert tables with sparse gradients (SparseAdam), expert
+    tables with dense gradients, and product keys (both AdamW, without weight decay)."""
+    from .layers.peer import PEER
+
+    sparse, dense, keys = [], [], []
+    for m in model.modules():
+        if isinstance(m, PEER):
+            (sparse if m.sparse_grad else dense).extend(m.expert_tables())
+            keys.append(m.sub_keys)
+    return sparse, dense, keys
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, peer_lr: float | None = None,
+                 peer_key_lr: float | None = None) -> list[dict]:
+    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding). PEER's
+    dense-gradient expert tables (at peer_lr) and its product keys (at peer_key_lr) form groups of
+    their own, without decay; its sparse-gradient tables are left to a SparseAdam (peer_parameters)."""
+    sparse, tables, keys = peer_parameters(model)
+    memory = {id(p) for p in sparse + tables + keys}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in memory:
             continue
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for params, lr in ((tables, peer_lr), (keys, peer_key_lr)):
+        if params:
+            groups.append({"params": params, "weight_decay": 0.0, "fixed_lr": lr is not None}
+                          | ({"lr": lr} if lr is not None else {}))
+    return groups
+
+
+def mark_coalesced(params) -> None:
+    """Autograd drops the coalesced flag of a sparse gradient when it stores it; PEER's row gradients are
+    coalesced (distinct, sorted rows), so check that cheaply and set it again, sparing SparseAdam a sort."""
+    for p in params:
+        g = p.grad
+        if g is None or not g.is_sparse or g.is_coalesced():
+            continue
+        idx = g._indices()[0]
+        if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+            p.grad = torch.sparse_coo_tensor(g._indices(), g._values(), g.shape, is_coalesced=True,
+                                             check_invariants=False)
+        else:
+            p.grad = g.coalesce()
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, for dense and (coalesced) sparse gradients alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g._values() for g in grads if g.is_sparse]
+    norms = [torch.linalg.vector_norm(g) for g in dense + sparse]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if max_norm != float("inf"):
+        for g in dense + sparse:
+            g.mul_(coef.to(g.device))
+    return total
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -295,27 +348,41 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: 
     """Mean next-token loss over the fixed validation windows, with perplexity and bits per byte.
 
     Models with Mixture-of-Depths blocks are also evaluated with causal routing (val_loss_causal): the
-    token-by-token decisions of sampling, where the training-time top-k looks at future tokens."""
+    token-by-token decisions of sampling, where the training-time top-k looks at future tokens. For PEER
+    layers, expert usage over the same tokens ("layer{i}.peer_usage", "layer{i}.peer_kl")."""
+    from .layers.peer import PEER, usage_from_scores
+
     was_training = model.training
     model.eval()
+    has_peer = any(isinstance(m, PEER) for m in model.modules())
     windows = val_windows(data.val, seq_len, max_tokens)[d.rank::d.world]
     routings = [False, True] if any(isinstance(m, MoD) for m in model.modules()) else [False]
     total = torch.zeros(len(routings), 2, dtype=torch.float64)
+    scores: dict[str, torch.Tensor] = {}  # router scores accumulated per expert, per PEER layer
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch].to(device)
         for j, causal in enumerate(routings):
             with autocast():
-                loss = model(w[:, :-1], w[:, 1:], causal_routing=causal).loss
-            total[j] += torch.tensor([loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
+                out = model(w[:, :-1], w[:, 1:], return_aux=has_peer and j == 0, causal_routing=causal)
+            for name, v in out.stats.items():
+                if name.endswith("expert_scores"):
+                    scores[name] = scores[name] + v.double() if name in scores else v.double()
+            total[j] += torch.tensor([out.loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
     if d.world > 1:
         dist.all_reduce(total)
+        for v in scores.values():
+            dist.all_reduce(v)
     model.train(was_training)
     loss = (total[0, 0] / total[0, 1]).item()
-    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
+    res = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
            "val_bpb": loss / math.log(2) / data.val.bytes_per_token, "val_tokens": int(total[0, 1])}
     if len(routings) > 1:
-        out["val_loss_causal"] = (total[1, 0] / total[1, 1]).item()
-    return out
+        res["val_loss_causal"] = (total[1, 0] / total[1, 1]).item()
+    for name, v in sorted(scores.items()):
+        u = usage_from_scores(v.cpu())
+        layer = name.removesuffix("expert_scores").rstrip("._")
+        res[f"{layer}.peer_usage"], res[f"{layer}.peer_kl"] = u["usage"], u["kl_uniform"]
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,11 +443,26 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
-        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+        groups = param_groups(self.model, t.weight_decay, t.peer_lr, t.peer_key_lr)
+        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                                      fused=True)  # one kernel per step, on CPU as on CUDA
         warmup = min(t.warmup_steps, self.total_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, warmup, self.total_steps, t.min_lr_ratio))
+
+        def schedule(s: int) -> float:
+            return lr_factor(s, warmup, self.total_steps, t.min_lr_ratio)
+
+        def constant(s: int) -> float:
+            return 1.0
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # a given peer_lr / peer_key_lr is held fixed
+            self.opt, [constant if g.get("fixed_lr") else schedule for g in groups])
+        # PEER's sparse-gradient expert tables: lazy Adam on the touched rows only (no N x d work per step)
+        self.sparse_params = peer_parameters(self.model)[0]
+        self.sparse_opt = self.sparse_sched = None
+        if self.sparse_params:
+            self.sparse_opt = torch.optim.SparseAdam(self.sparse_params, lr=t.peer_lr or t.lr, betas=(t.beta1, t.beta2))
+            self.sparse_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.sparse_opt, schedule if t.peer_lr is None else constant)
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
         ckpt = checkpoint.latest(self.out_dir) if self.resume else None
@@ -390,6 +472,9 @@ class Trainer:
             state = checkpoint.load_train_state(ckpt)
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            if self.sparse_opt is not None:
+                self.sparse_opt.load_state_dict(state["peer_optimizer"])
+                self.sparse_sched.load_state_dict(state["peer_scheduler"])
             _set_rng_state(state["rng"])
             start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
             self.log(f"resuming from {ckpt} at step {start}")
@@ -424,6 +509,9 @@ class Trainer:
             return
         state = {"step": step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": _rng_state(), "tokens_seen": self.tokens_seen, "elapsed": self.elapsed}
+        if self.sparse_opt is not None:
+            state["peer_optimizer"] = self.sparse_opt.state_dict()
+            state["peer_scheduler"] = self.sparse_sched.state_dict()
         checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
                         keep=self.cfg.train.keep_ckpts)
 
@@ -450,11 +538,19 @@ class Trainer:
                 if v.numel() == 1:
                     stat_sums[k] = stat_sums.get(k, 0.0) + v.item() / t.grad_accum
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.sparse_opt is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        else:  # one norm over dense and sparse gradients alike
+            mark_coalesced(self.sparse_params)
+            grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.sparse_opt is not None:
+            self.sparse_opt.step()
+            self.sparse_sched.step()
+            self.sparse_opt.zero_grad(set_to_none=True)
         self._after_optimizer_step()
         record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
         names = [f"aux/{k}" for k in aux_sums] + [f"stat/{k}" for k in stat_sums]
@@ -566,6 +662,12 @@ class Trainer:
                                  for n in layers)
                      + (f"; val loss top-k {record['val_loss']:.4f}, causal {record['val_loss_causal']:.4f}"
                         if "val_loss_causal" in record else ""))
+        usage = {k.split(".")[0]: {"usage": v, "kl_uniform": record[k.replace("peer_usage", "peer_kl")]}
+                 for k, v in record.items() if k.endswith("peer_usage")}
+        if usage:
+            summary["peer_usage"] = usage
+            self.log("PEER expert usage over the last evaluation (the paper's Table 2): " + ", ".join(
+                f"{k} {u['usage']:.1%} of experts, KL(usage || uniform) {u['kl_uniform']:.3f}" for k, u in usage.items()))
         loads = {k.removeprefix("stat/"): v for k, v in record.items() if k.endswith("load_max_over_mean")}
         if loads:
             summary["load_max_over_mean"] = loads

@@ -5,5 +5,7 @@ Each layer is an nn.Module mapping (B, T, d) to (B, T, d), usable in any PyTorch
 
 from .attention import Attention, LayerKVCache, apply_rope, rope_angles
 from .ffn import SwiGLU
+from .moe import MoE
+from .peer import PEER
 
-__all__ = ["Attention", "LayerKVCache", "SwiGLU", "apply_rope", "rope_angles"]
+__all__ = ["Attention", "LayerKVCache", "MoE", "PEER", "SwiGLU", "apply_rope", "rope_angles"]

@@ -1,0 +1,246 @@
+"""Fused CPU kernels for PEER, compiled on first use: the gather-and-dot out_tj = table[ids_tj] . x_t,
+and the product-key top-k (each half's top-k, then the top-k of the k x k sums, in one pass).
+
+PyTorch has no fused op for it: index_select + bmm writes every gathered row to memory and reads it
+again, and a batched (1 x d)(d x 1) product runs at a fraction of the memory bandwidth. This loop
+reads each row once, prefetching rows a few pairs ahead (the gather is latency bound: rows are 1 KB
+apart at random in a table of gigabytes), and parallelises over tokens with OpenMP. The top-k keeps
+k values per row in a sorted array (one comparison for most scores), where torch.topk partially
+sorts each row and the candidate stage would take ten more ops.
+
+It is plain C called through ctypes, so it needs only a C compiler (`cc`, found on first use and
+built into $MIXTURELM_CACHE/kernels, ~1 s); where there is none, or on CUDA, or with
+MIXTURELM_PEER_KERNEL=0, PEER uses the PyTorch ops instead (same results, tested both ways).
+The library links libgomp by its soname, so it joins the OpenMP runtime that torch has loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#define PF 4  /* rows prefetched ahead */
+
+#define GATHER_DOT(NAME, T)                                                                           \
+void NAME(const T* table, const int64_t* ids, const T* x, T* out, int64_t n_tok, int64_t J,        \
+          int64_t D, int n_threads) {                                                              \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t t = 0; t < n_tok; ++t) {                                                          \
+        const T* xt = x + t * D;                                                                   \
+        const int64_t* it = ids + t * J;                                                           \
+        for (int64_t j = 0; j < J; ++j) {                                                          \
+            if (j + PF < J) {                                                                      \
+                const char* ahead = (const char*)(table + it[j + PF] * D);                         \
+                for (int64_t b = 0; b < D * (int64_t)sizeof(T); b += 64)                           \
+                    __builtin_prefetch(ahead + b, 0, 0);                                           \
+            }                                                                                      \
+            const T* row = table + it[j] * D;                                                      \
+            T s = 0;                                                                               \
+            _Pragma("omp simd reduction(+:s)")                                                     \
+            for (int64_t d = 0; d < D; ++d) s += row[d] * xt[d];                                   \
+            out[t * J + j] = s;                                                                    \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+GATHER_DOT(gather_dot_f32, float)
+GATHER_DOT(gather_dot_f64, double)
+
+/* keep the k largest of a stream, sorted descending; on ties the earlier one stays first */
+#define TOPK_INSERT(T)                                                                             \
+static inline void topk_insert_##T(T* val, int64_t* idx, int64_t k, T v, int64_t i) {              \
+    if (!(v > val[k - 1])) return;                                                                 \
+    int64_t p = k - 1;                                                                             \
+    while (p > 0 && v > val[p - 1]) { val[p] = val[p - 1]; idx[p] = idx[p - 1]; --p; }              \
+    val[p] = v; idx[p] = i;                                                                        \
+}
+TOPK_INSERT(float)
+TOPK_INSERT(double)
+
+/* Product-key top-k. scores: (2, H, n_tok, S), the two halves' sub-key scores of each head's query.
+   For each (token, head): the top-k of each half, then the top-k of the k*k sums, best first.
+   Writes the sub-key ids a, b: (n_tok, H, k). k <= 64. */
+#define PK_TOPK(NAME, T)                                                                           \
+void NAME(const T* scores, int64_t* a_out, int64_t* b_out, int64_t n_tok, int64_t H, int64_t S,    \
+          int64_t k, int n_threads) {                                                              \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t th = 0; th < n_tok * H; ++th) {                                                   \
+        int64_t t = th / H, h = th % H;                                                            \
+        T v1[64], v2[64], vc[64]; int64_t i1[64], i2[64], ic[64];                                  \
+        for (int64_t p = 0; p < k; ++p) { v1[p] = v2[p] = vc[p] = -(T)INFINITY; i1[p] = i2[p] = ic[p] = -1; } \
+        const T* r1 = scores + (h * n_tok + t) * S;                                                \
+        const T* r2 = scores + ((H + h) * n_tok + t) * S;                                          \
+        for (int64_t s = 0; s < S; ++s) { topk_insert_##T(v1, i1, k, r1[s], s);                     \
+                                          topk_insert_##T(v2, i2, k, r2[s], s); }                  \
+        for (int64_t p = 0; p < k; ++p) {                                                          \
+            if (!(v1[p] + v2[0] > vc[k - 1])) break;  /* rows sorted: nothing further can enter */  \
+            for (int64_t q = 0; q < k; ++q) {                                                      \
+                T v = v1[p] + v2[q];                                                               \
+                if (!(v > vc[k - 1])) break;                                                       \
+                topk_insert_##T(vc, ic, k, v, p * k + q);                                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t p = 0; p < k; ++p) {                                                          \
+            a_out[th * k + p] = i1[ic[p] / k];                                                     \
+            b_out[th * k + p] = i2[ic[p] % k];                                                     \
+        }                                                                                          \
+    }                                                                                              \
+}
+PK_TOPK(pk_topk_f32, float)
+PK_TOPK(pk_topk_f64, double)
+
+/* Table-gradient rows: out[r] = sum over the pairs p of row r (in grouped order) of w[order[p]] * src[token[p]].
+   Rows in parallel; each is written once, so there is no race and no zero-fill of the output. */
+#define ROW_GRAD(NAME, T)                                                                          \
+void NAME(const T* src, const T* w, const int64_t* order, const int64_t* token,                    \
+          const int64_t* offsets, T* out, int64_t R, int64_t n, int64_t D, int n_threads) {         \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        T* o = out + r * D;                                                                        \
+        int64_t end = r + 1 < R ? offsets[r + 1] : n;                                              \
+        for (int64_t d = 0; d < D; ++d) o[d] = 0;                                                  \
+        for (int64_t p = offsets[r]; p < end; ++p) {                                               \
+            const T* s = src + token[p] * D;                                                       \
+            T wp = w[order[p]];                                                                    \
+            _Pragma("omp simd")                                                                    \
+            for (int64_t d = 0; d < D; ++d) o[d] += wp * s[d];                                     \
+        }                                                                                          \
+    }                                                                                              \
+}
+ROW_GRAD(row_grad_f32, float)
+ROW_GRAD(row_grad_f64, double)
+
+/* Group the n pairs by row id (a stable counting sort; ids in [0, n_rows), count zeroed, n_rows + 1
+   long): order (pairs by row), token (= order / J), the distinct rows ascending and where each
+   row's pairs start. Returns the number of distinct rows. */
+int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int64_t* count,
+                   int64_t* order, int64_t* token, int64_t* rows, int64_t* offsets) {
+    for (int64_t p = 0; p < n; ++p) count[ids[p] + 1]++;
+    int64_t R = 0;
+    for (int64_t r = 0; r < n_rows; ++r) {
+        if (count[r + 1]) { rows[R] = r; offsets[R] = count[r]; ++R; }
+        count[r + 1] += count[r];
+    }
+    for (int64_t p = 0; p < n; ++p) {
+        int64_t dst = count[ids[p]]++;
+        order[dst] = p;
+        token[dst] = p / J;
+    }
+    return R;
+}
+"""
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MIXTURELM_CACHE", Path.home() / ".cache" / "mixturelm")) / "kernels"
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    key = hashlib.sha256((SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"peer_{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, out = Path(tmp) / "peer.c", Path(tmp) / "peer.so"
+            src.write_text(SOURCE)
+            proc = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                warnings.warn(f"PEER kernel did not compile, using PyTorch ops: {proc.stderr[-500:]}")
+                return None
+            os.replace(out, path)  # atomic: a concurrent build finds a whole library or none
+    lib = ctypes.CDLL(str(path))
+    for name in ("gather_dot_f32", "gather_dot_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    for name in ("row_grad_f32", "row_grad_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.group_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
+    lib.group_rows.restype = ctypes.c_int64
+    for name in ("pk_topk_f32", "pk_topk_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be had (then the caller uses PyTorch ops)."""
+    global _lib, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("MIXTURELM_PEER_KERNEL", "1") != "0":
+            try:
+                _lib = _build()
+            except OSError as e:
+                warnings.warn(f"PEER kernel unavailable, using PyTorch ops: {e}")
+    return _lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    return (all(t.device.type == "cpu" for t in tensors) and tensors[0].dtype in (torch.float32, torch.float64)
+            and library() is not None)
+
+
+def gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    """out_tj = table[ids_tj] . x_t for contiguous CPU float32/float64 tensors (ids int64, in range)."""
+    table_ND, ids_TJ = table_ND.contiguous(), ids_TJ.contiguous()
+    x_TD = x_TD.to(table_ND.dtype).contiguous()
+    T, J = ids_TJ.shape
+    out = torch.empty(T, J, dtype=table_ND.dtype)
+    fn = library().gather_dot_f32 if table_ND.dtype == torch.float32 else library().gather_dot_f64
+    fn(table_ND.data_ptr(), ids_TJ.data_ptr(), x_TD.data_ptr(), out.data_ptr(), T, J, table_ND.shape[1],
+       torch.get_num_threads())
+    return out
+
+
+def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product-key top-k from the two halves' sub-key scores (2, H, T, S), in one pass per
+    (token, head): sub-key ids a, b, each (T, H, k), best first. k <= 64."""
+    scores_2HTS = scores_2HTS.contiguous()
+    _, H, T, S = scores_2HTS.shape
+    a = torch.empty(T, H, k, dtype=torch.int64)
+    b = torch.empty(T, H, k, dtype=torch.int64)
+    fn = library().pk_topk_f32 if scores_2HTS.dtype == torch.float32 else library().pk_topk_f64
+    fn(scores_2HTS.data_ptr(), a.data_ptr(), b.data_ptr(), T, H, S, k, torch.get_num_threads())
+    return a, b
+
+
+def group_rows(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
+    """Pairs grouped by row id, by a counting sort: (token of each pair, pair order, distinct rows,
+    offsets), in expert order; the same as a stable sort by id."""
+    ids = ids_TJ.contiguous()
+    n, J = ids.numel(), ids.shape[1]
+    count = torch.zeros(n_rows + 1, dtype=torch.int64)
+    order, token = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    rows, offsets = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    R = library().group_rows(ids.data_ptr(), n, n_rows, J, count.data_ptr(), order.data_ptr(), token.data_ptr(),
+                             rows.data_ptr(), offsets.data_ptr())
+    return token, order, rows[:R], offsets[:R]
+
+
+def row_grad(src_TD: torch.Tensor, w_TJ: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+             offsets_R: torch.Tensor) -> torch.Tensor:
+    """The touched rows of a table's gradient: row r = sum over its pairs p of w_p * src[token_p]."""
+    src_TD = src_TD.contiguous()
+    w = w_TJ.to(src_TD.dtype).contiguous()
+    R, D = offsets_R.numel(), src_TD.shape[1]
+    out = torch.empty(R, D, dtype=src_TD.dtype)
+    fn = library().row_grad_f32 if src_TD.dtype == torch.float32 else library().row_grad_f64
+    fn(src_TD.data_ptr(), w.data_ptr(), order.data_ptr(), token.data_ptr(), offsets_R.data_ptr(), out.data_ptr(),
+       R, order.numel(), D, torch.get_num_threads())
+    return out

@@ -1,0 +1,310 @@
+"""PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts", arXiv 2407.04153).
+
+    f(x) = sum_{heads h} sum_{i in I_h(x)} softmax_i(q_h(x)^T k_i) * act(u_i^T x) v_i          (Eq. 3, 7; Alg. 1)
+
+N single-neuron experts e_i(x) = act(u_i . x) v_i, shared by h heads. Each head has its own query
+q_h(x) and retrieves its top-k experts from N product keys k_i = [c_a; c'_b] (Lample et al. 2019):
+the top-k of each half's sqrt(N) sub-key scores, then the top-k of the k x k sums, which is exact
+and never builds an N-sized score tensor. The head's k scores go through a softmax.
+
+Options: per-head sub-keys (the expert pool stays shared), a GLU expert act(g_i . x) (u_i . x) v_i,
+query normalisation "batch" (the paper's default, from PKM), "layer" or "none". BatchNorm on the
+query uses the statistics of the whole batch in training, so a token's query depends on the other
+tokens of the batch, future positions of its own sequence included: a small causal leak, present in
+the paper and PKM, gone at eval (running statistics). "layer" has no leak.
+
+Speed and memory: the expert tables are only ever touched row by row. Two autograd functions do
+the heavy work and save nothing larger than (tokens, h*k):
+- `gather_dot`: h_j = u_{id_j} . x_{t_j} (gather rows, batched dot, in token chunks); its backward
+  is an EmbeddingBag over U for dx and one over x (grouped by expert) for the touched rows of dU;
+- `bag_sum`: y_t = sum_j w_j v_{id_j}, one EmbeddingBag with per-sample weights over all h*k
+  experts of a token; its backward gathers-and-dots for dw and bags dy for the touched rows of dV.
+The table gradients are sparse (coalesced rows, `sparse_grad=True`, for torch.optim.SparseAdam) or
+dense. The sub-key scores run without autograd: the scores of the chosen keys are recomputed with
+`gather_dot`, which has the same gradient as the top-k (zero on keys that were not chosen).
+
+Dimension letters: T tokens, D d_model, H heads, K top-k per head, J = H*K experts per token,
+S = sqrt(N) sub-keys per half, Q d_key (query size per head), P = Q/2, R touched rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import kernels
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+QUERY_NORMS = ("batch", "layer", "none")
+CHUNK_ELEMENTS = 1 << 22  # gathered rows per chunk of gather_dot (16 MB in fp32): stays in cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-wise table operations
+
+@dataclass
+class Rows:
+    """The (token, expert) pairs of a call grouped by expert: which rows a table gradient touches.
+    pair p = t*J + j; `order` sorts pairs by expert id, `rows_R` are the distinct ids, `offsets_R`
+    where each row's pairs start in the sorted order."""
+
+    token_sorted: torch.Tensor  # (T*J,) token of each pair, in expert order
+    order: torch.Tensor  # (T*J,) pair index, in expert order
+    rows_R: torch.Tensor  # (R,) distinct expert ids, ascending
+    offsets_R: torch.Tensor  # (R,) start of each row's pairs in the sorted order
+
+    @staticmethod
+    def of(ids_TJ: torch.Tensor, n_rows: int) -> Rows:
+        with torch.no_grad():
+            if _get_current_dispatch_mode() is None and kernels.usable(torch.empty(0), ids_TJ):
+                return Rows(*kernels.group_rows(ids_TJ, n_rows))
+            J = ids_TJ.shape[1]
+            flat = ids_TJ.reshape(-1)
+            # int32 keys sort several times faster on CPU than int64
+            ids_sorted, order = (flat.int() if n_rows < 2**31 else flat).sort(stable=True)
+            ids_sorted = ids_sorted.long()
+            rows_R, counts_R = torch.unique_consecutive(ids_sorted, return_counts=True)
+            offsets_R = torch.zeros_like(counts_R)
+            offsets_R[1:] = counts_R.cumsum(0)[:-1]
+            return Rows(order // J, order, rows_R, offsets_R)
+
+    def table_grad(self, src_TD: torch.Tensor, weight_TJ: torch.Tensor, n_rows: int, sparse: bool) -> torch.Tensor:
+        """d table[r] = sum over pairs (t, j) with id r of weight_tj * src_t: a bag over src rows."""
+        if _get_current_dispatch_mode() is None and kernels.usable(src_TD, weight_TJ):
+            rows_RD = kernels.row_grad(src_TD, weight_TJ, self.order, self.token_sorted, self.offsets_R)
+        else:
+            rows_RD = F.embedding_bag(self.token_sorted, src_TD, self.offsets_R, mode="sum",
+                                      per_sample_weights=weight_TJ.reshape(-1)[self.order])
+        if sparse:
+            return torch.sparse_coo_tensor(self.rows_R[None], rows_RD, (n_rows, src_TD.shape[1]),
+                                           is_coalesced=True, check_invariants=False)
+        return torch.zeros(n_rows, src_TD.shape[1], dtype=rows_RD.dtype,
+                           device=rows_RD.device).index_copy_(0, self.rows_R, rows_RD)
+
+
+def _gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    """out_tj = table[ids_tj] . x_t: the fused CPU kernel (layers/kernels.py) where it can be had and no
+    dispatch mode (FlopCounterMode, fake tensors) must see the ops; else PyTorch ops, gathering at most
+    CHUNK_ELEMENTS table values at a time."""
+    if _get_current_dispatch_mode() is None and kernels.usable(table_ND, ids_TJ, x_TD):
+        return kernels.gather_dot(table_ND, ids_TJ, x_TD)
+    T, J = ids_TJ.shape
+    D = table_ND.shape[1]
+    out_TJ = torch.empty(T, J, dtype=x_TD.dtype, device=x_TD.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, J * D))
+    buf = torch.empty(min(step, T) * J, D, dtype=table_ND.dtype, device=table_ND.device)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        rows = torch.index_select(table_ND, 0, ids_TJ[t0:t1].reshape(-1), out=buf[:(t1 - t0) * J])
+        torch.bmm(rows.view(t1 - t0, J, D), x_TD[t0:t1, :, None], out=out_TJ[t0:t1, :, None])
+    return out_TJ
+
+
+def _bag(table_ND: torch.Tensor, ids_TJ: torch.Tensor, weight_TJ: torch.Tensor) -> torch.Tensor:
+    """out_t = sum_j weight_tj * table[ids_tj]: one bag of J rows per token."""
+    return F.embedding_bag(ids_TJ, table_ND, mode="sum", per_sample_weights=weight_TJ)
+
+
+class GatherDot(torch.autograd.Function):
+    """h_TJ = table[ids] . x (per pair), with a row-wise backward."""
+
+    @staticmethod
+    def forward(ctx, x_TD, table_ND, ids_TJ, rows: Rows | None, sparse: bool):
+        xt = x_TD.to(table_ND.dtype)
+        ctx.save_for_backward(xt, table_ND, ids_TJ)
+        ctx.rows, ctx.sparse, ctx.x_dtype = rows, sparse, x_TD.dtype
+        return _gather_dot(table_ND, ids_TJ, xt.contiguous())
+
+    @staticmethod
+    def backward(ctx, dh_TJ):
+        x_TD, table_ND, ids_TJ = ctx.saved_tensors
+        dh_TJ = dh_TJ.to(table_ND.dtype).contiguous()
+        dx = _bag(table_ND, ids_TJ, dh_TJ).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dtable = None
+        if ctx.needs_input_grad[1]:
+            rows = ctx.rows or Rows.of(ids_TJ, table_ND.shape[0])
+            dtable = rows.table_grad(x_TD, dh_TJ, table_ND.shape[0], ctx.sparse)
+        return dx, dtable, None, None, None
+
+
+class BagSum(torch.autograd.Function):
+    """y_TD = sum_j w_tj table[ids_tj], with a row-wise backward."""
+
+    @staticmethod
+    def forward(ctx, w_TJ, table_ND, ids_TJ, rows: Rows | None, sparse: bool):
+        wt = w_TJ.to(table_ND.dtype).contiguous()
+        ctx.save_for_backward(wt, table_ND, ids_TJ)
+        ctx.rows, ctx.sparse = rows, sparse
+        return _bag(table_ND, ids_TJ, wt)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        w_TJ, table_ND, ids_TJ = ctx.saved_tensors
+        dy_TD = dy_TD.to(table_ND.dtype).contiguous()  # bf16 autocast: the tables' dtype
+        dw = _gather_dot(table_ND, ids_TJ, dy_TD) if ctx.needs_input_grad[0] else None
+        dtable = None
+        if ctx.needs_input_grad[1]:
+            rows = ctx.rows or Rows.of(ids_TJ, table_ND.shape[0])
+            dtable = rows.table_grad(dy_TD, w_TJ, table_ND.shape[0], ctx.sparse)
+        return dw, dtable, None, None, None
+
+
+def gather_dot(x_TD, table_ND, ids_TJ, rows: Rows | None = None, sparse: bool = False) -> torch.Tensor:
+    return GatherDot.apply(x_TD, table_ND, ids_TJ, rows, sparse)
+
+
+def bag_sum(w_TJ, table_ND, ids_TJ, rows: Rows | None = None, sparse: bool = False) -> torch.Tensor:
+    return BagSum.apply(w_TJ, table_ND, ids_TJ, rows, sparse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Product-key retrieval
+
+@torch.no_grad()
+def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over the S*S product keys [c_a; c'_b] of each head's query, by the top-k of each
+    half, then the top-k of the k x k candidate sums (Lample et al. 2019). keys_2LSP holds the two
+    sub-key sets, L = 1 (shared) or H (per head). Returns the sub-key ids (a, b), each (T, H, K),
+    best first; the expert id is a * S + b."""
+    T, H, Q = q_THQ.shape
+    L, S, P = keys_2LSP.shape[1:]
+    q_2XP = q_THQ.reshape(T, H, 2, P).permute(2, 1, 0, 3)  # (half, head, token, P)
+    if L == 1:
+        s_2LTS = torch.bmm(q_2XP.reshape(2, H * T, P), keys_2LSP[:, 0].transpose(1, 2)).view(2, H, T, S)
+    else:
+        s_2LTS = torch.bmm(q_2XP.reshape(2 * H, T, P), keys_2LSP.reshape(2 * H, S, P).transpose(1, 2)).view(2, H, T, S)
+    if k <= 64 and _get_current_dispatch_mode() is None and kernels.usable(s_2LTS):
+        return kernels.product_key_topk(s_2LTS, k)
+    v_2HTK, i_2HTK = s_2LTS.topk(k, dim=-1)
+    v1, v2 = v_2HTK.permute(0, 2, 1, 3)  # (T, H, K) each
+    i1, i2 = i_2HTK.permute(0, 2, 1, 3)
+    cand_THKK = v1[..., :, None] + v2[..., None, :]
+    _, pos_THK = cand_THKK.reshape(T, H, k * k).topk(k, dim=-1)
+    a_THK = i1.gather(-1, torch.div(pos_THK, k, rounding_mode="floor"))
+    b_THK = i2.gather(-1, pos_THK % k)
+    return a_THK, b_THK
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+class PEER(nn.Module):
+    """PEER layer mapping (B, T, D) to (B, T, D); `y, aux = peer(x, return_aux=True)` also gives its
+    statistics: "stat/expert_scores" (N,) the router scores summed per expert over the call (the z of
+    the paper's Table 2 before normalisation), "stat/experts_used_fraction" of this call."""
+
+    has_aux = True
+
+    def __init__(self, d_model: int, n_experts: int, n_heads: int = 8, top_k: int = 16, d_key: int = 128, *,
+                 activation: str = "gelu", glu: bool = False, per_head_keys: bool = False,
+                 query_norm: str = "batch", sparse_grad: bool = False) -> None:
+        super().__init__()
+        S = math.isqrt(n_experts)
+        if S * S != n_experts:
+            raise ValueError(f"n_experts={n_experts} is not a perfect square (product keys need S*S)")
+        if d_key % 2:
+            raise ValueError(f"d_key={d_key} must be even (two halves)")
+        if not 1 <= top_k <= S:
+            raise ValueError(f"top_k={top_k} must be between 1 and sqrt(n_experts)={S}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"query_norm={query_norm!r} is unknown; choose one of {', '.join(QUERY_NORMS)}")
+        self.d_model, self.n_experts, self.n_heads, self.top_k, self.d_key = d_model, n_experts, n_heads, top_k, d_key
+        self.n_sub_keys, self.activation, self.glu, self.sparse_grad = S, activation, glu, sparse_grad
+        self.query = nn.Linear(d_model, n_heads * d_key, bias=False)
+        # BatchNorm over the H*Q query features (PKM, the paper's default); LayerNorm per head's query
+        self.query_norm = {"batch": lambda: nn.BatchNorm1d(n_heads * d_key), "layer": lambda: nn.LayerNorm(d_key),
+                           "none": nn.Identity}[query_norm]()
+        self.query_norm_kind = query_norm
+        self.sub_keys = nn.Parameter(torch.empty(2, n_heads if per_head_keys else 1, S, d_key // 2))
+        self.w_down = nn.Parameter(torch.empty(n_experts, d_model))  # u_i
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model))  # v_i
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model)) if glu else None  # g_i (GLU variant)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float | None = None, out_std: float | None = None) -> None:
+        """Sub-keys uniform in +-1/sqrt(Q/2) (PKM); u_i (and g_i) N(0, std), default 1/sqrt(D) (a unit
+        pre-activation); v_i N(0, out_std), default std / sqrt(H*K)."""
+        std = std or self.d_model ** -0.5
+        nn.init.uniform_(self.sub_keys, -(self.d_key // 2) ** -0.5, (self.d_key // 2) ** -0.5)
+        nn.init.normal_(self.query.weight, 0.0, std)
+        for table in (self.w_down, self.w_gate):
+            if table is not None:
+                nn.init.normal_(table, 0.0, std)
+        nn.init.normal_(self.w_up, 0.0, out_std or std / math.sqrt(self.n_heads * self.top_k))
+
+    def expert_tables(self) -> list[nn.Parameter]:
+        """The N x D tables, touched row by row (sparse gradients when sparse_grad)."""
+        return [t for t in (self.w_down, self.w_up, self.w_gate) if t is not None]
+
+    def queries(self, x_TD: torch.Tensor) -> torch.Tensor:
+        q = self.query(x_TD)
+        if self.query_norm_kind == "batch":
+            q = self.query_norm(q)
+        T = x_TD.shape[0]
+        q_THQ = q.view(T, self.n_heads, self.d_key)
+        return self.query_norm(q_THQ) if self.query_norm_kind == "layer" else q_THQ
+
+    def retrieve(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids (T, H, K) and their softmax router scores (T, H, K), differentiable in the
+        query network and the sub-keys."""
+        q_THQ = self.queries(x_TD)
+        a_THK, b_THK = product_key_topk(q_THQ.detach(), self.sub_keys.detach(), self.top_k)
+        T, H, K, S, P = *a_THK.shape, self.n_sub_keys, self.d_key // 2
+        L = self.sub_keys.shape[1]
+        # the scores of the chosen keys, recomputed with gradients: c_a . q1 + c'_b . q2, both halves in
+        # one call: row (t, h, half) of q against the table of all 2*L*S sub-keys
+        offset_H2 = (torch.arange(H, device=x_TD.device)[:, None] * S * (L > 1)
+                     + torch.arange(2, device=x_TD.device)[None, :] * L * S)
+        ids_XK = (torch.stack([a_THK, b_THK], 2) + offset_H2[:, :, None]).reshape(T * H * 2, K)
+        score_X = gather_dot(q_THQ.reshape(T * H * 2, P), self.sub_keys.reshape(2 * L * S, P), ids_XK)
+        score = score_X.view(T, H, 2, K).sum(2)
+        # softmax in float32 at least (bf16 autocast), float64 stays float64
+        return a_THK * S + b_THK, score.to(torch.promote_types(score.dtype, torch.float32)).softmax(-1)
+
+    def forward(self, x_BTD: torch.Tensor, return_aux: bool = False):
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        ids_THK, g_THK = self.retrieve(x_TD)
+        T, J = x_TD.shape[0], self.n_heads * self.top_k
+        ids_TJ = ids_THK.reshape(T, J)
+        rows = Rows.of(ids_TJ, self.n_experts) if torch.is_grad_enabled() and self.w_up.requires_grad else None
+        act = ACTIVATIONS[self.activation]
+        h_TJ = gather_dot(x_TD, self.w_down, ids_TJ, rows, self.sparse_grad)  # u_i . x
+        if self.glu:
+            a_TJ = act(gather_dot(x_TD, self.w_gate, ids_TJ, rows, self.sparse_grad)) * h_TJ
+        else:
+            a_TJ = act(h_TJ)
+        w_TJ = a_TJ * g_THK.reshape(T, J).to(a_TJ.dtype)
+        y = bag_sum(w_TJ, self.w_up, ids_TJ, rows, self.sparse_grad).to(x_BTD.dtype).reshape(shape)
+        if not return_aux:
+            return y
+        return y, {f"stat/{k}": v for k, v in usage_stats(ids_TJ, g_THK.reshape(T, J), self.n_experts).items()}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_experts={self.n_experts}, heads={self.n_heads}, top_k={self.top_k}, "
+                f"d_key={self.d_key}, activation={self.activation}, glu={self.glu}, "
+                f"per_head_keys={self.sub_keys.shape[1] > 1}, query_norm={self.query_norm_kind}")
+
+
+@torch.no_grad()
+def usage_stats(ids_TJ: torch.Tensor, g_TJ: torch.Tensor, n_experts: int) -> dict[str, torch.Tensor]:
+    """Router scores summed per expert (accumulate over an evaluation set for Table 2's z), and the
+    fraction of experts this call retrieved."""
+    scores_N = torch.bincount(ids_TJ.reshape(-1), weights=g_TJ.reshape(-1).float(), minlength=n_experts)
+    return {"expert_scores": scores_N, "experts_used_fraction": (scores_N > 0).float().mean()}
+
+
+def usage_from_scores(scores_N: torch.Tensor) -> dict[str, float]:
+    """The paper's Table 2: usage = fraction of experts with any score; unevenness
+    KL(z || uniform) = log N + sum_i z_i log z_i, z the normalised accumulated router scores."""
+    N = scores_N.numel()
+    z = scores_N.double() / scores_N.double().sum().clamp_min(1e-300)
+    plogp = torch.where(z > 0, z * z.clamp_min(1e-300).log(), torch.zeros_like(z))
+    return {"usage": (scores_N > 0).double().mean().item(), "kl_uniform": math.log(N) + plogp.sum().item()}

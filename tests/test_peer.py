@@ -1,0 +1,252 @@
+"""PEER against slow references written here, in float64: retrieval against brute-force top-k over all
+N concatenated product keys; outputs and gradients (input, query network, sub-keys, expert tables)
+against a token-by-token loop; the GLU, per-head-key, query-norm and beside-the-FFN variants; usage
+statistics; config errors; training, evaluation and resume of a peer-debug run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixturelm import MixtureLM, ModelConfig
+from mixturelm.config import PRESETS, BlockSpec, PEERConfig
+from mixturelm.errors import UsageError
+from mixturelm.layers import kernels
+from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
+
+from conftest import run_cli
+
+D = 12
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def impl(request, monkeypatch):
+    """Each test twice: with the compiled CPU kernels, and with the PyTorch ops (CUDA's path)."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler: the PEER kernel is not built here")
+    return request.param
+
+
+def brute_force_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> torch.Tensor:
+    """Each head's top-k over all S*S concatenated keys [c_a; c'_b], id a*S + b: (T, H, K), best first."""
+    T, H, Q = q_THQ.shape
+    S = keys_2LSP.shape[2]
+    out = []
+    for h in range(H):
+        c1, c2 = keys_2LSP[0, h % keys_2LSP.shape[1]], keys_2LSP[1, h % keys_2LSP.shape[1]]
+        full_NQ = torch.cat([c1[:, None, :].expand(S, S, -1), c2[None, :, :].expand(S, S, -1)], -1).reshape(S * S, Q)
+        out.append((q_THQ[:, h] @ full_NQ.t()).topk(k, dim=-1).indices)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("per_head, dtype, S, K", [(False, torch.float64, 9, 5), (True, torch.float64, 9, 5),
+                                                   (False, torch.float32, 40, 16), (True, torch.float32, 40, 16)])
+def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
+    torch.manual_seed(0)
+    T, H, Q = 300, 3, 8
+    keys = torch.randn(2, H if per_head else 1, S, Q // 2, dtype=dtype)
+    q = torch.randn(T, H, Q, dtype=dtype)
+    a, b = product_key_topk(q, keys, K)
+    assert torch.equal(a * S + b, brute_force_topk(q, keys, K))
+
+
+def test_every_expert_id_in_range_and_reachable(impl):
+    torch.manual_seed(1)
+    m = PEER(D, 8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="none")
+    ids, g = m.retrieve(torch.randn(4000, D))
+    assert ids.min() >= 0 and ids.max() < 64
+    assert torch.unique(ids).numel() >= 60  # random queries spread over the experts
+    assert torch.allclose(g.sum(-1), torch.ones_like(g.sum(-1)))
+    assert all(len(set(row.tolist())) == 3 for row in ids.reshape(-1, 3))  # a head's k ids are distinct
+    # every expert is reachable: with unit sub-keys, the query [c_a; c'_b] retrieves expert a*S+b first
+    keys = F.normalize(torch.randn(2, 1, 8, 3, dtype=torch.float64), dim=-1)
+    a, b = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    q = torch.cat([keys[0, 0][a.reshape(-1)], keys[1, 0][b.reshape(-1)]], -1)[:, None, :]
+    top_a, top_b = product_key_topk(q, keys, 3)
+    assert torch.equal((top_a * 8 + top_b)[:, 0, 0], torch.arange(64))
+
+
+def reference_peer(m: PEER, x_TD: torch.Tensor) -> torch.Tensor:
+    """Token by token, head by head: brute-force top-k over all N keys, softmax, single-neuron experts."""
+    q_THQ = m.queries(x_TD)
+    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[m.activation]
+    S, P = m.n_sub_keys, m.d_key // 2
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros(x_TD.shape[1], dtype=x_TD.dtype)
+        for h in range(m.n_heads):
+            c1, c2 = m.sub_keys[0, h % m.sub_keys.shape[1]], m.sub_keys[1, h % m.sub_keys.shape[1]]
+            full_NQ = torch.cat([c1[:, None, :].expand(S, S, -1), c2[None, :, :].expand(S, S, -1)], -1).reshape(S * S, 2 * P)
+            scores_N = full_NQ @ q_THQ[t, h]
+            top = scores_N.topk(m.top_k)
+            g = top.values.softmax(0)
+            for gi, i in zip(g, top.indices.tolist()):
+                a = act(m.w_down[i] @ x_TD[t])
+                if m.glu:
+                    a = act(m.w_gate[i] @ x_TD[t]) * (m.w_down[i] @ x_TD[t])
+                y = y + gi * a * m.w_up[i]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+VARIANTS = {
+    "gelu, batch norm": dict(),
+    "relu, layer norm": dict(activation="relu", query_norm="layer"),
+    "glu silu, no norm": dict(glu=True, activation="silu", query_norm="none"),
+    "per-head keys": dict(per_head_keys=True, query_norm="none"),
+    "per-head keys, glu, dense grads": dict(per_head_keys=True, glu=True, sparse_grad=False),
+}
+
+
+def _grads(m: PEER, x, out, gy):
+    names = ["query.weight", "sub_keys", "w_down", "w_up"] + (["w_gate"] if m.glu else [])
+    params = dict(m.named_parameters())
+    gs = torch.autograd.grad(out, [x] + [params[n] for n in names], gy)
+    return {"x": gs[0], **{n: g.to_dense() if g.is_sparse else g for n, g in zip(names, gs[1:])}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_outputs_and_gradients_match_reference(variant, impl):
+    torch.manual_seed(2)
+    kw = VARIANTS[variant]
+    m = PEER(D, 7 * 7, n_heads=3, top_k=4, d_key=8, sparse_grad=kw.pop("sparse_grad", True), **kw).double()
+    m.reset_parameters(std=0.5)  # pre-activations of order 1: the nonlinearity matters
+    x = torch.randn(2, 9, D, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 9, D, dtype=torch.float64)
+    y = m(x)
+    ref = reference_peer(m, x.reshape(-1, D)).reshape(x.shape)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    ours, theirs = _grads(m, x, y, gy), _grads(m, x, ref, gy)
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-11, msg=name)
+    if m.sparse_grad:
+        m(x).backward(gy)
+        assert m.w_up.grad.is_sparse
+        assert m.w_up.grad._nnz() <= 18 * 3 * 4  # only touched rows
+
+
+def test_row_functions_match_dense_autograd(impl):
+    torch.manual_seed(3)
+    table = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(20, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 50, (20, 6))
+    for fn, ref in ((lambda: gather_dot(x, table, ids), lambda: (table[ids] * x[:, None]).sum(-1)),
+                    (lambda: bag_sum(w, table, ids), lambda: (w[..., None] * table[ids]).sum(1))):
+        out, expected = fn(), ref()
+        g = torch.randn_like(out)
+        torch.testing.assert_close(out, expected)
+        ours = torch.autograd.grad(out, [x, w, table], g, allow_unused=True)
+        theirs = torch.autograd.grad(expected, [x, w, table], g, allow_unused=True)
+        for a, b in zip(ours, theirs):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+
+
+def test_usage_statistics_as_table_2():
+    scores = torch.tensor([1.0, 1.0, 2.0, 0.0])
+    u = usage_from_scores(scores)
+    z = torch.tensor([0.25, 0.25, 0.5])
+    assert u["usage"] == 0.75
+    assert u["kl_uniform"] == pytest.approx(math.log(4) + (z * z.log()).sum().item())
+    assert usage_from_scores(torch.ones(9))["kl_uniform"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stats_come_back_from_the_call():
+    m = PEER(D, 16, n_heads=2, top_k=2, d_key=4)
+    y, aux = m(torch.randn(3, 5, D), return_aux=True)
+    assert aux["stat/expert_scores"].shape == (16,)
+    assert aux["stat/expert_scores"].sum().item() == pytest.approx(15 * 2)  # softmax per head sums to 1
+    assert 0 < aux["stat/experts_used_fraction"] <= 1
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("n_experts", 1000, "perfect square"), ("d_key", 7, "odd"), ("top_k", 40, "sqrt(n_experts)"),
+    ("query_norm", "group", "query_norm"), ("activation", "tanh", "activation"), ("n_heads", 0, "positive")])
+def test_config_errors_name_field_and_value(field, value, words):
+    with pytest.raises(UsageError, match=field) as e:
+        PEERConfig(**{"n_experts": 1024, field: value})
+    assert words in str(e.value) and str(value) in str(e.value)
+
+
+def test_block_spec_placement_and_round_trip():
+    with pytest.raises(UsageError, match="peer"):
+        BlockSpec(ffn="peer")
+    with pytest.raises(UsageError, match="unused"):
+        BlockSpec(ffn="dense", peer=PEERConfig(n_experts=64, top_k=4))
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ffn=64, blocks=[
+        {"ffn": "dense", "peer_beside": True, "peer": {"n_experts": 64, "top_k": 4, "n_heads": 2, "d_key": 8}},
+        {"ffn": "peer", "peer": {"n_experts": 64, "top_k": 4, "n_heads": 2, "d_key": 8, "glu": True}}])
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = MixtureLM(cfg)
+    x = torch.randn(2, 6, 32)
+    beside = model.blocks[0].ffn
+    y = beside(x)
+    torch.testing.assert_close(y, beside.main(x) + beside.extra(x))
+    out = model(torch.randint(0, 257, (2, 6)), torch.randint(0, 257, (2, 6)))
+    assert {"layer0.expert_scores", "layer1.expert_scores"} <= set(out.stats)
+
+
+def test_middle_block_of_presets():
+    blocks = PRESETS["peer-tiny"].model["blocks"]
+    assert [b["ffn"] for b in blocks] == ["dense", "peer", "dense", "dense"]
+    p = ModelConfig(**PRESETS["peer-tiny"].model).blocks[1].peer
+    assert (p.n_experts, p.n_heads, p.top_k, p.d_key, p.query_norm) == (1024**2, 8, 16, 128, "batch")
+
+
+def test_batch_norm_leaks_across_the_batch_in_training_only():
+    """The documented caveat: with query BatchNorm, changing a later token changes an earlier token's
+    output in training (batch statistics), never at eval (running statistics)."""
+    torch.manual_seed(4)
+    m = PEER(D, 8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="batch")
+    x = torch.randn(1, 10, D)
+    x2 = x.clone()
+    x2[0, -1] += 5.0
+    assert not torch.allclose(m(x)[0, 0], m(x2)[0, 0])
+    m.eval()
+    torch.testing.assert_close(m(x)[0, 0], m(x2)[0, 0])
+
+
+def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--preset", "peer-debug", "--data", str(corpus_dir), "--out", str(out),
+                   "--max-steps", "6", "--ckpt-every", "4", "--eval-every", "3", "--eval-tokens", "512",
+                   "--no-progress", check=True)
+    assert "expert usage" in proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    usage = res["peer_usage"]["layer0"]
+    assert 0 < usage["usage"] <= 1 and usage["kl_uniform"] >= 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("layer0.peer_usage" in r for r in evals if r["kind"] == "eval")
+    # resume from the step-4 checkpoint repeats steps 5-6 exactly, the sparse optimizer's state included
+    first = [r["loss"] for r in evals if r["kind"] == "train"]
+    state = torch.load(out / "checkpoints" / "step_0000006" / "train_state.pt", weights_only=False)
+    assert state["peer_optimizer"]["state"]  # the expert tables' optimizer state is saved
+    import shutil
+    shutil.rmtree(out / "checkpoints" / "step_0000006")
+    (out / "checkpoints" / "latest").write_text("step_0000004")
+    run_cli("train", "--out", str(out), "--resume", "--no-progress", check=True)
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in again if r["kind"] == "train"] == first
+
+
+def test_eval_leaves_training_state_alone(corpus_dir):
+    from mixturelm.data.tokens import prepare
+    from mixturelm.train import evaluate
+
+    cfg = ModelConfig(**PRESETS["peer-debug"].model)
+    model = MixtureLM(cfg)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = prepare(str(corpus_dir), "bytes", 0.1, "text", None, log=lambda m: None)
+    res = evaluate(model, data, 32, 1024, 4, "cpu")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN running stats too
+    assert 0 < res["layer0.peer_usage"] <= 1
