@@ -349,3 +349,16 @@ def test_train_and_generate_a_mod_model_from_the_cli(tmp_path, corpus_dir):
     proc = run_cli("generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "8",
                    "--num-samples", "2", check=True)
     assert "fraction of tokens that entered" in proc.stderr
+
+
+def test_batch_one_prefill_and_decode_equal_recompute():
+    """One row takes the plain causal kernel when nothing is cached; afterwards a mask with an offset."""
+    model = calibrated_model("mod-debug", capacity=0.5)
+    torch.manual_seed(4)
+    idx = torch.randint(0, 257, (1, 30))
+    with torch.no_grad():
+        want = model(idx, causal_routing=True).logits
+        cache = model.new_cache(1, 30)
+        got = [model(idx[:, :12], cache=cache).logits, model(idx[:, 12:20], cache=cache).logits]
+        got += [model(idx[:, t:t + 1], cache=cache).logits for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-9, atol=1e-10)

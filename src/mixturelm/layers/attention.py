@@ -139,11 +139,13 @@ class RaggedRows:
         else:
             k_RLGK, v_RLGK = c.k_BLGK[rows, :end], c.v_BLGK[rows, :end]
         # token j of row r sees the row's past and the call's tokens up to itself
-        mask = None
-        if R > 1 or C > 1:
+        mask, causal = None, False
+        if R == 1 and end == C and C > 1:  # one row, nothing cached: the plain causal kernel, no mask
+            causal = True
+        elif R > 1 or C > 1:
             mask = (torch.arange(end, device=rows.device) <= slot_RC[:, :, None])[:, None]
         y = F.scaled_dot_product_attention(q_RHCK, k_RLGK.transpose(1, 2), v_RLGK.transpose(1, 2), attn_mask=mask,
-                                           enable_gqa=q_RHCK.shape[1] != k_RLGK.shape[2])
+                                           is_causal=causal, enable_gqa=q_RHCK.shape[1] != k_RLGK.shape[2])
         c.length_B[rows] += self.count_R
         return y
 
