@@ -250,3 +250,34 @@ def test_eval_leaves_training_state_alone(corpus_dir):
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN running stats too
     assert 0 < res["layer0.peer_usage"] <= 1
+
+
+def test_calibrate_query_norms_sets_precise_statistics():
+    """Precise BN: the query BatchNorm's running statistics become the average of the batch statistics
+    over the calibration batches at the current weights; nothing else in the model changes."""
+    from mixturelm.train import calibrate_query_norms
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**PRESETS["peer-debug"].model)
+    model = MixtureLM(cfg)
+    model.train()
+    peer = next(m for m in model.modules() if isinstance(m, PEER))
+    bn = peer.query_norm
+    bn.running_mean.fill_(3.0)  # stale statistics, far from the queries'
+    bn.running_var.fill_(7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randint(0, cfg.vocab_size, (4, 17)) for _ in range(3)]
+    means, vars_ = [], []
+
+    def record(module, args, out):
+        means.append(out.mean(0))
+        vars_.append(out.var(0, unbiased=True))
+
+    hook = peer.query.register_forward_hook(record)
+    assert calibrate_query_norms(model, batches) == 1
+    hook.remove()
+    assert model.training and bn.momentum == 0.1
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack(vars_).mean(0))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {n for n in before if n.endswith(("query_norm.running_mean", "query_norm.running_var"))}

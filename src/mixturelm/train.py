@@ -339,6 +339,43 @@ class Metrics:
             self.tb.close()
 
 
+@torch.no_grad()
+def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.nullcontext, d: Dist = Dist()) -> int:
+    """Precise BN for PEER's query BatchNorm: reset its running statistics and re-estimate them as the plain
+    average over `batches` (token windows, (B, T + 1)) at the current weights, the rest of the model in eval
+    mode. The momentum-0.1 running averages of training trail the query network, which moves fast early in
+    training; evaluation with them retrieves from stale, off-centre queries (few experts, high loss).
+    Training itself is unchanged (it normalises with batch statistics). Returns the number of norms set."""
+    from .layers.peer import PEER
+
+    norms = [m.query_norm for m in model.modules() if isinstance(m, PEER) and m.query_norm_kind == "batch"]
+    norms = [bn for bn in norms if bn.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    model.eval()
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+        bn.train()
+    try:
+        for w in batches:
+            with autocast():
+                model(w[:, :-1], return_aux=False)
+    finally:
+        for bn, (momentum, tracked) in zip(norms, saved):
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+        model.train(was_training)
+    if d.world > 1:
+        for bn in norms:
+            for buf in (bn.running_mean, bn.running_var):
+                dist.all_reduce(buf)
+                buf /= d.world
+    return len(norms)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -598,6 +635,9 @@ class Trainer:
                           elapsed_s=self.elapsed)
             if done % t.log_every == 0 or done == self.total_steps:
                 metrics.write(record)
+            if t.peer_bn_calibration and (done % t.eval_every == 0 or done % t.ckpt_every == 0
+                                          or done == self.total_steps):
+                self._calibrate(done)
             if done % t.eval_every == 0 or done == self.total_steps:
                 ev = evaluate(self.model, self.data, t.seq_len, t.eval_tokens, t.batch_size // self.dist.world,
                               self.device, self.dist, self._autocast)
@@ -615,6 +655,15 @@ class Trainer:
             bar.close()
         metrics.close()
         return self._finish(record, start)
+
+    def _calibrate(self, done: int) -> None:
+        """Re-estimate PEER's query BatchNorm statistics on this process's share of the last
+        peer_bn_calibration training batches (already trained on: no new data is drawn)."""
+        t, d = self.cfg.train, self.dist
+        micro = t.batch_size // d.world
+        batches = (train_rows(self.data.train, s, t.seed, t.batch_size, t.seq_len)[d.rank * micro:(d.rank + 1) * micro]
+                   .to(self.device) for s in range(max(0, done - t.peer_bn_calibration), done))
+        calibrate_query_norms(self.model, batches, self._autocast, d)
 
     def _say(self, bar, msg: str) -> None:
         if bar is not None:
