@@ -195,16 +195,21 @@ def _peak_memory_child(shape: str, name: str, tokens: int, d_model: int, queue) 
     queue.put(_peak_rss_bytes() - before)
 
 
-def peak_memory(shape: str, name: str, tokens: int, d_model: int) -> int:
+def in_fresh_process(target, *args):
+    """target(*args, queue) run in a spawned process (fresh memory, for peak-RSS measurements); its answer."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(shape, name, tokens, d_model, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     value = queue.get(timeout=600)
     proc.join()
     return value
+
+
+def peak_memory(shape: str, name: str, tokens: int, d_model: int) -> int:
+    return in_fresh_process(_peak_memory_child, shape, name, tokens, d_model)
 
 
 def bench_moe(args) -> dict:
@@ -448,18 +453,6 @@ def _peer_memory_child(name: str, shape: dict, queue) -> None:
     queue.put((_peak_rss_bytes(), _peak_rss_bytes() - before))
 
 
-def _peer_peak_memory(name: str, shape: dict) -> tuple[int, int]:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peer_memory_child, args=(name, shape, queue))
-    proc.start()
-    value = queue.get(timeout=600)
-    proc.join()
-    return value
-
-
 def copy_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
     """Bytes per second moved by a large tensor copy (each byte read once and written once: 2x size)."""
     src = torch.ones(n_bytes // 4)
@@ -516,7 +509,7 @@ def bench_peer(args) -> dict:
     for name, ts in times.items():
         row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name]}
         if not args.no_memory:
-            row["peak_rss_bytes"], row["peak_above_start_bytes"] = _peer_peak_memory(name, shape)
+            row["peak_rss_bytes"], row["peak_above_start_bytes"] = in_fresh_process(_peer_memory_child, name, shape)
         result["contenders"][name] = row
     ours = result["contenders"]["mixturelm PEER"]
     ours["expert_bytes_per_s"] = moved["bytes"] / ours["fwd_bwd_s"]

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import MOD_OPTION_FIELDS
 from .errors import UsageError
 
 # Options of `train` that set TrainConfig fields (flag name -> type); given ones override the preset.
@@ -69,13 +70,12 @@ MOE_OPTIONS: dict[str, tuple[type, str]] = {
 
 
 # Options of `train` that change every Mixture-of-Depths block of a mod-* or mode-staged-* preset
-# (CLI name -> MoDConfig field).
+# (their MoDConfig fields: config.MOD_OPTION_FIELDS).
 MOD_OPTIONS: dict[str, tuple[type, str]] = {
     "capacity": (float, "MoD: fraction of each sequence's tokens that enter a routed block (default 0.125)"),
     "mod_causal": (str, "MoD: how sampling routes token by token: aux_loss (BCE on the router) or predictor"),
     "mod_gate": (str, "MoD: what multiplies the block's output: linear (r, the paper's Eq. 1) or sigmoid (sigmoid(r))"),
 }
-MOD_FIELDS = {"capacity": "capacity", "mod_causal": "causal", "mod_gate": "gate"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -253,7 +253,7 @@ def cmd_train(args) -> None:
     overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     moe_overrides = {k: getattr(args, k) for k in MOE_OPTIONS if getattr(args, k) is not None}
-    mod_overrides = {MOD_FIELDS[k]: getattr(args, k) for k in MOD_OPTIONS if getattr(args, k) is not None}
+    mod_overrides = {MOD_OPTION_FIELDS[k]: getattr(args, k) for k in MOD_OPTIONS if getattr(args, k) is not None}
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     out = Path(args.out)

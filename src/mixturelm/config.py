@@ -80,6 +80,9 @@ class MoEConfig:
 
 
 MOD_CAUSAL_KINDS = ("aux_loss", "predictor")
+# MoDConfig fields that `mixturelm train` sets, by their command-line names (one table for the parser,
+# the overrides and the error messages)
+MOD_OPTION_FIELDS = {"capacity": "capacity", "mod_causal": "causal", "mod_gate": "gate"}
 
 
 @dataclass(kw_only=True)

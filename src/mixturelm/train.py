@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import MoDConfig, ModelConfig, TrainConfig, get_preset
+from .config import MOD_OPTION_FIELDS, MoDConfig, ModelConfig, TrainConfig, get_preset
 from .data.tokenizer import load_from_dir
 from .data.tokens import TokenData, check_length, prepare, train_rows, val_windows
 from .errors import UsageError
@@ -70,13 +70,20 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
     return RunConfig(p.name, model, train)
 
 
+def _option_name(kind: str, field: str) -> str:
+    """The command-line option that sets a config field (MoD fields may be named differently)."""
+    if kind == "mod":
+        field = next((cli for cli, f in MOD_OPTION_FIELDS.items() if f == field), field)
+    return field.replace("_", "-")
+
+
 def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, preset: str, presets: str) -> dict:
     """The blocks' `kind` configs (moe or mod) with overrides on top; an error if the preset has none."""
     if not overrides:
         return model_fields
     if not any(b.get(kind) for b in model_fields.get("blocks", [])):
-        option = next(iter(overrides)).replace("_", "-")
-        raise UsageError(f"--{'mod-' if kind == 'mod' and option in ('causal', 'gate') else ''}{option} applies to "
+        option = _option_name(kind, next(iter(overrides)))
+        raise UsageError(f"--{option} applies to "
                          f"{kind.upper() if kind == 'moe' else 'MoD'} blocks, and preset {preset} has none; "
                          f"choose a {presets} preset")
     blocks = [b | {kind: b[kind] | overrides} if b.get(kind) else b for b in model_fields["blocks"]]
@@ -109,9 +116,7 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
             given += [(block, k, v) for k, v in overrides.items()]
     for saved_cfg, key, value in given:
         if getattr(saved_cfg, key) != value:
-            option = key.replace("_", "-")
-            if isinstance(saved_cfg, MoDConfig) and key in ("causal", "gate"):
-                option = f"mod-{key}"  # the command line's name for the field
+            option = _option_name("mod" if isinstance(saved_cfg, MoDConfig) else "", key)
             raise UsageError(f"--{option} {value} differs from the run's {getattr(saved_cfg, key)}; "
                              "drop the option to resume, or start a new run with another --out")
     return saved

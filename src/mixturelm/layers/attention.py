@@ -137,7 +137,7 @@ class RaggedRows:
         if R == c.k_BLGK.shape[0]:  # every row: views, no copy
             k_RLGK, v_RLGK = c.k_BLGK[:, :end], c.v_BLGK[:, :end]
         else:  # copy only the first `end` slots of each row: advanced indexing k[rows, :end] (and
-            # index_select) copied whole rows first, 10-200x slower at decode
+            # index_select) copied whole rows first: far slower at decode in a micro-benchmark
             live = rows.tolist()
             k_RLGK = torch.stack([c.k_BLGK[r, :end] for r in live])
             v_RLGK = torch.stack([c.v_BLGK[r, :end] for r in live])

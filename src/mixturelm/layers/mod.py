@@ -39,7 +39,7 @@ Aux = dict[str, torch.Tensor]
 
 class GatherRows(torch.autograd.Function):
     """x_ND[idx_M] by index_select. torch.gather with an expanded (B, C, D) index, and its scatter-add
-    backward, were 10-20x slower on CPU than copying whole rows. Indices are unique (a token enters once),
+    backward, were an order of magnitude slower on CPU than copying whole rows (micro-benchmark). Indices are unique (a token enters once),
     so the backward is an index_copy into zeros."""
 
     @staticmethod
