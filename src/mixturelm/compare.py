@@ -111,6 +111,10 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
                     "val_fraction": cc.val_fraction, "seed": cc.seed, "batch_size": cc.batch_size,
                     "seq_len": cc.seq_len, "eval_tokens": cc.eval_tokens, "keep_ckpts": 1, "log_every": 1})
                 cfg.model = replace(cfg.model, vocab_size=vocab_size)
+                per_step = train_flops_per_token(cfg.model, cc.seq_len) * cc.batch_size * cc.seq_len
+                if budget < per_step:
+                    raise UsageError(f"--flops {budget:g} is smaller than one step of {preset} ({per_step:.3g} FLOPs "
+                                     "per step); raise --flops or lower --batch-size / --seq-len")
                 steps = steps_in_budget(cfg)
                 every = max(1, math.ceil(steps / cc.evals))
                 cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every)
