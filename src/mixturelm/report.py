@@ -129,12 +129,32 @@ def _img(path: Path, alt: str) -> str:
     return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def routing_statistics(run: dict) -> str:
+    """One line of what the run's routers did over its last evaluation or training step."""
+    parts = []
+    for layer, u in run.get("peer_usage", {}).items():
+        parts.append(f"{layer} PEER: {u['usage']:.1%} of experts used over the validation tokens, "
+                     f"KL(usage || uniform) {u['kl_uniform']:.3f}")
+    causal = run.get("mod_causal", {})
+    for layer in sorted({k.split(".")[0] for k in causal}, key=lambda n: int(n.removeprefix("layer"))):
+        parts.append(f"{layer} MoD: causal rule lets in {causal[layer + '.mod_causal_fraction']:.1%} of tokens, "
+                     f"agrees with top-k on {causal[layer + '.mod_causal_accuracy']:.1%}")
+    loads = run.get("load_max_over_mean", {})
+    if loads:
+        parts.append("max/mean expert load " + ", ".join(f"{k.split('.')[0]} {v:.2f}" for k, v in loads.items()))
+    if "val_loss_topk" in run:
+        parts.append(f"validation loss with training's top-k routing {run['val_loss_topk']:.4f}, causal "
+                     f"{run['val_loss']:.4f}")
+    return "; ".join(parts) or "no routed layers"
+
+
 def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str]) -> str:
     e = html.escape
     rows = table_rows(results["runs"])
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
     best = min(results["runs"], key=lambda r: r["val_loss"])
+    runs_by_name = {r["name"]: r for r in results["runs"]}
     m = results["machine"]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -151,7 +171,8 @@ def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str
         "<h2>Routing views</h2>",
         "<p>What each run's routers did on the same text (the start of the held-out split unless --text was "
         "given).</p>",
-        *(f'<section class="run"><h3>{e(name)}</h3>{fragment}</section>' for name, fragment in views.items()),
+        *(f'<section class="run"><h3>{e(name)}</h3><p>{e(routing_statistics(runs_by_name[name]))}</p>{fragment}'
+          "</section>" for name, fragment in views.items()),
         "<h2>Command and machine</h2>", f"<pre>{e(results['command'])}</pre>",
         f"<pre>{e(json.dumps(m, indent=1))}</pre>",
         f"<h2>Settings</h2><pre>{e(json.dumps(results['settings'], indent=1))}</pre>",
