@@ -42,6 +42,15 @@ DEFAULT_MAX_TOKENS = 1024
 
 @dataclass
 class RoutingViews:
+    """summary: {"format", "title", "n_tokens", "window", "n_windows", "layers": {"layer{i}.{mod|moe|peer}": {...}}}
+    (run_inspect adds "checkpoint", "text_tokens", "truncated", "files"). Per layer, with "kind" and "layer":
+    mod: capacity, causal, threshold, n_tokens, topk_fraction / causal_fraction (share processed),
+      topk_processed / causal_processed (token positions), agreement;
+    moe: router, n_experts, n_noop, top_k, in_mod_block, n_tokens (that reached it), assignments, load (share
+      of assignments per expert, no-op ones last), load_max_over_mean (real experts), dropped_fraction,
+      top1 (per token position: first expert, -1 none, null for a token its MoD block skipped), [noop_share];
+    peer: n_experts, heads, top_k, n_tokens, retrievals, usage, kl_uniform, experts_retrieved, max_retrievals."""
+
     summary: dict  # JSON-able: per routed layer, what was measured
     figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
     html: str = ""  # a self-contained HTML fragment (no <html>/<head>, no JavaScript, no external resource)
@@ -116,7 +125,7 @@ def routed_layers(model: torch.nn.Module) -> list[_Layer]:
     for i, block in enumerate(model.blocks):
         wrapper = block if isinstance(block, MoD) else None
         for m in block.modules():
-            kind = "mod" if isinstance(m, MoD) else "moe" if isinstance(m, MoE) else "peer" if isinstance(m, PEER) else None
+            kind = next((k for k, cls in (("mod", MoD), ("moe", MoE), ("peer", PEER)) if isinstance(m, cls)), None)
             if kind is None:
                 continue
             key = f"layer{i}.{kind}"
@@ -355,7 +364,7 @@ STYLE = f"""<style>
   border:1px solid #888}}
 .{P} .{P}-fig{{max-width:100%;height:auto;display:block;margin:0.3em 0}}
 .{P} .{P}-table{{border-collapse:collapse;font-size:13px}}
-.{P} .{P}-table td,.{P} .{P}-table th{{border:1px solid #ddd;padding:2px 6px;text-align:right}}
+.{P} .{P}-table td,.{P} .{P}-table th{{border:1px solid #ddd;padding:2px 6px;text-align:left}}
 </style>"""
 
 
@@ -470,7 +479,8 @@ def _table(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------
 
-def routing_views(model, tokenizer, ids: torch.LongTensor, title: str = "", *, window: int | None = None) -> RoutingViews:
+def routing_views(model, tokenizer, ids: torch.LongTensor, title: str = "", *,
+                  window: int | None = None) -> RoutingViews:
     """The routing views of `model` on the text `ids` (1-D token ids). A text longer than `window`
     (default: the model's max_seq_len) is split into windows of that many tokens, each run alone; the
     views cover all of it. The model is put in eval mode and restored; its numerics are untouched."""
@@ -483,11 +493,14 @@ def routing_views(model, tokenizer, ids: torch.LongTensor, title: str = "", *, w
     layers = routed_layers(model)
     summary = {"format": FORMAT, "title": title, "n_tokens": N, "window": window,
                "n_windows": -(-N // window), "layers": {}}
+    texts = any(layer.kind in ("mod", "moe") for layer in layers)
     head = (f'<h2 class="{P}-h">Routing views{": " + _esc(title) if title else ""}</h2>'
-            f'<p class="{P}-note">{N:,} tokens, run in {summary["n_windows"]} window(s) of up to {window} '
-            f'(a blue bar marks where a window starts; each is routed on its own). Hover a token for details.</p>')
+            f'<p class="{P}-note">{N:,} tokens, run in {summary["n_windows"]} window(s) of up to {window}, each '
+            f'routed on its own' + ('; in the text views a blue bar marks where a window starts. Hover a token '
+                                    'for details.</p>' if texts else '.</p>'))
     if not layers:
-        note = f'<p class="{P}-note">This model has no routed layers (dense): there are no routing decisions to show.</p>'
+        note = (f'<p class="{P}-note">This model has no routed layers (dense): there are no routing decisions '
+                'to show.</p>')
         return RoutingViews(summary, {}, f'<div class="{P}">{STYLE}{head}{note}</div>')
     device = next(model.parameters()).device
     has_mod = any(layer.kind == "mod" for layer in layers)
@@ -609,8 +622,9 @@ def describe(summary: dict) -> list[str]:
             lines.append(f"{key}: Mixture-of-Depths processed {s['topk_fraction']:.1%} of tokens (top-k), "
                          f"{s['causal_fraction']:.1%} with causal routing; they agree on {s['agreement']:.1%}")
         elif s["kind"] == "moe":
+            noop = f", no-op share {s['noop_share']:.1%}" if s["n_noop"] else ""
             lines.append(f"{key}: MoE {s['router']} top-{s['top_k']} of {s['n_experts']}, max/mean load "
-                         f"{s['load_max_over_mean']:.2f}" + (f", no-op share {s['noop_share']:.1%}" if s["n_noop"] else ""))
+                         f"{s['load_max_over_mean']:.2f}{noop}")
         else:
             lines.append(f"{key}: PEER usage {s['usage']:.2%} of {s['n_experts']:,} experts, KL(usage || uniform) "
                          f"{s['kl_uniform']:.3f}")
