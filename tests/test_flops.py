@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mixturelm import MixtureLM, ModelConfig
-from mixturelm.config import PRESETS
+from mixturelm.config import PRESETS, get_preset
 from mixturelm.flops import flop_counter, forward_flops_breakdown, forward_flops_per_token, train_flops_per_token
 
 CONFIGS = {
@@ -87,3 +89,27 @@ def test_integrated_mode_counts_the_real_share_of_expert_slots():
     expected = analytic["experts"] * (1 - real_share) / (m.n_experts / (m.n_experts + m.n_noop))
     measured = fc.get_total_flops() / idx.numel() - (sum(analytic.values()) - analytic["experts"])
     assert measured == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("preset", ["dense-debug", "moe-debug", "mod-debug", "mode-debug", "peer-debug"])
+def test_active_params_by_hand(preset):
+    """Parameters one token uses: counted here from the parameter names and the configs, by hand."""
+    from mixturelm.flops import active_params
+
+    cfg = ModelConfig(**get_preset(preset).model)
+    model = MixtureLM(cfg)
+    T = 64
+    expected = 0.0
+    for name, p in model.named_parameters():
+        share = 1.0
+        if name.startswith("blocks."):
+            spec = cfg.block_spec(int(name.split(".")[1]))
+            if spec.wrapper == "mod" and ".block." in name:
+                share *= math.ceil(spec.mod.capacity * T) / T
+            if spec.ffn == "moe" and name.endswith(("ffn.w_gate_up", "ffn.w_down")):
+                share *= spec.moe.top_k * spec.moe.n_experts / (spec.moe.n_experts + spec.moe.n_noop) / spec.moe.n_experts
+            if spec.ffn == "peer" and name.endswith(("ffn.w_down", "ffn.w_up")):
+                share *= spec.peer.n_heads * spec.peer.top_k / spec.peer.n_experts
+        expected += share * p.numel()
+    assert active_params(model, cfg, T) == pytest.approx(expected, rel=1e-12)
+    assert (active_params(model, cfg, T) < model.num_params()) == (preset != "dense-debug")

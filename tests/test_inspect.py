@@ -307,7 +307,7 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_touch_nothing(run_dir, tmp_path
         (["--ckpt", str(tmp_path / "nope"), "--text", "x", "--out", str(tmp_path / "o")], "no such file or folder"),
         (["--ckpt", str(corrupt), "--text", "x", "--out", str(tmp_path / "o")], "is corrupt"),
         (["--ckpt", str(run_dir), "--text-file", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
-         "no such file"),
+         "does not exist"),
         (["--ckpt", str(run_dir), "--text-file", str(bad_utf8), "--out", str(tmp_path / "o")], "is not UTF-8"),
         (["--ckpt", str(run_dir), "--text", "", "--out", str(tmp_path / "o")], "the text is empty"),
         ([*ok, "--out", str(tmp_path / "o"), "--max-tokens", "0"], "--max-tokens must be >= 1"),

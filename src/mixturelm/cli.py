@@ -1,4 +1,4 @@
-"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble, inspect.
+"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble, compare, inspect.
 
 Bad input ends with one line on stderr that names the problem and the fix, and exit status 2.
 """
@@ -219,6 +219,89 @@ def cmd_ensemble(args) -> None:
                          args.text_field, resolve_device(args.device), args.resamples, log=log)
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="isoFLOP comparison of architectures on one corpus, with report",
+                       description="Train each architecture under the same training-FLOP budget on the same data, "
+                                   "evaluate all on the same held-out tokens, and write results.json, plots and a "
+                                   "self-contained report.html with the routing views. Run again with the same "
+                                   "--out to resume.")
+    p.add_argument("--archs", default="dense,moe,mod,mode,peer",
+                   help="comma-separated architectures, preset prefixes (default dense,moe,mod,mode,peer; also "
+                        "moe-fg, mode-staged)")
+    p.add_argument("--size", default="tiny", help="backbone size of every architecture (default tiny)")
+    p.add_argument("--sweep", nargs="?", const="debug,tiny,small", default=None, metavar="SIZES",
+                   help="isoFLOP sweep: train every architecture at each size (default debug,tiny,small) and "
+                        "mark each one's isoFLOP-optimal size")
+    p.add_argument("--flops", default=None,
+                   help="training-FLOP budget of every run; comma-separated for several budgets (default 8e12, "
+                        "about 10 minutes for the five architectures on 2 CPU cores)")
+    p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
+    p.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order, the same for every run")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens, the same for every run")
+    p.add_argument("--evals", type=int, default=8, help="evaluations per run: the points of the loss curves")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", help="text for the routing views (default: the start of the held-out split)")
+    text.add_argument("--text-file", help="or a UTF-8 file of it")
+    p.add_argument("--view-tokens", type=int, default=512, help="held-out tokens the routing views show")
+    p.add_argument("--out", required=True, help="folder of the comparison (runs, results.json, report.html)")
+    p.add_argument("--overwrite", action="store_true", help="replace the comparison in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _comma_list(value: str, option: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise UsageError(f"{option} is empty; give a comma-separated list")
+    if len(set(items)) < len(items):
+        raise UsageError(f"{option} {value} names something twice; give each once")
+    return items
+
+
+def cmd_compare(args) -> None:
+    import shlex
+
+    from .compare import DEFAULT_FLOPS, CompareConfig, run_compare
+
+    budgets = (DEFAULT_FLOPS,)
+    if args.flops is not None:
+        try:
+            budgets = tuple(float(v) for v in _comma_list(args.flops, "--flops"))
+        except ValueError:
+            raise UsageError(f"--flops {args.flops} is not a number (or comma-separated numbers), e.g. 4e12") from None
+        if any(not b > 0 or b != b or b == float("inf") for b in budgets):
+            raise UsageError(f"--flops {args.flops} must be positive and finite, e.g. 4e12")
+    for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    text = args.text
+    if args.text_file is not None:
+        text = _read_text_file(args.text_file)
+    cc = CompareConfig(archs=_comma_list(args.archs, "--archs"),
+                       sizes=_comma_list(args.sweep, "--sweep") if args.sweep else (args.size,),
+                       budgets=budgets, sweep=args.sweep is not None, data=args.data, tokenizer=args.tokenizer,
+                       text_field=args.text_field, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
+                       eval_tokens=args.eval_tokens, evals=args.evals, view_tokens=args.view_tokens, text=text)
+    command = "mixturelm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else \
+        "mixturelm compare (called from Python)"
+    run_compare(cc, Path(args.out), overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+                command=command)
+
+
+def _read_text_file(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--text-file {path} does not exist or is not a file; give a UTF-8 text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text-file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+
+
 # ---- inspect: routing views (issue 6) ----
 
 def _add_inspect(sub) -> None:
@@ -243,16 +326,7 @@ def cmd_inspect(args) -> None:
 
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    text = args.text
-    if args.text_file is not None:
-        path = Path(args.text_file)
-        if not path.is_file():
-            raise UsageError(f"--text-file {path}: no such file; give a UTF-8 text file")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"--text-file {path} is not UTF-8 (byte {e.start}); convert it to UTF-8, e.g. "
-                             "iconv -t UTF-8") from None
+    text = args.text if args.text_file is None else _read_text_file(args.text_file)
     if not text:
         raise UsageError("the text is empty; give some text with --text or --text-file")
     out = check_out(args.out, args.overwrite)  # before loading anything
@@ -270,7 +344,8 @@ def build_parser() -> Parser:
     parser = Parser(prog="mixturelm", description="Conditional-computation language models: train, measure, "
                                                   "inspect and mix them.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble, _add_inspect):
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble, _add_compare,
+                _add_inspect):
         add(sub)
     return parser
 
@@ -424,7 +499,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,
-            "ensemble": cmd_ensemble, "inspect": cmd_inspect}
+            "ensemble": cmd_ensemble, "compare": cmd_compare, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -447,6 +447,8 @@ PRESETS["peer-tiny"] = _peer_preset("tiny", 1024 * 1024, "dense-tiny with block 
                                     "h 8, k 16, d_key 128 (the paper's N, h, k)",
                                     # evaluation over 2^17 tokens: 16 retrievals per expert, so usage can be near 100 %
                                     train_extra={"eval_tokens": 131072})
+PRESETS["peer-small"] = _peer_preset("small", 1024 * 1024, "dense-small with block 2's FFN a PEER of 1024^2 experts, "
+                                     "h 8, k 16, d_key 128", train_extra={"eval_tokens": 131072})
 
 
 def get_preset(name: str) -> Preset:

@@ -166,3 +166,28 @@ def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
         aten._embedding_bag_forward_only: _embedding_bag_flops,
     }
     return FlopCounterMode(display=False, custom_mapping=mapping, **kwargs)
+
+
+def active_params(model: torch.nn.Module, cfg: ModelConfig, seq_len: int) -> float:
+    """Parameters one token uses, averaged over tokens: a MoE's routed experts count at experts per token /
+    experts, PEER's expert tables at h x k / N rows, and a Mixture-of-Depths block at the share of
+    tokens that enter it (ceil(capacity x T) / T; its router counts in full). Embedding and head count in full."""
+    from .layers.mod import MoD, capacity_tokens
+    from .layers.moe import MoE
+    from .layers.peer import PEER
+
+    share: dict[int, float] = {}  # id(parameter) -> fraction of tokens (or of the table) one token uses
+    for i, block in enumerate(model.blocks):
+        spec = cfg.block_spec(i)
+        inner = block.block if isinstance(block, MoD) else block
+        enter = capacity_tokens(spec.mod.capacity, seq_len) / seq_len if isinstance(block, MoD) else 1.0
+        for p in inner.parameters():
+            share[id(p)] = enter
+        for m in inner.modules():
+            if isinstance(m, MoE):
+                for p in (m.w_gate_up, m.w_down):
+                    share[id(p)] = enter * spec.moe.experts_per_token() / m.n_experts
+            elif isinstance(m, PEER):
+                for p in m.expert_tables():
+                    share[id(p)] = enter * m.n_heads * m.top_k / m.n_experts
+    return sum(p.numel() * share.get(id(p), 1.0) for p in model.parameters())

@@ -445,8 +445,11 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 device: str = "auto", progress: bool = True, log=None) -> None:
+                 device: str = "auto", progress: bool = True, log=None, on_step=None, bar_position: int = 0) -> None:
+        """on_step(done): called after every optimizer step (an outer progress bar);
+        bar_position: the line of this run's progress bar (1 below an outer bar, which it then leaves alone)."""
         self.out_dir = Path(out_dir)
+        self.on_step, self.bar_position = on_step, bar_position
         self.dist = init_distributed(resolve_device(device))
         self.device = pick_device(device, self.dist)
         self.progress = progress and self.dist.main
@@ -652,6 +655,8 @@ class Trainer:
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             if done % t.ckpt_every == 0 or done == self.total_steps:
                 self._save(done)
+            if self.on_step is not None:
+                self.on_step(done)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}",
@@ -688,7 +693,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=start, desc=f"train {self.cfg.preset}", unit="step",
-                    dynamic_ncols=True, mininterval=0.5,
+                    dynamic_ncols=True, mininterval=0.5, position=self.bar_position, leave=self.bar_position == 0,
                     disable=None)  # None: no bar when stderr is not a terminal (logs get the eval lines)
 
     def _finish(self, record: dict, start: int) -> dict:

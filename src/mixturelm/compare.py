@@ -1,0 +1,308 @@
+"""`mixturelm compare`: at the same training compute, on one corpus, which architecture is best, what does
+each cost per token, and what did its routers learn?
+
+The fair-size rule (FAIR_RULE, printed in every report): all architectures of one size share the dense
+backbone of that size (width, depth, heads, vocabulary, context) and change only what their mechanism
+changes; the presets `<arch>-<size>` define them. Every run gets the same training-FLOP budget, counted by
+mixturelm.flops for what the run actually computes, so an architecture cheaper per token trains on more
+tokens: the isoFLOP protocol of the MoD and PEER papers. All runs see the same data order (seed), tokenizer,
+held-out split, batch, sequence length and validation tokens; the learning rate is the size's preset one.
+Mixture-of-Depths models are scored with causal routing (the token-by-token decisions of sampling), since
+the top-k routing of training looks at future tokens.
+
+Layout of --out: compare.json (the settings every run shares), runs/<name>/ (ordinary run directories),
+views/<name>/ (routing views), results.json, loss_vs_flops.png, loss_vs_forward_flops.png, isoflop.png
+(with --sweep) and report.html. Run again with the same --out, it skips finished runs and resumes the one in
+progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import PRESETS
+from .errors import UsageError
+from .flops import active_params, forward_flops_per_token, train_flops_per_token
+from .model import MixtureLM
+from .train import RunConfig, Trainer, new_run_config, steps_in_budget
+
+DEFAULT_ARCHS = ("dense", "moe", "mod", "mode", "peer")
+DEFAULT_SIZE = "tiny"
+SWEEP_SIZES = ("debug", "tiny", "small")
+# The default budget: about 10 minutes for the five default architectures on 2 CPU cores (peer-tiny's 1024^2
+# experts take the most time), dense-tiny's 300 steps of 16 x 256 tokens, where the curves have separated.
+DEFAULT_FLOPS = 8e12
+
+FAIR_RULE = (
+    "Every architecture of a size shares that size's dense backbone (width, depth, heads, vocabulary, context) "
+    "and changes only what its mechanism changes (presets <arch>-<size>: moe = every FFN 8 experts top-2 with "
+    "dense's active FFN size; mod = every other block routed at 12.5 %; mode = moe whose router also offers 8 "
+    "no-op experts; peer = the middle block's FFN a PEER of 1024^2 experts at tiny and small). Every run gets the "
+    "same training-FLOP budget, counted for what it computes, so a cheaper architecture trains on more tokens "
+    "(the isoFLOP protocol of the MoD and PEER papers). Same data order, tokenizer, held-out split, batch, "
+    "sequence length and validation tokens; learning rate of the size's preset. MoD models are scored with "
+    "causal routing (as they sample).")
+
+# Settings every run of a compare shares; a compare resumed in the same --out must give the same ones.
+SHARED_FIELDS = ("data", "tokenizer", "text_field", "val_fraction", "seed", "batch_size", "seq_len", "eval_tokens",
+                 "evals", "budgets")
+
+
+@dataclass
+class CompareConfig:
+    archs: tuple[str, ...] = DEFAULT_ARCHS
+    sizes: tuple[str, ...] = (DEFAULT_SIZE,)
+    budgets: tuple[float, ...] = (DEFAULT_FLOPS,)
+    sweep: bool = False
+    data: str | None = None
+    tokenizer: str = "bytes"
+    text_field: str = "text"
+    val_fraction: float = 0.02
+    seed: int = 0
+    batch_size: int = 16
+    seq_len: int = 256
+    eval_tokens: int = 65536
+    evals: int = 8  # evaluations per run, evenly spaced: the points of the loss-vs-FLOPs curves
+    view_tokens: int = 512  # tokens of validation text the routing views are drawn on
+    text: str | None = None  # or this text
+
+    def shared(self) -> dict:
+        d = asdict(self)
+        return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in SHARED_FIELDS}
+
+
+@dataclass
+class RunPlan:
+    name: str
+    arch: str
+    size: str
+    budget: float
+    config: RunConfig
+    steps: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: everything that could reject the compare is checked before --out is touched
+
+def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
+    """One run per architecture, size and budget, with its steps in the budget."""
+    runs = []
+    for arch in cc.archs:
+        for size in cc.sizes:
+            preset = f"{arch}-{size}"
+            if preset not in PRESETS:
+                known = sorted({p.rsplit("-", 1)[0] for p in PRESETS if p.endswith(f"-{size}")})
+                raise UsageError(f"no architecture {arch!r} at size {size} (no preset {preset}); choose --archs "
+                                 f"from {', '.join(known)}")
+            for i, budget in enumerate(cc.budgets):
+                cfg = new_run_config(preset, {
+                    "max_flops": budget, "data": cc.data, "tokenizer": cc.tokenizer, "text_field": cc.text_field,
+                    "val_fraction": cc.val_fraction, "seed": cc.seed, "batch_size": cc.batch_size,
+                    "seq_len": cc.seq_len, "eval_tokens": cc.eval_tokens, "keep_ckpts": 1, "log_every": 1})
+                cfg.model = replace(cfg.model, vocab_size=vocab_size)
+                per_step = train_flops_per_token(cfg.model, cc.seq_len) * cc.batch_size * cc.seq_len
+                if budget < per_step:
+                    raise UsageError(f"--flops {budget:g} is smaller than one step of {preset} ({per_step:.3g} FLOPs "
+                                     "per step); raise --flops or lower --batch-size / --seq-len")
+                steps = steps_in_budget(cfg)
+                every = max(1, math.ceil(steps / cc.evals))
+                cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every)
+                name = preset if len(cc.budgets) == 1 else f"{preset}-{budget:.3g}"
+                runs.append(RunPlan(name, arch, size, budget, cfg, steps))
+    return runs
+
+
+def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
+    """True when --out holds this compare already (resume); errors for anything we must not touch."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    marker = out / "compare.json"
+    if not marker.is_file():
+        raise UsageError(f"--out {out} is not empty and holds no compare (no compare.json); choose another --out")
+    if overwrite:
+        return False
+    try:
+        saved = json.loads(marker.read_text())["shared"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{marker} is unreadable; the compare is damaged, add --overwrite to start it again") from None
+    diff = [k for k in SHARED_FIELDS if saved.get(k) != cc.shared()[k]]
+    if diff:
+        k = diff[0]
+        raise UsageError(f"--out {out} holds a compare with {k} {saved.get(k)!r}, not {cc.shared()[k]!r}; give the "
+                         "same settings to resume it, --overwrite to replace it, or another --out")
+    return True
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:  # the model name says more than the architecture
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device: str = "auto",
+                progress: bool = True, command: str = "", log=None) -> dict:
+    from .data.tokens import check_length, prepare
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if cc.text is not None and not cc.text.strip():
+        raise UsageError("--text is empty; give some text for the routing views or drop --text")
+    resume = check_out_dir(out, cc, overwrite)
+    data = prepare(cc.data, cc.tokenizer, cc.val_fraction, cc.text_field, log=log)
+    check_length(data.train, cc.seq_len, "training")
+    check_length(data.val, cc.seq_len, "validation")
+    runs = plan_runs(cc, data.tokenizer.vocab_size)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        checkpoint.write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command})
+    done_steps = {r.name: _finished_steps(out / "runs" / r.name) for r in runs}
+    bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.name], r.steps) for r in runs))
+    rows = []
+    try:
+        for i, r in enumerate(runs):
+            run_dir = out / "runs" / r.name
+            _say(bar, log, f"[{i + 1}/{len(runs)}] {r.name}: {r.steps} steps in {r.budget:.3g} FLOPs")
+            rows.append(_run_one(r, run_dir, device, progress, bar, log))
+    finally:
+        if bar is not None:
+            bar.close()
+    results = collect(cc, out, runs, rows, data, command)
+    checkpoint.write_json_atomic(out / "results.json", results)
+    from .report import write_report
+
+    write_report(out, results, runs, data, cc, log=log)
+    return results
+
+
+def _finished_steps(run_dir: Path) -> int:
+    """Steps already trained in a run directory (its newest checkpoint), 0 if none."""
+    ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return 0
+    try:
+        return int(json.loads((ckpt / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -> dict:
+    """Train (or resume, or skip) one run; its summary with the load average around it."""
+    results_file = run_dir / "results.json"
+    config_file = run_dir / checkpoint.CONFIG_FILE
+    started = config_file.is_file()
+    if started:
+        saved = json.loads(config_file.read_text())
+        if saved != r.config.to_dict():
+            raise UsageError(f"{run_dir} was trained with other settings than this compare gives it (another "
+                             "mixturelm version?); add --overwrite to start the compare again, or use another --out")
+    if started and results_file.is_file() and json.loads(results_file.read_text()).get("steps") == r.steps:
+        log(f"  {r.name}: finished earlier, skipped")
+        return json.loads(results_file.read_text()) | {"skipped": True}
+    resume = started and checkpoint.latest(run_dir) is not None
+    load_before = os.getloadavg()[0]
+    trainer = Trainer(replace(r.config), run_dir, resume=resume, overwrite=not resume and run_dir.exists(),
+                      device=device, progress=progress, log=lambda m: _say(bar, log, "  " + m),
+                      on_step=(lambda done: bar.update(1)) if bar is not None else None,
+                      bar_position=1 if bar is not None else 0)
+    summary = trainer.run()
+    return summary | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def _outer_bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="compare", unit="step", position=0, dynamic_ncols=True,
+                disable=None)  # no bar when stderr is not a terminal
+
+
+def _say(bar, log, msg: str) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(msg, file=sys.stderr)
+    else:
+        log(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+def collect(cc: CompareConfig, out: Path, runs: list[RunPlan], summaries: list[dict], data, command: str) -> dict:
+    rows = [_row(r, s, data, out / "runs" / r.name) for r, s in zip(runs, summaries)]
+    if cc.sweep:
+        mark_isoflop_optimal(rows)
+    return {"command": command, "machine": machine(), "rule": FAIR_RULE, "settings": json.loads(json.dumps(asdict(cc))),
+            "corpus": data.stats, "runs": rows}
+
+
+def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
+    cfg, t = r.config, r.config.train
+    with torch.device("meta"):  # shapes only
+        model = MixtureLM(cfg.model)
+    flops_per_step = train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
+    causal = s.get("val_loss_causal")
+    loss = causal if causal is not None else s["val_loss"]
+    bytes_per_token = data.val.bytes_per_token
+    row = {
+        "name": r.name, "arch": r.arch, "size": r.size, "preset": cfg.preset, "budget_flops": r.budget,
+        "total_params": model.num_params(), "active_params": active_params(model, cfg.model, t.seq_len),
+        "forward_flops_per_token": forward_flops_per_token(cfg.model, t.seq_len),
+        "train_flops": s["train_flops"], "steps": s["steps"], "tokens": s["tokens"],
+        "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token,
+        "val_loss_scored_with": "causal routing" if causal is not None else "the model's forward",
+        "tokens_per_s": s["tokens"] / s["wall_s"] if s.get("wall_s") else None, "wall_s": s.get("wall_s"),
+        "load_average": [s.get("load_before"), s.get("load_after")],
+        "curve": read_curve(run_dir, flops_per_step),
+    }
+    if causal is not None:
+        row["val_loss_topk"] = s["val_loss"]
+    for key in ("peer_usage", "load_max_over_mean", "mod_causal"):
+        if key in s:
+            row[key] = s[key]
+    return row
+
+
+def read_curve(run_dir: Path, flops_per_step: float) -> list[list[float]]:
+    """(training FLOPs, validation loss) at every evaluation of a run (causal routing for MoD)."""
+    points: dict[int, float] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "eval":  # a resumed run may log a step twice: the last one counts
+                points[rec["step"]] = rec.get("val_loss_causal", rec["val_loss"])
+    return [[step * flops_per_step, loss] for step, loss in sorted(points.items())]
+
+
+def mark_isoflop_optimal(rows: list[dict]) -> None:
+    """Per architecture and budget, the size with the lowest validation loss is isoFLOP-optimal."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["arch"], row["budget_flops"]), []).append(row)
+    for group in groups.values():
+        best = min(group, key=lambda row: row["val_loss"])
+        for row in group:
+            row["isoflop_optimal"] = row is best

@@ -1,0 +1,200 @@
+"""What `mixturelm compare` shows: the terminal table, the plots (PNG) and one self-contained report.html
+(inline CSS, images as data URIs, no script, nothing fetched), with the routing views of every run."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .ensemble.report import print_table, pyplot, write_text_atomic
+
+TABLE_HEADER = ["run", "total params", "active params", "fwd FLOPs/token", "train FLOPs", "steps", "tokens",
+                "val loss", "ppl", "bits/byte", "tokens/s", "wall s"]
+
+
+def table_rows(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in runs:
+        name = r["name"] + (" *" if r.get("isoflop_optimal") else "")
+        rows.append([name, f"{r['total_params']:,}", f"{r['active_params']:,.0f}",
+                     f"{r['forward_flops_per_token']:.3g}", f"{r['train_flops']:.3g}", f"{r['steps']:,}",
+                     f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_ppl']:.3f}", f"{r['val_bpb']:.4f}",
+                     f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-",
+                     f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+def _colors(names: list[str]) -> dict[str, str]:
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+    return {n: palette[i % len(palette)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def plot_loss_vs_flops(runs: list[dict], path: Path) -> None:
+    """Validation loss against training FLOPs, one line per run: the isoFLOP comparison's curves."""
+    plt = pyplot()
+    colors = _colors([r["arch"] for r in runs])
+    sizes = sorted({r["size"] for r in runs})
+    styles = dict(zip(sizes, ["-", "--", ":", "-."] * 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in runs:
+        if r["curve"]:
+            x, y = zip(*r["curve"])
+            ax.plot(x, y, styles[r["size"]], color=colors[r["arch"]], marker="o", ms=3, label=r["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss against training compute")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss_vs_forward_flops(runs: list[dict], path: Path) -> None:
+    """Final validation loss against forward FLOPs per token: what each architecture costs to run."""
+    plt = pyplot()
+    colors = _colors([r["arch"] for r in runs])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arch in dict.fromkeys(r["arch"] for r in runs):
+        group = sorted((r for r in runs if r["arch"] == arch), key=lambda r: r["forward_flops_per_token"])
+        ax.plot([r["forward_flops_per_token"] for r in group], [r["val_loss"] for r in group], "o-",
+                color=colors[arch], label=arch)
+        for r in group:
+            ax.annotate(r["name"], (r["forward_flops_per_token"], r["val_loss"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per token")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("Final loss against cost per token (same training FLOPs)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_isoflop(runs: list[dict], path: Path) -> None:
+    """The MoD/PEER papers' isoFLOP plot: loss against parameters per architecture and budget, the
+    isoFLOP-optimal size of each starred."""
+    plt = pyplot()
+    colors = _colors([r["arch"] for r in runs])
+    budgets = sorted({r["budget_flops"] for r in runs})
+    styles = dict(zip(budgets, ["-", "--", ":", "-."] * 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arch in dict.fromkeys(r["arch"] for r in runs):
+        for b in budgets:
+            group = sorted((r for r in runs if r["arch"] == arch and r["budget_flops"] == b),
+                           key=lambda r: r["total_params"])
+            ax.plot([r["total_params"] for r in group], [r["val_loss"] for r in group], styles[b], marker="o",
+                    color=colors[arch], label=f"{arch}, {b:.3g} FLOPs")
+            best = [r for r in group if r.get("isoflop_optimal")]
+            ax.plot([r["total_params"] for r in best], [r["val_loss"] for r in best], "*", ms=16,
+                    color=colors[arch], markeredgecolor="black")
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("isoFLOP curves (star: the isoFLOP-optimal size)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PLOTS = {"loss_vs_flops.png": plot_loss_vs_flops, "loss_vs_forward_flops.png": plot_loss_vs_forward_flops}
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table.results { border-collapse: collapse; font-size: 0.9em; }
+table.results th, table.results td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+table.results td:first-child, table.results th:first-child { text-align: left; }
+pre { background: #f4f4f4; padding: 0.6em; white-space: pre-wrap; }
+img.plot { max-width: 100%; border: 1px solid #ddd; }
+section.run { border-top: 2px solid #888; margin-top: 2em; }
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str]) -> str:
+    e = html.escape
+    rows = table_rows(results["runs"])
+    head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    best = min(results["runs"], key=lambda r: r["val_loss"])
+    m = results["machine"]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<title>mixturelm compare</title>", f"<style>{CSS}</style></head><body>",
+        "<h1>mixturelm compare: architectures at equal training compute</h1>",
+        f"<p>Lowest validation loss: <b>{e(best['name'])}</b> ({best['val_loss']:.4f} nats/token, "
+        f"{best['val_bpb']:.4f} bits/byte).</p>",
+        f"<table class=\"results\"><tr>{head}</tr>{body}</table>",
+        "<p>Validation loss in nats per token over the same held-out tokens for every run; MoD models are "
+        "scored with causal routing. Active parameters: those one token uses, on average. "
+        "A star marks the isoFLOP-optimal size of an architecture (with --sweep).</p>",
+        f"<h2>How the sizes were chosen</h2><p>{e(results['rule'])}</p>",
+        "<h2>Plots</h2>", *(_img(out / p, p) for p in plots),
+        "<h2>Routing views</h2>",
+        "<p>What each run's routers did on the same text (the start of the held-out split unless --text was "
+        "given).</p>",
+        *(f'<section class="run"><h3>{e(name)}</h3>{fragment}</section>' for name, fragment in views.items()),
+        "<h2>Command and machine</h2>", f"<pre>{e(results['command'])}</pre>",
+        f"<pre>{e(json.dumps(m, indent=1))}</pre>",
+        f"<h2>Settings</h2><pre>{e(json.dumps(results['settings'], indent=1))}</pre>",
+        f"<h2>Corpus</h2><pre>{e(json.dumps(results['corpus'], indent=1))}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def write_report(out: Path, results: dict, runs, data, cc, log=print) -> None:
+    """Plots, routing views and report.html in out; the table printed."""
+    plots = list(PLOTS)
+    for name, plot in PLOTS.items():
+        plot(results["runs"], out / name)
+    if cc.sweep:
+        plot_isoflop(results["runs"], out / "isoflop.png")
+        plots.append("isoflop.png")
+    views = routing_views_of_runs(out, runs, data, cc)
+    write_text_atomic(out / "report.html", render_html(results, out, plots, views))
+    print_table("mixturelm compare: equal training FLOPs", TABLE_HEADER, table_rows(results["runs"]))
+    log(f"results in {out / 'results.json'}, report in {out / 'report.html'}")
+
+
+def routing_views_of_runs(out: Path, runs, data, cc) -> dict[str, str]:
+    """Every run's routing views on the same tokens, written to out/views/<run>/ and returned as HTML."""
+    import numpy as np
+    import torch
+
+    from . import checkpoint
+    from .inspect import routing_views
+
+    if cc.text is not None:
+        ids = torch.tensor(data.tokenizer.encode(cc.text), dtype=torch.long)
+    else:
+        ids = torch.from_numpy(np.asarray(data.val.tokens[:cc.view_tokens], dtype=np.int64))
+    fragments = {}
+    for r in runs:
+        model, _, tokenizer, _ = checkpoint.load_model(out / "runs" / r.name)
+        views = routing_views(model, tokenizer, ids, title=r.name)
+        view_dir = out / "views" / r.name
+        view_dir.mkdir(parents=True, exist_ok=True)
+        for file, png in views.figures.items():
+            (view_dir / file).write_bytes(png)
+        write_text_atomic(view_dir / "inspect.json", json.dumps(views.summary, indent=1))
+        fragments[r.name] = views.html
+    return fragments

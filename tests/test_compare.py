@@ -1,0 +1,209 @@
+"""`mixturelm compare`: equal budgets, results, plots, the report in a real browser, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, tree_digest
+from mixturelm.compare import CompareConfig, mark_isoflop_optimal, plan_runs, run_compare
+from mixturelm.flops import train_flops_per_token
+from mixturelm.report import plot_isoflop
+
+# two architectures on the debug backbone, a budget of a few dozen steps
+TINY = dict(archs=("dense", "mod"), sizes=("debug",), budgets=(1.2e10,), batch_size=8, seq_len=64,
+            eval_tokens=1024, evals=3, view_tokens=96)
+
+
+@pytest.fixture(scope="module")
+def finished(corpus_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    cc = CompareConfig(data=str(corpus_dir), **TINY)
+    results = run_compare(cc, out, progress=False, command="test", log=lambda m: None)
+    return out, results
+
+
+def test_equal_budgets_and_results(finished):
+    out, results = finished
+    assert json.loads((out / "results.json").read_text()) == results
+    runs = {r["arch"]: r for r in results["runs"]}
+    assert set(runs) == {"dense", "mod"}
+    for r in runs.values():
+        cfg = json.loads((out / "runs" / r["name"] / "config.json").read_text())
+        from mixturelm.config import ModelConfig
+
+        per_step = train_flops_per_token(ModelConfig.from_dict(cfg["model"]), 64) * 8 * 64
+        # the budget is met within one step, from below
+        assert r["budget_flops"] - per_step < r["train_flops"] <= r["budget_flops"]
+        assert r["steps"] == int(r["budget_flops"] // per_step) and r["tokens"] == r["steps"] * 8 * 64
+        for key in ("total_params", "active_params", "forward_flops_per_token", "val_loss", "val_ppl", "val_bpb",
+                    "tokens_per_s", "wall_s"):
+            assert r[key] > 0, key
+        assert abs(r["val_ppl"] - 2.718281828 ** r["val_loss"]) < 1e-6 * r["val_ppl"]
+        assert len(r["curve"]) == 3 and r["curve"][-1][0] == pytest.approx(r["train_flops"])
+        assert r["curve"][-1][1] == r["val_loss"]
+    # MoD is cheaper per token, so it trains longer; it is scored with causal routing
+    assert runs["mod"]["steps"] > runs["dense"]["steps"]
+    assert runs["mod"]["val_loss_scored_with"] == "causal routing" and "val_loss_topk" in runs["mod"]
+    assert runs["mod"]["active_params"] < runs["mod"]["total_params"]
+    assert runs["dense"]["active_params"] == runs["dense"]["total_params"]
+    # both runs saw the same validation tokens and the same data order
+    evals = [[json.loads(line) for line in (out / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()
+              if '"eval"' in line][-1]["val_tokens"] for r in runs.values()]
+    assert evals[0] == evals[1]
+
+
+def test_plots_and_report_files(finished):
+    out, _ = finished
+    for png in ("loss_vs_flops.png", "loss_vs_forward_flops.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert "dense-debug" in page and "mod-debug" in page and "test" in page  # table, command
+    assert page.count("data:image/png;base64,") >= 2
+    assert "http://" not in page and "https://" not in page  # self-contained
+    for name in ("dense-debug", "mod-debug"):
+        assert (out / "views" / name / "inspect.json").is_file()
+
+
+def test_report_opens_in_headless_chromium(finished):
+    """The report loads in a real browser with every image decoded and nothing on the console."""
+    out, _ = finished
+    browser = shutil.which("chromium")
+    if browser is None or shutil.which("chromedriver") is None:
+        if os.environ.get("MIXTURELM_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium / chromedriver are not installed (Debian packages chromium, chromium-driver)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get((out / "report.html").resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+        console = driver.get_log("browser")
+        title = driver.title
+    finally:
+        driver.quit()
+    assert title == "mixturelm compare"
+    assert len(images) >= 2 and all(ok and width > 0 for _, ok, width in images), images
+    assert console == []
+
+
+def test_interrupted_compare_resumes(corpus_dir, finished, tmp_path, monkeypatch):
+    """Killed in the second run after its first checkpoint; run again: the first is skipped, the second resumes
+    from its checkpoint, and the results equal those of the uninterrupted compare."""
+    _, uninterrupted = finished
+    out = tmp_path / "cmp"
+    cc = CompareConfig(data=str(corpus_dir), **TINY)
+    from mixturelm import train
+
+    real_save = train.Trainer._save
+
+    def save_then_die(self, step):
+        real_save(self, step)
+        if self.cfg.preset == "mod-debug":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(cc, out, progress=False, command="test", log=lambda m: None)
+    assert (out / "runs" / "dense-debug" / "results.json").is_file()
+    assert not (out / "runs" / "mod-debug" / "results.json").is_file()
+    monkeypatch.setattr(train.Trainer, "_save", real_save)
+    messages = []
+    results = run_compare(cc, out, progress=False, command="test", log=messages.append)
+    assert any("dense-debug: finished earlier, skipped" in m for m in messages)
+    assert any("resuming from" in m and "mod-debug" in m for m in messages)
+    for a, b in zip(results["runs"], uninterrupted["runs"]):
+        assert (a["name"], a["steps"], a["train_flops"]) == (b["name"], b["steps"], b["train_flops"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert [p[1] for p in a["curve"]] == pytest.approx([p[1] for p in b["curve"]], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning and the sweep
+
+def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
+    cc = CompareConfig(archs=("dense", "moe", "mod", "mode", "peer"), sizes=("debug", "tiny"), budgets=(1e12, 2e12),
+                       sweep=True)
+    runs = plan_runs(cc, vocab_size=257)
+    assert len(runs) == 5 * 2 * 2 and len({r.name for r in runs}) == len(runs)
+    for r in runs:
+        per_step = train_flops_per_token(r.config.model, 256) * 16 * 256
+        assert r.steps == int(r.budget // per_step)
+        assert (r.config.train.batch_size, r.config.train.seq_len, r.config.train.seed) == (16, 256, 0)
+        assert r.config.train.eval_tokens == cc.eval_tokens
+    rows = [{"name": r.name, "arch": r.arch, "size": r.size, "budget_flops": r.budget, "total_params": i + 1,
+             "val_loss": 3.0 - 0.1 * (r.size == "tiny") + 0.01 * i} for i, r in enumerate(runs)]
+    mark_isoflop_optimal(rows)
+    best = {(r["arch"], r["budget_flops"]) for r in rows if r["isoflop_optimal"]}
+    assert len(best) == 10  # one per architecture and budget
+    assert all(r["size"] == "tiny" for r in rows if r["isoflop_optimal"])
+    plot_isoflop(rows, tmp_path / "isoflop.png")
+    assert (tmp_path / "isoflop.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written or changed
+
+@pytest.mark.parametrize("args, message", [
+    (["--archs", "dense,transformer"], "no architecture 'transformer'"),
+    (["--archs", "dense,dense"], "names something twice"),
+    (["--flops", "lots"], "--flops lots is not a number"),
+    (["--flops", "-1"], "must be positive"),
+    (["--flops", "1e3"], "smaller than one step"),
+    (["--size", "huge"], "no architecture 'dense' at size huge"),
+    (["--text-file", "/nonexistent.txt"], "does not exist"),
+    (["--text", " "], "--text is empty"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path, args, message):
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--data", str(corpus_dir), "--out", str(out), "--no-progress", "--archs", "dense",
+                   "--size", "debug", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists()
+
+
+def test_out_that_is_not_a_compare_is_left_alone(corpus_dir, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = tree_digest(out)
+    for extra in ([], ["--overwrite"]):
+        proc = run_cli("compare", "--data", str(corpus_dir), "--out", str(out), "--archs", "dense", "--size",
+                       "debug", *extra)
+        assert proc.returncode == 2 and "holds no compare" in proc.stderr, proc.stderr
+    assert tree_digest(out) == before
+
+
+def test_resume_with_other_settings_is_refused(finished, tmp_path):
+    out, _ = finished
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    before = tree_digest(copy)
+    proc = run_cli("compare", "--data", json.loads((out / "compare.json").read_text())["shared"]["data"],
+                   "--out", str(copy), "--archs", "dense", "--size", "debug", "--flops", "2.4e10",
+                   "--batch-size", "8", "--seq-len", "64", "--eval-tokens", "1024", "--evals", "3")
+    assert proc.returncode == 2 and "holds a compare with budgets" in proc.stderr, proc.stderr
+    assert tree_digest(copy) == before
+
+
+def test_text_file_must_be_utf8(corpus_dir, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1"))
+    proc = run_cli("compare", "--data", str(corpus_dir), "--out", str(tmp_path / "cmp"), "--text-file", str(bad))
+    assert proc.returncode == 2 and "is not UTF-8" in proc.stderr
+
