@@ -168,7 +168,7 @@ class _Recorder:
             x_BTD = args[0]
             assert x_BTD.shape[0] == 1, "routing views run one window at a time"
             r_BT = mod.router_weights(x_BTD)
-            d = layer.data.setdefault(self.mode, {"positions": [], "scores": [], "entered": []})
+            d = layer.data.setdefault(self.mode, {"scores": [], "entered": []})
             if self.mode == "topk":
                 idx = mod.topk_indices(r_BT)[0].cpu()
                 self.entered[layer.index] = idx
