@@ -1,4 +1,4 @@
-"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble, compare.
+"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble, compare, inspect.
 
 Bad input ends with one line on stderr that names the problem and the fix, and exit status 2.
 """
@@ -302,11 +302,50 @@ def _read_text_file(path: str) -> str:
         raise UsageError(f"--text-file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
+# ---- inspect: routing views (issue 6) ----
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="routing views of a checkpoint on a text (HTML, PNG, JSON)",
+                       description="What the routers decide on a text: the tokens each Mixture-of-Depths block "
+                                   "processed (top-k and causal routing), each token's MoE expert and the load per "
+                                   "expert, PEER's expert usage and KL to uniform. Writes inspect.html (self-"
+                                   "contained), inspect.json and the PNGs into --out.")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text to route")
+    text.add_argument("--text-file", help="a UTF-8 text file to route")
+    p.add_argument("--out", required=True, help="folder for inspect.html, inspect.json and the PNGs")
+    p.add_argument("--max-tokens", type=int, default=1024, help="route the first N tokens of the text (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier inspect output in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def cmd_inspect(args) -> None:
+    from .inspect import check_out, describe, run_inspect
+    from .train import resolve_device
+
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    text = args.text if args.text_file is None else _read_text_file(args.text_file)
+    if not text:
+        raise UsageError("the text is empty; give some text with --text or --text-file")
+    out = check_out(args.out, args.overwrite)  # before loading anything
+    views = run_inspect(args.ckpt, text, out, args.max_tokens, overwrite=args.overwrite,
+                        device=resolve_device(args.device))
+    s = views.summary
+    more = f" (the first {s['n_tokens']:,} of {s['text_tokens']:,}; see --max-tokens)" if s["truncated"] else ""
+    print(f"routed {s['n_tokens']:,} tokens{more} through {s['checkpoint']}")
+    for line in describe(s):
+        print(f"  {line}")
+    print(f"views in {out / 'inspect.html'} (summary: inspect.json, {len(views.figures)} PNG)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mixturelm", description="Conditional-computation language models: train, measure, "
                                                   "inspect and mix them.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble, _add_compare):
+    for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble, _add_compare,
+                _add_inspect):
         add(sub)
     return parser
 
@@ -460,7 +499,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,
-            "ensemble": cmd_ensemble, "compare": cmd_compare}
+            "ensemble": cmd_ensemble, "compare": cmd_compare, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,17 @@ class MoD(nn.Module):
         x = x_BTD.detach()
         return self.predictor(x.to(self.predictor[0].weight.dtype)).squeeze(-1).float()
 
+    # -- which tokens enter: the one place each rule lives (forward and mixturelm.inspect both call these)
+    def topk_indices(self, r_BT: torch.Tensor) -> torch.Tensor:
+        """(B, C) the tokens of each row that enter under training-time routing: the top C by r, back in
+        their original order (the block's causal mask needs it)."""
+        C = capacity_tokens(self.capacity, r_BT.shape[1])
+        return r_BT.topk(C, dim=1, sorted=False).indices.sort(dim=1).values
+
+    def causal_enter(self, x_BTD: torch.Tensor, r_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the tokens that enter when routing token by token (sampling)."""
+        return self.causal_scores(x_BTD, r_BT) > self.threshold
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x_BTD: torch.Tensor, rope, cache: RaggedKVCache | None = None, return_aux: bool = True,
                 causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
@@ -129,10 +140,7 @@ class MoD(nn.Module):
         return self._forward_causal(x_BTD, r_BT, rope, cache, return_aux)
 
     def _forward_topk(self, x_BTD, r_BT, rope, return_aux) -> tuple[torch.Tensor, Aux]:
-        B, T, D = x_BTD.shape
-        C = capacity_tokens(self.capacity, T)
-        # top-C per sequence, then back in order: the block's causal mask needs it
-        idx_BC = r_BT.topk(C, dim=1, sorted=False).indices.sort(dim=1).values
+        idx_BC = self.topk_indices(r_BT)
         out = self._run_block(x_BTD, r_BT, idx_BC, None, rope, None, return_aux)
         x_out, aux = out
         if return_aux:
@@ -141,7 +149,7 @@ class MoD(nn.Module):
 
     def _forward_causal(self, x_BTD, r_BT, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
         B, T, D = x_BTD.shape
-        enter_BT = self.causal_scores(x_BTD, r_BT) > self.threshold
+        enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
         aux: Aux = {"stat/mod_causal_fraction": enter_BT.float().mean().detach()} if return_aux else {}
         rows_R = count_B.nonzero().squeeze(1)
