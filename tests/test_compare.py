@@ -106,7 +106,8 @@ def test_interrupted_compare_resumes(corpus_dir, finished, tmp_path, monkeypatch
     from its checkpoint, and the results equal those of the uninterrupted compare."""
     _, uninterrupted = finished
     out = tmp_path / "cmp"
-    cc = CompareConfig(data=str(corpus_dir), **TINY)
+    # views drawn on a given text this time (the module's compare draws them on held-out tokens)
+    cc = CompareConfig(data=str(corpus_dir), text="def main():\n    return 'café'\n", **TINY)
     from mixturelm import train
 
     real_save = train.Trainer._save
@@ -130,6 +131,7 @@ def test_interrupted_compare_resumes(corpus_dir, finished, tmp_path, monkeypatch
         assert (a["name"], a["steps"], a["train_flops"]) == (b["name"], b["steps"], b["train_flops"])
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
         assert [p[1] for p in a["curve"]] == pytest.approx([p[1] for p in b["curve"]], abs=1e-6)
+    assert "caf" in (out / "report.html").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

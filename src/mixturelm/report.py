@@ -205,13 +205,13 @@ def routing_views_of_runs(out: Path, runs, data, cc) -> dict[str, str]:
     from .inspect import routing_views
 
     if cc.text is not None:
-        ids = torch.tensor(data.tokenizer.encode(cc.text), dtype=torch.long)
+        ids = torch.tensor(data.tokenizer.encode(cc.text.encode("utf-8")), dtype=torch.long)
     else:
         ids = torch.from_numpy(np.asarray(data.val.tokens[:cc.view_tokens], dtype=np.int64))
     fragments = {}
     for r in runs:
         model, _, tokenizer, _ = checkpoint.load_model(out / "runs" / r.name)
-        views = routing_views(model, tokenizer, ids, title=r.name)
+        views = routing_views(model, tokenizer, ids, title=r.name, window=cc.seq_len)  # windows as trained
         view_dir = out / "views" / r.name
         view_dir.mkdir(parents=True, exist_ok=True)
         for file, png in views.figures.items():
