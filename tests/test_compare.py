@@ -169,6 +169,10 @@ def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
     (["--size", "huge"], "no architecture 'dense' at size huge"),
     (["--text-file", "/nonexistent.txt"], "does not exist"),
     (["--text", " "], "--text is empty"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--sweep", ""], "--sweep is empty"),
+    (["--flops", "6e9,6.0e9"], "names a budget twice"),
+    (["--device", "tpu"], "is not a device"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path, args, message):
     out = tmp_path / "cmp"
@@ -209,3 +213,35 @@ def test_text_file_must_be_utf8(corpus_dir, tmp_path):
     proc = run_cli("compare", "--data", str(corpus_dir), "--out", str(tmp_path / "cmp"), "--text-file", str(bad))
     assert proc.returncode == 2 and "is not UTF-8" in proc.stderr
 
+
+
+def _small_compare(data: Path, out: Path, *extra: str):
+    return run_cli("compare", "--data", str(data), "--out", str(out), "--no-progress", "--archs", "dense", "--size",
+                   "debug", "--flops", "1e9", "--batch-size", "8", "--seq-len", "64", "--eval-tokens", "512",
+                   "--evals", "1", "--view-tokens", "32", *extra)
+
+
+def test_resume_on_a_changed_corpus_is_refused(corpus_dir, tmp_path):
+    """The runs of one compare must see the same data: a corpus changed between the interrupted compare and its
+    rerun is refused (not only warned about), and nothing in --out changes."""
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, data)
+    out = tmp_path / "cmp"
+    assert _small_compare(data, out).returncode == 0
+    (data / "doc01.txt").write_text((data / "doc01.txt").read_text() + "\nmore text\n")
+    before = tree_digest(out)
+    proc = _small_compare(data, out)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "corpus changed" in errors[0], proc.stderr
+    assert tree_digest(out) == before
+
+
+def test_overwrite_through_a_link_replaces_the_compare_and_keeps_the_link(corpus_dir, tmp_path):
+    real = tmp_path / "real"
+    assert _small_compare(corpus_dir, real).returncode == 0
+    (real / "stale.txt").write_text("from the earlier compare")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    proc = _small_compare(corpus_dir, link, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and (real / "results.json").is_file() and not (real / "stale.txt").exists()

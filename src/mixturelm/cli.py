@@ -269,15 +269,20 @@ def cmd_compare(args) -> None:
 
     budgets = (DEFAULT_FLOPS,)
     if args.flops is not None:
+        items = _comma_list(args.flops, "--flops")  # its own errors (empty, repeated) pass through
         try:
-            budgets = tuple(float(v) for v in _comma_list(args.flops, "--flops"))
+            budgets = tuple(float(v) for v in items)
         except ValueError:
             raise UsageError(f"--flops {args.flops} is not a number (or comma-separated numbers), e.g. 4e12") from None
+        if len(set(budgets)) < len(budgets):
+            raise UsageError(f"--flops {args.flops} names a budget twice; give each once")
         if any(not b > 0 or b != b or b == float("inf") for b in budgets):
             raise UsageError(f"--flops {args.flops} must be positive and finite, e.g. 4e12")
     for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.sweep is not None and not args.sweep.strip(", "):
+        raise UsageError("--sweep is empty; give sizes (e.g. --sweep debug,tiny,small) or --sweep alone for those")
     text = args.text
     if args.text_file is not None:
         text = _read_text_file(args.text_file)

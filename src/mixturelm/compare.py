@@ -146,6 +146,22 @@ def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
     return True
 
 
+def check_same_corpus(out: Path, key: str | None) -> None:
+    """The runs already in --out were trained on this corpus: files added, removed or changed since would give
+    the architectures different data."""
+    saved = json.loads((out / "compare.json").read_text()).get("corpus_key")
+    if saved is not None and key is not None and saved != key:
+        raise UsageError(f"the corpus changed since the compare in --out {out} started (files added, removed or "
+                         "modified), so its runs would not see the same data; restore it, or add --overwrite to "
+                         "start the compare again, or use another --out")
+
+
+def clear_compare(out: Path) -> None:
+    """Empty --out (checked to hold a compare) without following links: --out itself may be a link."""
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:  # the model name says more than the architecture
@@ -165,19 +181,26 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
                 progress: bool = True, command: str = "", log=None) -> dict:
     from .data.tokens import check_length, prepare
 
+    from .train import resolve_device
+
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if cc.text is not None and not cc.text.strip():
         raise UsageError("--text is empty; give some text for the routing views or drop --text")
+    resolve_device(device)  # a bad --device is refused before --out is touched
+    plan_runs(cc, vocab_size=1)  # unknown architectures and budgets too small even so, before reading the corpus
     resume = check_out_dir(out, cc, overwrite)
     data = prepare(cc.data, cc.tokenizer, cc.val_fraction, cc.text_field, log=log)
     check_length(data.train, cc.seq_len, "training")
     check_length(data.val, cc.seq_len, "validation")
+    if resume:
+        check_same_corpus(out, data.stats.get("cache_key"))
     runs = plan_runs(cc, data.tokenizer.vocab_size)
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        clear_compare(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        checkpoint.write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command})
+        checkpoint.write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
+                                                            "corpus_key": data.stats.get("cache_key")})
     done_steps = {r.name: _finished_steps(out / "runs" / r.name) for r in runs}
     bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.name], r.steps) for r in runs))
     rows = []

@@ -310,6 +310,8 @@ class TrainConfig:
                   "ckpt_every", "keep_ckpts")
         if self.warmup_steps < 0:
             raise UsageError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.seed < 0:  # numpy's generators take no negative seed (a traceback at the first step)
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UsageError(f"TrainConfig.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         for name in ("peer_lr", "peer_key_lr"):
