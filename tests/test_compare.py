@@ -245,3 +245,18 @@ def test_overwrite_through_a_link_replaces_the_compare_and_keeps_the_link(corpus
     proc = _small_compare(corpus_dir, link, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert link.is_symlink() and (real / "results.json").is_file() and not (real / "stale.txt").exists()
+
+
+def test_a_damaged_run_file_is_one_line(finished, tmp_path):
+    out, _ = finished
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "dense-debug" / "results.json").write_text("{not json")
+    before = tree_digest(copy)
+    shared = json.loads((out / "compare.json").read_text())["shared"]
+    proc = run_cli("compare", "--data", shared["data"], "--out", str(copy), "--archs", "dense,mod", "--size", "debug",
+                   "--flops", "1.2e10", "--batch-size", "8", "--seq-len", "64", "--eval-tokens", "1024", "--evals", "3",
+                   "--view-tokens", "96")
+    assert proc.returncode == 2 and "is unreadable" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
+        proc.stderr
+    assert tree_digest(copy) == before

@@ -195,6 +195,9 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     if resume:
         check_same_corpus(out, data.stats.get("cache_key"))
     runs = plan_runs(cc, data.tokenizer.vocab_size)
+    if resume:  # every run folder checked before any run trains
+        for r in runs:
+            finished_run(r, out / "runs" / r.name)
     if overwrite and out.exists():
         clear_compare(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,19 +234,30 @@ def _finished_steps(run_dir: Path) -> int:
         return 0
 
 
-def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -> dict:
-    """Train (or resume, or skip) one run; its summary with the load average around it."""
+def finished_run(r: RunPlan, run_dir: Path) -> dict | None:
+    """The summary of a run already finished in run_dir, None if it is not; an error if run_dir cannot be
+    this compare's run (checked for every run before any trains, so a bad --out costs nothing)."""
     results_file = run_dir / "results.json"
     config_file = run_dir / checkpoint.CONFIG_FILE
-    started = config_file.is_file()
-    if started:
-        saved = json.loads(config_file.read_text())
-        if saved != r.config.to_dict():
-            raise UsageError(f"{run_dir} was trained with other settings than this compare gives it (another "
-                             "mixturelm version?); add --overwrite to start the compare again, or use another --out")
-    if started and results_file.is_file() and json.loads(results_file.read_text()).get("steps") == r.steps:
+    if not config_file.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise UsageError(f"{run_dir} is damaged (files but no {checkpoint.CONFIG_FILE}); delete it to train that "
+                             "run again, or add --overwrite to start the compare again")
+        return None
+    if _read_json(config_file) != r.config.to_dict():
+        raise UsageError(f"{run_dir} was trained with other settings than this compare gives it (another "
+                         "mixturelm version?); add --overwrite to start the compare again, or use another --out")
+    finished = _read_json(results_file) if results_file.is_file() else None
+    return finished if finished is not None and finished.get("steps") == r.steps else None
+
+
+def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -> dict:
+    """Train (or resume, or skip) one run; its summary with the load average around it."""
+    finished = finished_run(r, run_dir)
+    if finished is not None:
         log(f"  {r.name}: finished earlier, skipped")
-        return json.loads(results_file.read_text()) | {"skipped": True}
+        return finished | {"skipped": True}
+    started = (run_dir / checkpoint.CONFIG_FILE).is_file()
     resume = started and checkpoint.latest(run_dir) is not None
     load_before = os.getloadavg()[0]
     trainer = Trainer(replace(r.config), run_dir, resume=resume, overwrite=not resume and run_dir.exists(),
@@ -252,6 +266,14 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
                       bar_position=1 if bar is not None else 0)
     summary = trainer.run()
     return summary | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{path} is unreadable; delete its run folder to train that run again, or add "
+                         "--overwrite to start the compare again") from None
 
 
 def _outer_bar(progress: bool, total: int, initial: int):

@@ -205,7 +205,7 @@ def routing_views_of_runs(out: Path, runs, data, cc) -> dict[str, str]:
     from .inspect import routing_views
 
     if cc.text is not None:
-        ids = torch.tensor(data.tokenizer.encode(cc.text.encode("utf-8")), dtype=torch.long)
+        ids = torch.tensor(data.tokenizer.encode(cc.text.encode("utf-8"))[:cc.view_tokens], dtype=torch.long)
     else:
         ids = torch.from_numpy(np.asarray(data.val.tokens[:cc.view_tokens], dtype=np.int64))
     fragments = {}
