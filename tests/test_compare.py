@@ -260,3 +260,31 @@ def test_a_damaged_run_file_is_one_line(finished, tmp_path):
     assert proc.returncode == 2 and "is unreadable" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, \
         proc.stderr
     assert tree_digest(copy) == before
+
+
+def test_realized_flops_of_integrated_mode(tmp_path):
+    """The budget assumes balanced no-op routing; the realized count uses every step's measured no-op share."""
+    from mixturelm.compare import realized_train_flops
+
+    run = [r for r in plan_runs(CompareConfig(archs=("mode",), sizes=("debug",), budgets=(1e11,)), 257)][0]
+    cfg, t = run.config, run.config.train
+    per_step = train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
+    m = cfg.model.block_spec(0).moe
+    assert m.n_noop == m.n_experts  # half the slots are no-ops, so balanced routing skips half of top-k
+    layers = cfg.model.n_layers
+    d = tmp_path / "run"
+    d.mkdir()
+    records = [{"kind": "train", "step": s, **{f"stat/layer{i}.noop_fraction": f for i in range(layers)}}
+               for s, f in ((1, 0.5), (2, 0.25), (3, 0.75))]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    per_expert_slot = 6.0 * cfg.model.d_model * m.d_expert  # forward FLOPs of one routed expert per token
+    tokens = t.batch_size * t.seq_len
+    # by hand: step 1 as planned; step 2 a quarter of k more experts per token in each layer, step 3 a quarter less
+    expected = 3 * per_step + 3 * tokens * layers * per_expert_slot * m.top_k * (0.0 + 0.25 - 0.25)
+    assert realized_train_flops(d, cfg, per_step) == pytest.approx(expected)
+    records[2]["stat/layer0.noop_fraction"] = 0.5
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    expected += 3 * tokens * per_expert_slot * m.top_k * 0.25  # layer 0 at step 3 now computes as planned
+    assert realized_train_flops(d, cfg, per_step) == pytest.approx(expected)
+    (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
+    assert realized_train_flops(d, cfg, per_step) is None  # no no-op experts: nothing to correct

@@ -33,7 +33,8 @@ import torch
 from . import checkpoint
 from .config import PRESETS
 from .errors import UsageError
-from .flops import active_params, forward_flops_per_token, train_flops_per_token
+from .flops import (TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, noop_flops_correction,
+                    train_flops_per_token)
 from .model import MixtureLM
 from .train import RunConfig, Trainer, new_run_config, steps_in_budget
 
@@ -324,10 +325,34 @@ def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
     }
     if causal is not None:
         row["val_loss_topk"] = s["val_loss"]
+    realized = realized_train_flops(run_dir, cfg, flops_per_step)
+    if realized is not None:  # integrated MoDE: the budget assumed balanced no-op routing
+        row["train_flops_realized"] = realized
     for key in ("peer_usage", "load_max_over_mean", "mod_causal"):
         if key in s:
             row[key] = s[key]
     return row
+
+
+def realized_train_flops(run_dir: Path, cfg: RunConfig, flops_per_step: float) -> float | None:
+    """Training FLOPs with every step's measured no-op share of the integrated-MoDE layers (None without
+    no-op experts): what the run really computed, against the balanced share its budget assumed."""
+    per_step = {}
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        fractions = {int(k.split(".")[0].removeprefix("stat/layer")): v for k, v in rec.items()
+                     if k.endswith(".noop_fraction")}
+        if rec.get("kind") == "train" and fractions:
+            per_step[rec["step"]] = noop_flops_correction(cfg.model, fractions)
+    if not per_step:
+        return None
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    # steps not logged (log_every > 1) count at the mean correction of the logged ones
+    mean = sum(per_step.values()) / len(per_step)
+    steps = max(per_step)
+    return steps * flops_per_step + TRAIN_FLOPS_MULTIPLIER * tokens * (sum(per_step.values())
+                                                                       + (steps - len(per_step)) * mean)
 
 
 def read_curve(run_dir: Path, flops_per_step: float) -> list[list[float]]:

@@ -142,6 +142,10 @@ def routing_statistics(run: dict) -> str:
     loads = run.get("load_max_over_mean", {})
     if loads:
         parts.append("max/mean expert load " + ", ".join(f"{k.split('.')[0]} {v:.2f}" for k, v in loads.items()))
+    if "train_flops_realized" in run:
+        parts.append(f"training FLOPs with the measured no-op shares {run['train_flops_realized']:.4g} against "
+                     f"{run['train_flops']:.4g} counted under balanced no-op routing "
+                     f"({run['train_flops_realized'] / run['train_flops'] - 1:+.1%})")
     if "val_loss_topk" in run:
         parts.append(f"validation loss with training's top-k routing {run['val_loss_topk']:.4f}, causal "
                      f"{run['val_loss']:.4f}")
