@@ -265,8 +265,10 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
                       device=device, progress=progress, log=lambda m: _say(bar, log, "  " + m),
                       on_step=(lambda done: bar.update(1)) if bar is not None else None,
                       bar_position=1 if bar is not None else 0)
-    summary = trainer.run()
-    return summary | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+    summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+    if trainer.dist.main:  # kept with the run, so a resumed compare still reports it
+        checkpoint.write_json_atomic(run_dir / "results.json", summary)
+    return summary
 
 
 def _read_json(path: Path) -> dict:
