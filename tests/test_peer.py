@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mixturelm import MixtureLM, ModelConfig
-from mixturelm.config import PRESETS, BlockSpec, PEERConfig
+from mixturelm.config import PRESETS, BlockSpec, PEERConfig, TrainConfig
 from mixturelm.errors import UsageError
 from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
@@ -199,6 +199,29 @@ def test_middle_block_of_presets():
     assert [b["ffn"] for b in blocks] == ["dense", "peer", "dense", "dense"]
     p = ModelConfig(**PRESETS["peer-tiny"].model).blocks[1].peer
     assert (p.n_experts, p.n_heads, p.top_k, p.d_key, p.query_norm) == (1024**2, 8, 16, 128, "batch")
+    # product keys at PKM's fixed 1e-4, the expert tables at 1e-2 (the README's training check)
+    train = TrainConfig(**PRESETS["peer-tiny"].train)
+    assert (train.peer_key_lr, train.peer_lr) == (1e-4, 1e-2)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_fixed_key_lr_holds_the_keys_group_constant(tmp_path):
+    """--peer-key-lr puts the product keys in an AdamW group of their own, at that rate through warmup
+    and decay, without weight decay, while the rest of the model follows the schedule."""
+    from mixturelm.train import Trainer, new_run_config
+    cfg = new_run_config("peer-debug", {"max_steps": 20, "peer_key_lr": 1e-4})
+    tr = Trainer(cfg, tmp_path / "run", overwrite=True, progress=False, device="cpu")
+    tr._build()
+    peer = next(m for m in tr.model.modules() if isinstance(m, PEER))
+    keys = [g for g in tr.opt.param_groups if any(p is peer.sub_keys for p in g["params"])]
+    assert len(keys) == 1 and len(keys[0]["params"]) == 1 and keys[0]["weight_decay"] == 0.0
+    others = [g for g in tr.opt.param_groups if g is not keys[0]]
+    seen = []
+    for _ in range(15):
+        seen.append((keys[0]["lr"], others[0]["lr"]))
+        tr.sched.step()
+    assert all(k == 1e-4 for k, _ in seen)
+    assert len({o for _, o in seen}) > 5  # the model's rate warms up and decays
 
 
 def test_batch_norm_leaks_across_the_batch_in_training_only():

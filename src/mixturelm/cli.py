@@ -42,7 +42,8 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "val_fraction": (float, "fraction of documents held out for validation"),
     "peer_lr": (float, "PEER: fixed learning rate of the expert tables (default: the preset's; none given: "
                        "--lr and its schedule)"),
-    "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: --lr and its schedule)"),
+    "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: the preset's, peer-tiny 1e-4; "
+                           "none given: --lr and its schedule)"),
     "peer_bn_calibration": (int, "PEER: training batches that re-estimate the query BatchNorm statistics before "
                                    "each evaluation and checkpoint (0: keep the running averages)"),
 }
