@@ -34,33 +34,40 @@ def _colors(names: list[str]) -> dict[str, str]:
     return {n: palette[i % len(palette)] for i, n in enumerate(dict.fromkeys(names))}
 
 
-def plot_loss_vs_flops(runs: list[dict], path: Path) -> None:
-    """Validation loss against training FLOPs, one line per run: the isoFLOP comparison's curves."""
-    plt = pyplot()
-    colors = _colors([r["arch"] for r in runs])
-    sizes = sorted({r["size"] for r in runs})
-    styles = dict(zip(sizes, ["-", "--", ":", "-."] * 4))
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in runs:
-        if r["curve"]:
-            x, y = zip(*r["curve"])
-            ax.plot(x, y, styles[r["size"]], color=colors[r["arch"]], marker="o", ms=3, label=r["name"])
+def _axes():
+    return pyplot().subplots(figsize=(7.5, 4.8))
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-scale x, labels, grid, legend; written as PNG and closed."""
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss against training compute")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def plot_loss_vs_flops(runs: list[dict], path: Path) -> None:
+    """Validation loss against training FLOPs, one line per run: the isoFLOP comparison's curves."""
+    colors = _colors([r["arch"] for r in runs])
+    sizes = sorted({r["size"] for r in runs})
+    styles = dict(zip(sizes, ["-", "--", ":", "-."] * 4))
+    fig, ax = _axes()
+    for r in runs:
+        if r["curve"]:
+            x, y = zip(*r["curve"])
+            ax.plot(x, y, styles[r["size"]], color=colors[r["arch"]], marker="o", ms=3, label=r["name"])
+    _save(fig, ax, path, "training FLOPs", "validation loss (nats/token)", "Validation loss against training compute")
 
 
 def plot_loss_vs_forward_flops(runs: list[dict], path: Path) -> None:
     """Final validation loss against forward FLOPs per token: what each architecture costs to run."""
-    plt = pyplot()
     colors = _colors([r["arch"] for r in runs])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _axes()
     for arch in dict.fromkeys(r["arch"] for r in runs):
         group = sorted((r for r in runs if r["arch"] == arch), key=lambda r: r["forward_flops_per_token"])
         ax.plot([r["forward_flops_per_token"] for r in group], [r["val_loss"] for r in group], "o-",
@@ -68,25 +75,16 @@ def plot_loss_vs_forward_flops(runs: list[dict], path: Path) -> None:
         for r in group:
             ax.annotate(r["name"], (r["forward_flops_per_token"], r["val_loss"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("forward FLOPs per token")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("Final loss against cost per token (same training FLOPs)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "forward FLOPs per token", "final validation loss (nats/token)", "Final loss against cost per token (same training FLOPs)")
 
 
 def plot_isoflop(runs: list[dict], path: Path) -> None:
     """The MoD/PEER papers' isoFLOP plot: loss against parameters per architecture and budget, the
     isoFLOP-optimal size of each starred."""
-    plt = pyplot()
     colors = _colors([r["arch"] for r in runs])
     budgets = sorted({r["budget_flops"] for r in runs})
     styles = dict(zip(budgets, ["-", "--", ":", "-."] * 4))
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = _axes()
     for arch in dict.fromkeys(r["arch"] for r in runs):
         for b in budgets:
             group = sorted((r for r in runs if r["arch"] == arch and r["budget_flops"] == b),
@@ -96,15 +94,7 @@ def plot_isoflop(runs: list[dict], path: Path) -> None:
             best = [r for r in group if r.get("isoflop_optimal")]
             ax.plot([r["total_params"] for r in best], [r["val_loss"] for r in best], "*", ms=16,
                     color=colors[arch], markeredgecolor="black")
-    ax.set_xscale("log")
-    ax.set_xlabel("total parameters")
-    ax.set_ylabel("final validation loss (nats/token)")
-    ax.set_title("isoFLOP curves (star: the isoFLOP-optimal size)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, "total parameters", "final validation loss (nats/token)", "isoFLOP curves (star: the isoFLOP-optimal size)")
 
 
 PLOTS = {"loss_vs_flops.png": plot_loss_vs_flops, "loss_vs_forward_flops.png": plot_loss_vs_forward_flops}
