@@ -42,8 +42,8 @@ DEFAULT_ARCHS = ("dense", "moe", "mod", "mode", "peer")
 DEFAULT_SIZE = "tiny"
 SWEEP_SIZES = ("debug", "tiny", "small")
 # The default budget: about 10 minutes for the five default architectures on 2 CPU cores (peer-tiny's 1024^2
-# experts take the most time), dense-tiny's 300 steps of 16 x 256 tokens, where the curves have separated.
-DEFAULT_FLOPS = 8e12
+# experts take the most time), dense-tiny's 222 steps of 16 x 256 tokens, where the curves have separated.
+DEFAULT_FLOPS = 6e12
 
 FAIR_RULE = (
     "Every architecture of a size shares that size's dense backbone (width, depth, heads, vocabulary, context) "
@@ -118,7 +118,8 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
                                      "per step); raise --flops or lower --batch-size / --seq-len")
                 steps = steps_in_budget(cfg)
                 every = max(1, math.ceil(steps / cc.evals))
-                cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every)
+                # four checkpoints a run: a resume loses at most a quarter of it (peer-tiny's are 3 GB each)
+                cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every * math.ceil(cc.evals / 4))
                 name = preset if len(cc.budgets) == 1 else f"{preset}-{budget:.3g}"
                 runs.append(RunPlan(name, arch, size, budget, cfg, steps))
     return runs
@@ -235,6 +236,16 @@ def _finished_steps(run_dir: Path) -> int:
         return 0
 
 
+# How often a run saves does not change what it computes: a run saved more or less often is the same run.
+NOT_RESULTS = ("ckpt_every", "keep_ckpts")
+
+
+def same_run(saved: dict, planned: dict) -> bool:
+    def strip(cfg: dict) -> dict:
+        return cfg | {"train": {k: v for k, v in cfg.get("train", {}).items() if k not in NOT_RESULTS}}
+    return strip(saved) == strip(planned)
+
+
 def finished_run(r: RunPlan, run_dir: Path) -> dict | None:
     """The summary of a run already finished in run_dir, None if it is not; an error if run_dir cannot be
     this compare's run (checked for every run before any trains, so a bad --out costs nothing)."""
@@ -245,7 +256,7 @@ def finished_run(r: RunPlan, run_dir: Path) -> dict | None:
             raise UsageError(f"{run_dir} is damaged (files but no {checkpoint.CONFIG_FILE}); delete it to train that "
                              "run again, or add --overwrite to start the compare again")
         return None
-    if _read_json(config_file) != r.config.to_dict():
+    if not same_run(_read_json(config_file), r.config.to_dict()):
         raise UsageError(f"{run_dir} was trained with other settings than this compare gives it (another "
                          "mixturelm version?); add --overwrite to start the compare again, or use another --out")
     finished = _read_json(results_file) if results_file.is_file() else None
