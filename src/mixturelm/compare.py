@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
                 known = sorted({p.rsplit("-", 1)[0] for p in PRESETS if p.endswith(f"-{size}")})
                 raise UsageError(f"no architecture {arch!r} at size {size} (no preset {preset}); choose --archs "
                                  f"from {', '.join(known)}")
-            for i, budget in enumerate(cc.budgets):
+            for budget in cc.budgets:
                 cfg = new_run_config(preset, {
                     "max_flops": budget, "data": cc.data, "tokenizer": cc.tokenizer, "text_field": cc.text_field,
                     "val_fraction": cc.val_fraction, "seed": cc.seed, "batch_size": cc.batch_size,
