@@ -399,7 +399,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import torch
 
     from . import checkpoint
     from .data.tokens import TokenSplit, check_length, prepare
