@@ -235,7 +235,7 @@ def _add_compare(sub) -> None:
                         "mark each one's isoFLOP-optimal size")
     p.add_argument("--flops", default=None,
                    help="training-FLOP budget of every run; comma-separated for several budgets (default 6e12, "
-                        "about 10 minutes for the five architectures on 2 CPU cores)")
+                        "about 8 minutes for the five architectures on 2 CPU cores)")
     p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
     p.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
     p.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
