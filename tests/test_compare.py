@@ -169,6 +169,7 @@ def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
     (["--size", "huge"], "no architecture 'dense' at size huge"),
     (["--text-file", "/nonexistent.txt"], "does not exist"),
     (["--text", " "], "--text is empty"),
+    (["--eval-tokens", "100"], "is below one window of --seq-len 256"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--sweep", ""], "--sweep is empty"),
     (["--flops", "6e9,6.0e9"], "names a budget twice"),

@@ -282,6 +282,9 @@ def cmd_compare(args) -> None:
     for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_tokens < args.seq_len:  # evaluation reads whole windows of --seq-len tokens
+        raise UsageError(f"--eval-tokens {args.eval_tokens} is below one window of --seq-len {args.seq_len}; give at "
+                         f"least {args.seq_len}")
     if args.sweep is not None and not args.sweep.strip(", "):
         raise UsageError("--sweep is empty; give sizes (e.g. --sweep debug,tiny,small) or --sweep alone for those")
     text = args.text
