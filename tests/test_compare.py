@@ -289,3 +289,20 @@ def test_realized_flops_of_integrated_mode(tmp_path):
     assert realized_train_flops(d, cfg, per_step) == pytest.approx(expected)
     (d / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
     assert realized_train_flops(d, cfg, per_step) is None  # no no-op experts: nothing to correct
+
+
+def test_a_finished_run_resumed_keeps_its_routing_statistics(corpus_dir, tmp_path):
+    """Killed after its last checkpoint but before results.json: resuming re-evaluates and still reports the last
+    step's MoD routing statistics (the report's line for the run needs them)."""
+    from mixturelm.train import Trainer, new_run_config
+
+    cfg = new_run_config("mod-debug", {"data": str(corpus_dir), "max_steps": 4, "eval_every": 4, "ckpt_every": 4,
+                                       "eval_tokens": 512})
+    out = tmp_path / "run"
+    first = Trainer(cfg, out, progress=False, log=lambda m: None).run()
+    (out / "results.json").unlink()
+    again = Trainer(new_run_config("mod-debug", {"data": str(corpus_dir), "max_steps": 4, "eval_every": 4,
+                                                 "ckpt_every": 4, "eval_tokens": 512}),
+                    out, resume=True, progress=False, log=lambda m: None).run()
+    assert again["mod_causal"] == first["mod_causal"] and again["loss"] == first["loss"]
+    assert again["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)

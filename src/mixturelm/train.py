@@ -696,10 +696,17 @@ class Trainer:
                     dynamic_ncols=True, mininterval=0.5, position=self.bar_position, leave=self.bar_position == 0,
                     disable=None)  # None: no bar when stderr is not a terminal (logs get the eval lines)
 
+    def _last_train_record(self) -> dict:
+        """The last training step's metrics (routing statistics among them), {} if none were written."""
+        path = self.out_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return next((r for r in map(json.loads, reversed(lines)) if r.get("kind") == "train"), {})
+
     def _finish(self, record: dict, start: int) -> dict:
-        if start >= self.total_steps:  # resumed a finished run: evaluate what is there
-            record = evaluate(self.model, self.data, self.cfg.train.seq_len, self.cfg.train.eval_tokens,
-                              self.cfg.train.batch_size // self.dist.world, self.device, self.dist, self._autocast)
+        if start >= self.total_steps:  # resumed a finished run: evaluate what is there, beside its last step's record
+            record = self._last_train_record() | evaluate(
+                self.model, self.data, self.cfg.train.seq_len, self.cfg.train.eval_tokens,
+                self.cfg.train.batch_size // self.dist.world, self.device, self.dist, self._autocast)
         summary = {
             "preset": self.cfg.preset, "steps": self.total_steps, "tokens": self.tokens_seen,
             "params": self.model.num_params(),
