@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+from collections import Counter
 from html.parser import HTMLParser
 
 import pytest
@@ -89,6 +90,12 @@ def test_mod_processed_tokens_are_the_top_c_and_the_causal_choice():
     assert set(s["topk_processed"]) == topk and set(s["causal_processed"]) == causal
     assert s["topk_fraction"] == pytest.approx(len(topk) / ids.numel())
     assert s["causal_fraction"] == pytest.approx(len(causal) / ids.numel())
+    # the most processed tokens, counted here from the hand-made top-k set
+    for key, chosen in (("topk_favourites", topk), ("causal_favourites", causal)):
+        processed = Counter(ids[i].item() for i in chosen)
+        seen = Counter(ids.tolist())
+        expected_fav = sorted(processed, key=lambda t: (-processed[t], t))[:8]
+        assert [[p, n, m] for p, n, m in s[key]] == [[TOK.decode([t]), processed[t], seen[t]] for t in expected_fav]
     # the text views highlight exactly those tokens, every token shown once, each with its score
     for nth, expected in ((0, topk), (1, causal)):
         spans = tooltips(views.html, "Mixture-of-Depths block", nth)

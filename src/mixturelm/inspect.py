@@ -45,7 +45,8 @@ class RoutingViews:
     """summary: {"format", "title", "n_tokens", "window", "n_windows", "layers": {"layer{i}.{mod|moe|peer}": {...}}}
     (run_inspect adds "checkpoint", "text_tokens", "truncated", "files"). Per layer, with "kind" and "layer":
     mod: capacity, causal, threshold, n_tokens, topk_fraction / causal_fraction (share processed),
-      topk_processed / causal_processed (token positions), agreement;
+      topk_processed / causal_processed (token positions), topk_favourites / causal_favourites ([token,
+      times processed, times in the text] of the most processed tokens), agreement;
     moe: router, n_experts, n_noop, top_k, in_mod_block, n_tokens (that reached it), assignments, load (share
       of assignments per expert, no-op ones last), load_max_over_mean (real experts), dropped_fraction,
       top1 (per token position: first expert, -1 none, null for a token its MoD block skipped), [noop_share];
@@ -219,7 +220,18 @@ class _Recorder:
 # ----------------------------------------------------------------------------------------------
 # Per-layer results
 
-def _mod_summary(layer: _Layer, N: int) -> dict:
+def _favourites(ids: list[int], pieces: list[str], enter: list[bool], most: int = 8) -> list[list]:
+    """The tokens a routed block processed most often: [token text, times processed, times in the text]."""
+    processed, seen, text = {}, {}, {}
+    for token, piece, entered in zip(ids, pieces, enter):
+        seen[token] = seen.get(token, 0) + 1
+        processed[token] = processed.get(token, 0) + int(entered)
+        text[token] = piece
+    order = sorted((t for t in processed if processed[t]), key=lambda t: (-processed[t], t))[:most]
+    return [[text[t], processed[t], seen[t]] for t in order]
+
+
+def _mod_summary(layer: _Layer, N: int, ids: list[int], pieces: list[str]) -> dict:
     mod: MoD = layer.module
     res = {"kind": "mod", "layer": layer.index, "capacity": mod.capacity, "causal": mod.causal,
            "threshold": float(mod.threshold), "n_tokens": N}
@@ -229,6 +241,7 @@ def _mod_summary(layer: _Layer, N: int) -> dict:
         d["enter_N"], d["score_N"] = enter_N, score_N
         res[f"{mode}_fraction"] = enter_N.float().mean().item()
         res[f"{mode}_processed"] = enter_N.nonzero().squeeze(1).tolist()
+        res[f"{mode}_favourites"] = _favourites(ids, pieces, enter_N.tolist())
     res["agreement"] = (layer.data["topk"]["enter_N"] == layer.data["causal"]["enter_N"]).float().mean().item()
     return res
 
@@ -408,6 +421,8 @@ def _mod_html(layer: _Layer, s: dict, pieces: list[str], window: int) -> str:
         parts.append(f'<p class="{P}-note">{_esc(label)}: {s[mode + "_fraction"]:.1%} of tokens processed '
                      f'(<span class="{P}-t {P}-on">highlighted</span>).</p>')
         parts.append(_text_view(pieces, window, spans))
+        parts.append(f'<p class="{P}-note">processed most: ' + ", ".join(
+            f"<code>{_esc(repr(piece))}</code> {n} of {seen}" for piece, n, seen in s[mode + "_favourites"]) + "</p>")
     parts.append(f'<p class="{P}-note">The two routings agree on {s["agreement"]:.1%} of tokens.</p>')
     return "".join(parts)
 
@@ -520,7 +535,7 @@ def routing_views(model, tokenizer, ids: torch.LongTensor, title: str = "", *,
     figures, sections = {}, []
     for layer in layers:
         if layer.kind == "mod":
-            s = _mod_summary(layer, N)
+            s = _mod_summary(layer, N, ids.tolist(), pieces)
             sections.append(_mod_html(layer, s, pieces, window))
         elif layer.kind == "moe":
             entered_N = None
@@ -620,7 +635,9 @@ def describe(summary: dict) -> list[str]:
     for key, s in summary["layers"].items():
         if s["kind"] == "mod":
             lines.append(f"{key}: Mixture-of-Depths processed {s['topk_fraction']:.1%} of tokens (top-k), "
-                         f"{s['causal_fraction']:.1%} with causal routing; they agree on {s['agreement']:.1%}")
+                         f"{s['causal_fraction']:.1%} with causal routing; they agree on {s['agreement']:.1%}; "
+                         "processed most (top-k): " + ", ".join(f"{piece!r} {n}/{seen}"
+                                                               for piece, n, seen in s["topk_favourites"][:5]))
         elif s["kind"] == "moe":
             noop = f", no-op share {s['noop_share']:.1%}" if s["n_noop"] else ""
             lines.append(f"{key}: MoE {s['router']} top-{s['top_k']} of {s['n_experts']}, max/mean load "
