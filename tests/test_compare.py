@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -63,6 +64,9 @@ def test_plots_and_report_files(finished):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     assert "dense-debug" in page and "mod-debug" in page and "test" in page  # table, command
+    from mixturelm.config import PRESETS
+
+    assert all(html.escape(PRESETS[p].description) in page for p in ("dense-debug", "mod-debug"))  # what each is
     assert page.count("data:image/png;base64,") >= 2
     assert "http://" not in page and "https://" not in page  # self-contained
     for name in ("dense-debug", "mod-debug"):
@@ -306,3 +310,10 @@ def test_a_finished_run_resumed_keeps_its_routing_statistics(corpus_dir, tmp_pat
                     out, resume=True, progress=False, log=lambda m: None).run()
     assert again["mod_causal"] == first["mod_causal"] and again["loss"] == first["loss"]
     assert again["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)
+
+
+def test_the_command_line_defaults_are_compare_configs():
+    """One place for the defaults: `mixturelm compare --out DIR` alone gives CompareConfig()."""
+    from mixturelm.cli import build_parser, compare_config
+
+    assert compare_config(build_parser().parse_args(["compare", "--out", "x"])) == CompareConfig()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -221,33 +222,38 @@ def cmd_ensemble(args) -> None:
 
 
 def _add_compare(sub) -> None:
+    from .compare import SWEEP_SIZES, CompareConfig
+
+    d = CompareConfig()  # the defaults live there, for Python callers and the command alike
     p = sub.add_parser("compare", help="isoFLOP comparison of architectures on one corpus, with report",
                        description="Train each architecture under the same training-FLOP budget on the same data, "
                                    "evaluate all on the same held-out tokens, and write results.json, plots and a "
                                    "self-contained report.html with the routing views. Run again with the same "
                                    "--out to resume.")
-    p.add_argument("--archs", default="dense,moe,mod,mode,peer",
-                   help="comma-separated architectures, preset prefixes (default dense,moe,mod,mode,peer; also "
-                        "moe-fg, mode-staged)")
-    p.add_argument("--size", default="tiny", help="backbone size of every architecture (default tiny)")
-    p.add_argument("--sweep", nargs="?", const="debug,tiny,small", default=None, metavar="SIZES",
-                   help="isoFLOP sweep: train every architecture at each size (default debug,tiny,small) and "
+    p.add_argument("--archs", default=",".join(d.archs),
+                   help="comma-separated architectures, preset prefixes (default %(default)s; also moe-fg, mode-staged)")
+    p.add_argument("--size", default=d.sizes[0], help="backbone size of every architecture (default %(default)s)")
+    p.add_argument("--sweep", nargs="?", const=",".join(SWEEP_SIZES), default=None, metavar="SIZES",
+                   help=f"isoFLOP sweep: train every architecture at each size (default {','.join(SWEEP_SIZES)}) and "
                         "mark each one's isoFLOP-optimal size")
-    p.add_argument("--flops", default=None,
-                   help="training-FLOP budget of every run; comma-separated for several budgets (default 6e12, "
+    p.add_argument("--flops", default=",".join(f"{b:g}" for b in d.budgets),
+                   help="training-FLOP budget of every run; comma-separated for several budgets (default %(default)s, "
                         "about 8 minutes for the five architectures on 2 CPU cores)")
     p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
-    p.add_argument("--tokenizer", default="bytes", help="bytes (default) or bpe:VOCAB")
-    p.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order, the same for every run")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens, the same for every run")
-    p.add_argument("--evals", type=int, default=8, help="evaluations per run: the points of the loss curves")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="bytes (default) or bpe:VOCAB")
+    p.add_argument("--text-field", default=d.text_field, help="field of .jsonl records that holds the text")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order, the same for every run")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
+                   help="validation tokens, the same for every run (default %(default)s)")
+    p.add_argument("--evals", type=int, default=d.evals,
+                   help="evaluations per run: the points of the loss curves (default %(default)s)")
     text = p.add_mutually_exclusive_group()
     text.add_argument("--text", help="text for the routing views (default: the start of the held-out split)")
     text.add_argument("--text-file", help="or a UTF-8 file of it")
-    p.add_argument("--view-tokens", type=int, default=512, help="held-out tokens the routing views show")
+    p.add_argument("--view-tokens", type=int, default=d.view_tokens,
+                   help="tokens the routing views show (default %(default)s)")
     p.add_argument("--out", required=True, help="folder of the comparison (runs, results.json, report.html)")
     p.add_argument("--overwrite", action="store_true", help="replace the comparison in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -263,42 +269,30 @@ def _comma_list(value: str, option: str) -> tuple[str, ...]:
     return items
 
 
-def cmd_compare(args) -> None:
-    import shlex
+def compare_config(args):
+    """The CompareConfig of a `mixturelm compare` command line (it checks its own values)."""
+    from .compare import CompareConfig
 
-    from .compare import DEFAULT_FLOPS, CompareConfig, run_compare
-
-    budgets = (DEFAULT_FLOPS,)
-    if args.flops is not None:
-        items = _comma_list(args.flops, "--flops")  # its own errors (empty, repeated) pass through
-        try:
-            budgets = tuple(float(v) for v in items)
-        except ValueError:
-            raise UsageError(f"--flops {args.flops} is not a number (or comma-separated numbers), e.g. 4e12") from None
-        if len(set(budgets)) < len(budgets):
-            raise UsageError(f"--flops {args.flops} names a budget twice; give each once")
-        if any(not b > 0 or b != b or b == float("inf") for b in budgets):
-            raise UsageError(f"--flops {args.flops} must be positive and finite, e.g. 4e12")
-    for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.eval_tokens < args.seq_len:  # evaluation reads whole windows of --seq-len tokens
-        raise UsageError(f"--eval-tokens {args.eval_tokens} is below one window of --seq-len {args.seq_len}; give at "
-                         f"least {args.seq_len}")
+    items = _comma_list(args.flops, "--flops")
+    try:
+        budgets = tuple(float(v) for v in items)
+    except ValueError:
+        raise UsageError(f"--flops {args.flops} is not a number (or comma-separated numbers), e.g. 4e12") from None
     if args.sweep is not None and not args.sweep.strip(", "):
         raise UsageError("--sweep is empty; give sizes (e.g. --sweep debug,tiny,small) or --sweep alone for those")
-    text = args.text
-    if args.text_file is not None:
-        text = _read_text_file(args.text_file)
-    cc = CompareConfig(archs=_comma_list(args.archs, "--archs"),
-                       sizes=_comma_list(args.sweep, "--sweep") if args.sweep else (args.size,),
-                       budgets=budgets, sweep=args.sweep is not None, data=args.data, tokenizer=args.tokenizer,
-                       text_field=args.text_field, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
-                       eval_tokens=args.eval_tokens, evals=args.evals, view_tokens=args.view_tokens, text=text)
-    command = "mixturelm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else \
-        "mixturelm compare (called from Python)"
-    run_compare(cc, Path(args.out), overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
-                command=command)
+    text = args.text if args.text_file is None else _read_text_file(args.text_file)
+    return CompareConfig(archs=_comma_list(args.archs, "--archs"),
+                         sizes=_comma_list(args.sweep, "--sweep") if args.sweep else (args.size,),
+                         budgets=budgets, sweep=args.sweep is not None, data=args.data, tokenizer=args.tokenizer,
+                         text_field=args.text_field, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
+                         eval_tokens=args.eval_tokens, evals=args.evals, view_tokens=args.view_tokens, text=text)
+
+
+def cmd_compare(args) -> None:
+    from .compare import run_compare
+
+    run_compare(compare_config(args), Path(args.out), overwrite=args.overwrite, device=args.device,
+                progress=not args.no_progress, command="mixturelm " + shlex.join(args.argv))
 
 
 def _read_text_file(path: str) -> str:
@@ -402,7 +396,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-
     from . import checkpoint
     from .data.tokens import TokenSplit, check_length, prepare
     from .train import evaluate, resolve_device
@@ -511,7 +504,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command, for reports
     try:
         COMMANDS[args.command](args)
     except UsageError as e:

@@ -35,7 +35,7 @@ from .errors import UsageError
 from .flops import (TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, noop_flops_correction,
                     train_flops_per_token)
 from .model import MixtureLM
-from .train import RunConfig, Trainer, new_run_config, steps_in_budget
+from .train import RunConfig, Trainer, loss_metrics, new_run_config, steps_in_budget
 
 DEFAULT_ARCHS = ("dense", "moe", "mod", "mode", "peer")
 DEFAULT_SIZE = "tiny"
@@ -46,9 +46,8 @@ DEFAULT_FLOPS = 6e12
 
 FAIR_RULE = (
     "Every architecture of a size shares that size's dense backbone (width, depth, heads, vocabulary, context) "
-    "and changes only what its mechanism changes (presets <arch>-<size>: moe = every FFN 8 experts top-2 with "
-    "dense's active FFN size; mod = every other block routed at 12.5 %; mode = moe whose router also offers 8 "
-    "no-op experts; peer = the middle block's FFN a PEER of 1024^2 experts at tiny and small). Every run gets the "
+    "and changes only what its mechanism changes, as its preset <arch>-<size> says (each run's description). "
+    "Every run gets the "
     "same training-FLOP budget, counted for what it computes, so a cheaper architecture trains on more tokens "
     "(the isoFLOP protocol of the MoD and PEER papers). Same data order, tokenizer, held-out split, batch, "
     "sequence length and validation tokens; learning rate of the size's preset. MoD models are scored with "
@@ -76,6 +75,23 @@ class CompareConfig:
     evals: int = 8  # evaluations per run, evenly spaced: the points of the loss-vs-FLOPs curves
     view_tokens: int = 512  # tokens of validation text the routing views are drawn on
     text: str | None = None  # or this text
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_tokens < self.seq_len:  # evaluation reads whole windows of seq_len tokens
+            raise UsageError(f"--eval-tokens {self.eval_tokens} is below one window of --seq-len {self.seq_len}; "
+                             f"give at least {self.seq_len}")
+        if not self.archs or not self.sizes or not self.budgets:
+            raise UsageError("give at least one architecture (--archs), size and budget (--flops)")
+        if not all(0 < b < math.inf for b in self.budgets):  # also refuses NaN
+            raise UsageError(f"--flops {','.join(f'{b:g}' for b in self.budgets)} must be positive and finite, "
+                             "e.g. 4e12")
+        if len(set(self.budgets)) < len(self.budgets):
+            raise UsageError(f"--flops {','.join(f'{b:g}' for b in self.budgets)} names a budget twice; give each once")
+        if self.text is not None and not self.text.strip():
+            raise UsageError("--text is empty; give some text for the routing views or drop --text")
 
     def shared(self) -> dict:
         d = asdict(self)
@@ -185,8 +201,6 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     from .train import resolve_device
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if cc.text is not None and not cc.text.strip():
-        raise UsageError("--text is empty; give some text for the routing views or drop --text")
     resolve_device(device)  # a bad --device is refused before --out is touched
     plan_runs(cc, vocab_size=1)  # unknown architectures and budgets too small even so, before reading the corpus
     resume = check_out_dir(out, cc, overwrite)
@@ -323,13 +337,13 @@ def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
     flops_per_step = train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
     causal = s.get("val_loss_causal")
     loss = causal if causal is not None else s["val_loss"]
-    bytes_per_token = data.val.bytes_per_token
     row = {
-        "name": r.name, "arch": r.arch, "size": r.size, "preset": cfg.preset, "budget_flops": r.budget,
+        "name": r.name, "arch": r.arch, "size": r.size, "preset": cfg.preset,
+        "description": PRESETS[cfg.preset].description, "budget_flops": r.budget,
         "total_params": model.num_params(), "active_params": active_params(model, cfg.model, t.seq_len),
         "forward_flops_per_token": forward_flops_per_token(cfg.model, t.seq_len),
         "train_flops": s["train_flops"], "steps": s["steps"], "tokens": s["tokens"],
-        "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token,
+        **loss_metrics(loss, data.val.bytes_per_token),
         "val_loss_scored_with": "causal routing" if causal is not None else "the model's forward",
         "tokens_per_s": s["tokens"] / s["wall_s"] if s.get("wall_s") else None, "wall_s": s.get("wall_s"),
         "load_average": [s.get("load_before"), s.get("load_after")],
@@ -346,17 +360,21 @@ def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
     return row
 
 
+def metric_records(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, [] if it has none."""
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
 def realized_train_flops(run_dir: Path, cfg: RunConfig, flops_per_step: float) -> float | None:
     """Training FLOPs with every step's measured no-op share of the integrated-MoDE layers (None without
     no-op experts): what the run really computed, against the balanced share its budget assumed."""
     per_step = {}
-    metrics = run_dir / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        rec = json.loads(line)
+    for rec in metric_records(run_dir):
         fractions = {int(k.split(".")[0].removeprefix("stat/layer")): v for k, v in rec.items()
                      if k.endswith(".noop_fraction")}
         if rec.get("kind") == "train" and fractions:
-            per_step[rec["step"]] = noop_flops_correction(cfg.model, fractions)
+            per_step[rec["step"]] = noop_flops_correction(cfg.model, cfg.train.seq_len, fractions)
     if not per_step:
         return None
     tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -370,12 +388,9 @@ def realized_train_flops(run_dir: Path, cfg: RunConfig, flops_per_step: float) -
 def read_curve(run_dir: Path, flops_per_step: float) -> list[list[float]]:
     """(training FLOPs, validation loss) at every evaluation of a run (causal routing for MoD)."""
     points: dict[int, float] = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("kind") == "eval":  # a resumed run may log a step twice: the last one counts
-                points[rec["step"]] = rec.get("val_loss_causal", rec["val_loss"])
+    for rec in metric_records(run_dir):
+        if rec.get("kind") == "eval":  # a resumed run may log a step twice: the last one counts
+            points[rec["step"]] = rec.get("val_loss_causal", rec["val_loss"])
     return [[step * flops_per_step, loss] for step, loss in sorted(points.items())]
 
 

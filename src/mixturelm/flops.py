@@ -193,12 +193,14 @@ def active_params(model: torch.nn.Module, cfg: ModelConfig, seq_len: int) -> flo
     return sum(p.numel() * share.get(id(p), 1.0) for p in model.parameters())
 
 
-def noop_flops_correction(cfg: ModelConfig, noop_fraction: dict[int, float]) -> float:
+def noop_flops_correction(cfg: ModelConfig, seq_len: int, noop_fraction: dict[int, float]) -> float:
     """Forward FLOPs per token to add to forward_flops_per_token when the integrated-MoDE layers (MoE with
     no-op experts) sent the measured share f of their top-k assignments to no-ops (layer -> f), instead of
-    the balanced share Z / (E + Z) the budget assumes; negative when no-ops were chosen more often."""
+    the balanced share Z / (E + Z) the budget assumes; negative when no-ops were chosen more often. The
+    routed experts' count is block_flops's, scaled by realized / assumed experts per token."""
     extra = 0.0
     for layer, f in noop_fraction.items():
-        m = cfg.block_spec(layer).moe
-        extra += (m.top_k * (1.0 - f) - m.experts_per_token()) * 6.0 * cfg.d_model * m.d_expert
+        spec = cfg.block_spec(layer)
+        assumed = spec.moe.experts_per_token()
+        extra += block_flops(spec, cfg, seq_len)["experts"] * (spec.moe.top_k * (1.0 - f) / assumed - 1.0)
     return extra

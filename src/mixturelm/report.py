@@ -161,6 +161,7 @@ def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str
         "scored with causal routing. Active parameters: those one token uses, on average. "
         "A star marks the isoFLOP-optimal size of an architecture (with --sweep).</p>",
         f"<h2>How the sizes were chosen</h2><p>{e(results['rule'])}</p>",
+        "<ul>" + "".join(f"<li><b>{e(r['name'])}</b>: {e(r['description'])}</li>" for r in results["runs"]) + "</ul>",
         "<h2>Plots</h2>", *(_img(out / p, p) for p in plots),
         "<h2>Routing views</h2>",
         "<p>What each run's routers did on the same text (the start of the held-out split unless --text was "

@@ -384,6 +384,11 @@ def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.n
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
+def loss_metrics(loss: float, bytes_per_token: float) -> dict:
+    """A mean next-token loss in nats with its perplexity and bits per byte of text."""
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: int, batch: int,
              device: str, d: Dist = Dist(), autocast=contextlib.nullcontext) -> dict:
@@ -416,8 +421,7 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: 
             dist.all_reduce(v)
     model.train(was_training)
     loss = (total[0, 0] / total[0, 1]).item()
-    res = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)),
-           "val_bpb": loss / math.log(2) / data.val.bytes_per_token, "val_tokens": int(total[0, 1])}
+    res = loss_metrics(loss, data.val.bytes_per_token) | {"val_tokens": int(total[0, 1])}
     if len(routings) > 1:
         res["val_loss_causal"] = (total[1, 0] / total[1, 1]).item()
     for name, v in sorted(scores.items()):
