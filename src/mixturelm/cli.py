@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import MOD_OPTION_FIELDS
+from .config import MOD_OPTION_FIELDS, PEER_OPTION_FIELDS
 from .errors import UsageError
 
 # Options of `train` that set TrainConfig fields (flag name -> type); given ones override the preset.
@@ -80,6 +80,17 @@ MOD_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 
+# Options of `train` that change every PEER layer of a peer-* preset (their PEERConfig fields:
+# config.PEER_OPTION_FIELDS).
+PEER_OPTIONS: dict[str, tuple[type, str]] = {
+    "peer_experts": (int, "PEER: experts N, a perfect square (peer-tiny: 1024^2)"),
+    "peer_heads": (int, "PEER: retrieval heads h"),
+    "peer_top_k": (int, "PEER: experts per head k"),
+    "peer_query_norm": (str, "PEER: query normalisation: batch (the paper's), layer, none, or whiten (decorrelates "
+                             "each head's query: twice the expert usage of batch on peer-tiny)"),
+}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage block too)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -94,7 +105,7 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS | MOD_OPTIONS).items():
+    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS | MOD_OPTIONS | PEER_OPTIONS).items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
 
 
@@ -379,13 +390,15 @@ def cmd_train(args) -> None:
     model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     moe_overrides = {k: getattr(args, k) for k in MOE_OPTIONS if getattr(args, k) is not None}
     mod_overrides = {MOD_OPTION_FIELDS[k]: getattr(args, k) for k in MOD_OPTIONS if getattr(args, k) is not None}
+    peer_overrides = {PEER_OPTION_FIELDS[k]: getattr(args, k) for k in PEER_OPTIONS if getattr(args, k) is not None}
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     out = Path(args.out)
     if args.resume:
-        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides, mod_overrides)
+        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides, mod_overrides,
+                                 peer_overrides)
     else:
-        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides, mod_overrides)
+        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides, mod_overrides, peer_overrides)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.no_progress)
     summary = trainer.run()

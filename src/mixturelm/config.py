@@ -83,6 +83,11 @@ MOD_CAUSAL_KINDS = ("aux_loss", "predictor")
 # MoDConfig fields that `mixturelm train` sets, by their command-line names (one table for the parser,
 # the overrides and the error messages)
 MOD_OPTION_FIELDS = {"capacity": "capacity", "mod_causal": "causal", "mod_gate": "gate"}
+# PEERConfig fields that `mixturelm train` sets on every PEER layer, by their command-line names
+PEER_OPTION_FIELDS = {"peer_experts": "n_experts", "peer_heads": "n_heads", "peer_top_k": "top_k",
+                      "peer_query_norm": "query_norm"}
+# the command-line names of the block configs' fields, by block config kind
+OPTION_FIELDS = {"moe": {}, "mod": MOD_OPTION_FIELDS, "peer": PEER_OPTION_FIELDS}
 
 
 @dataclass(kw_only=True)
@@ -116,7 +121,7 @@ class MoDConfig:
 
 
 PEER_ACTIVATIONS = ("gelu", "relu", "silu")
-PEER_QUERY_NORMS = ("batch", "layer", "none")
+PEER_QUERY_NORMS = ("batch", "layer", "none", "whiten")
 
 
 @dataclass(kw_only=True)
@@ -131,7 +136,7 @@ class PEERConfig:
     activation: str = "gelu"  # of the single-neuron experts: gelu, relu (the paper's two), silu
     glu: bool = False  # expert act(g_i . x) (u_i . x) v_i, one more N x d table
     per_head_keys: bool = False  # each head its own sub-keys (the paper shares them); experts stay shared
-    query_norm: str = "batch"  # batch (the paper's; leaks batch statistics in training), layer, none
+    query_norm: str = "batch"  # batch (the paper's; leaks batch statistics in training), layer, none, whiten
     sparse_grad: bool = True  # row-sparse gradients of the expert tables (trained by SparseAdam)
 
     def __post_init__(self) -> None:

@@ -43,10 +43,12 @@ def moe_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
 def peer_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
     """Query network 2*D*H*Q; sub-key scores of both halves against sqrt(N) sub-keys each, 2*sqrt(N)*Q per
     head (forward only); the chosen keys' scores recomputed, 2*K*Q per head; experts u_i . x (and g_i . x
-    for GLU) and the weighted sum of v_i, 2*D per expert and table, H*K experts."""
+    for GLU) and the weighted sum of v_i, 2*D per expert and table, H*K experts. Whitened queries add a
+    Q x Q matrix per head, 2*Q*Q*H (its per-step eigendecomposition, independent of tokens, is not counted)."""
     p, D = spec.peer, cfg.d_model
     H, K, Q, S = p.n_heads, p.top_k, p.d_key, math.isqrt(p.n_experts)
-    return {"peer_query": 2.0 * D * H * Q, "peer_subkey_scores": 2.0 * S * Q * H,
+    query = 2.0 * D * H * Q + (2.0 * Q * Q * H if p.query_norm == "whiten" else 0.0)
+    return {"peer_query": query, "peer_subkey_scores": 2.0 * S * Q * H,
             "peer_key_scores": 2.0 * K * Q * H, "peer_experts": (3 if p.glu else 2) * 2.0 * H * K * D}
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .config import MOD_OPTION_FIELDS, MoDConfig, ModelConfig, TrainConfig, get_preset
+from .config import OPTION_FIELDS, ModelConfig, TrainConfig, get_preset
 from .data.tokenizer import load_from_dir
 from .data.tokens import TokenData, check_length, prepare, train_rows, val_windows
 from .errors import UsageError
@@ -53,14 +53,21 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------
 # Resolving the configuration of a new or resumed run
 
+# the presets that have blocks of each kind, for the error of an option that finds none
+BLOCK_KIND_PRESETS = {"moe": ("MoE", "moe-* or mode-*"), "mod": ("MoD", "mod-* or mode-staged-*"),
+                      "peer": ("PEER", "peer-*")}
+
+
 def new_run_config(preset: str | None, train_overrides: dict, model_overrides: dict | None = None,
-                   moe_overrides: dict | None = None, mod_overrides: dict | None = None) -> RunConfig:
+                   moe_overrides: dict | None = None, mod_overrides: dict | None = None,
+                   peer_overrides: dict | None = None) -> RunConfig:
     """The preset's config with the given options on top. moe_overrides apply to every MoE block,
-    mod_overrides (MoDConfig fields) to every Mixture-of-Depths block."""
+    mod_overrides (MoDConfig fields) to every Mixture-of-Depths block, peer_overrides (PEERConfig
+    fields) to every PEER layer."""
     p = get_preset(preset or DEFAULT_PRESET)
     model_fields = p.model | (model_overrides or {})
-    model_fields = _override_blocks(model_fields, "moe", moe_overrides, p.name, "moe-* or mode-*")
-    model_fields = _override_blocks(model_fields, "mod", mod_overrides, p.name, "mod-* or mode-staged-*")
+    for kind, overrides in (("moe", moe_overrides), ("mod", mod_overrides), ("peer", peer_overrides)):
+        model_fields = _override_blocks(model_fields, kind, overrides, p.name)
     model = ModelConfig(**model_fields)
     train = TrainConfig(**(p.train | train_overrides))
     if train.max_steps is None and train.max_tokens is None and train.max_flops is None:
@@ -71,20 +78,19 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
 
 
 def _option_name(kind: str, field: str) -> str:
-    """The command-line option that sets a config field (MoD fields may be named differently)."""
-    if kind == "mod":
-        field = next((cli for cli, f in MOD_OPTION_FIELDS.items() if f == field), field)
+    """The command-line option that sets a config field (block fields may be named differently)."""
+    field = next((cli for cli, f in OPTION_FIELDS.get(kind, {}).items() if f == field), field)
     return field.replace("_", "-")
 
 
-def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, preset: str, presets: str) -> dict:
-    """The blocks' `kind` configs (moe or mod) with overrides on top; an error if the preset has none."""
+def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, preset: str) -> dict:
+    """The blocks' `kind` configs (moe, mod or peer) with overrides on top; an error if the preset has none."""
     if not overrides:
         return model_fields
     if not any(b.get(kind) for b in model_fields.get("blocks", [])):
         option = _option_name(kind, next(iter(overrides)))
-        raise UsageError(f"--{option} applies to "
-                         f"{kind.upper() if kind == 'moe' else 'MoD'} blocks, and preset {preset} has none; "
+        name, presets = BLOCK_KIND_PRESETS[kind]
+        raise UsageError(f"--{option} applies to {name} blocks, and preset {preset} has none; "
                          f"choose a {presets} preset")
     blocks = [b | {kind: b[kind] | overrides} if b.get(kind) else b for b in model_fields["blocks"]]
     return model_fields | {"blocks": blocks}
@@ -92,7 +98,7 @@ def _override_blocks(model_fields: dict, kind: str, overrides: dict | None, pres
 
 def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
                        model_overrides: dict | None = None, moe_overrides: dict | None = None,
-                       mod_overrides: dict | None = None) -> RunConfig:
+                       mod_overrides: dict | None = None, peer_overrides: dict | None = None) -> RunConfig:
     """The saved config of the run in out_dir; any option given again must agree with it."""
     path = out_dir / checkpoint.CONFIG_FILE
     if not path.is_file():
@@ -106,18 +112,16 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
     if preset is not None and preset != saved.preset:
         raise UsageError(f"--preset {preset} differs from the run's preset {saved.preset}; "
                          "drop --preset or start a new run with another --out")
-    given = [(saved.train, k, v) for k, v in train_overrides.items()]
-    given += [(saved.model, k, v) for k, v in (model_overrides or {}).items()]
-    for kind, overrides in (("moe", moe_overrides), ("mod", mod_overrides)):
+    given = [("", saved.train, k, v) for k, v in train_overrides.items()]
+    given += [("", saved.model, k, v) for k, v in (model_overrides or {}).items()]
+    for kind, overrides in (("moe", moe_overrides), ("mod", mod_overrides), ("peer", peer_overrides)):
         if overrides:  # the same error as a new run when the run has no such blocks
-            _override_blocks(saved.model.to_dict(), kind, overrides, saved.preset,
-                             "moe-* or mode-*" if kind == "moe" else "mod-* or mode-staged-*")
+            _override_blocks(saved.model.to_dict(), kind, overrides, saved.preset)
             block = next(getattr(b, kind) for b in saved.model.blocks if getattr(b, kind) is not None)
-            given += [(block, k, v) for k, v in overrides.items()]
-    for saved_cfg, key, value in given:
+            given += [(kind, block, k, v) for k, v in overrides.items()]
+    for kind, saved_cfg, key, value in given:
         if getattr(saved_cfg, key) != value:
-            option = _option_name("mod" if isinstance(saved_cfg, MoDConfig) else "", key)
-            raise UsageError(f"--{option} {value} differs from the run's {getattr(saved_cfg, key)}; "
+            raise UsageError(f"--{_option_name(kind, key)} {value} differs from the run's {getattr(saved_cfg, key)}; "
                              "drop the option to resume, or start a new run with another --out")
     return saved
 
@@ -353,7 +357,7 @@ def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.n
     Training itself is unchanged (it normalises with batch statistics). Returns the number of norms set."""
     from .layers.peer import PEER
 
-    norms = [m.query_norm for m in model.modules() if isinstance(m, PEER) and m.query_norm_kind == "batch"]
+    norms = [m.query_norm for m in model.modules() if isinstance(m, PEER) and m.query_norm_kind in ("batch", "whiten")]
     norms = [bn for bn in norms if bn.track_running_stats]
     if not norms:
         return 0
@@ -375,7 +379,9 @@ def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.n
         model.train(was_training)
     if d.world > 1:
         for bn in norms:
-            for buf in (bn.running_mean, bn.running_var):
+            for buf in (bn.running_mean, getattr(bn, "running_var", None), getattr(bn, "running_cov", None)):
+                if buf is None:
+                    continue
                 dist.all_reduce(buf)
                 buf /= d.world
     return len(norms)

@@ -8,10 +8,11 @@ the top-k of each half's sqrt(N) sub-key scores, then the top-k of the k x k sum
 and never builds an N-sized score tensor. The head's k scores go through a softmax.
 
 Options: per-head sub-keys (the expert pool stays shared), a GLU expert act(g_i . x) (u_i . x) v_i,
-query normalisation "batch" (the paper's default, from PKM), "layer" or "none". BatchNorm on the
-query uses the statistics of the whole batch in training, so a token's query depends on the other
-tokens of the batch, future positions of its own sequence included: a small causal leak, present in
-the paper and PKM, gone at eval (running statistics). "layer" has no leak.
+query normalisation "batch" (the paper's default, from PKM), "layer", "none" or "whiten" (ours, not
+the paper's: `QueryWhitening`, each head's query decorrelated, not only standardised per feature).
+BatchNorm and whitening use the statistics of the whole batch in training, so a token's query depends
+on the other tokens of the batch, future positions of its own sequence included: a small causal leak,
+present in the paper and PKM, gone at eval (running statistics). "layer" has no leak.
 
 Speed and memory: the expert tables are only ever touched row by row. Two autograd functions do
 the heavy work and save nothing larger than (tokens, h*k):
@@ -40,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import kernels
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-QUERY_NORMS = ("batch", "layer", "none")
+QUERY_NORMS = ("batch", "layer", "none", "whiten")
 CHUNK_ELEMENTS = 1 << 22  # gathered rows per chunk of gather_dot (16 MB in fp32): stays in cache
 
 
@@ -190,6 +191,75 @@ def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tu
     return a_THK, b_THK
 
 
+class QueryWhitening(nn.Module):
+    """ZCA whitening of each head's query, then a per-feature affine (as BatchNorm's): q' = W_h (q - m_h),
+    W_h = (C_h + eps * max eig(C_h) * I)^(-1/2), with m_h, C_h the batch's mean and covariance in
+    training (running averages at eval, as BatchNorm). Why: BatchNorm standardises each query feature
+    but keeps their correlations, and in a small model the queries are far from isotropic (peer-tiny's
+    PEER input has effective rank ~33 of 128), so the two halves' sub-key choices are tied together and
+    few (a, b) pairs ever co-occur. Whitening spreads the queries over all directions. The statistics
+    carry no gradient (the whitening matrix is a constant of the step): the eigendecomposition's
+    gradient is unstable for close eigenvalues, and top-k retrieval only needs the forward spread.
+    Interface of BatchNorm's running statistics (momentum None: a cumulative average), so precise-BN
+    calibration (`train.calibrate_query_norms`) serves both."""
+
+    def __init__(self, n_heads: int, d_key: int, eps: float = 1e-3, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        self.n_heads, self.d_key, self.eps, self.momentum = n_heads, d_key, eps, momentum
+        self.track_running_stats = True
+        self.weight = nn.Parameter(torch.ones(n_heads, d_key))
+        self.bias = nn.Parameter(torch.zeros(n_heads, d_key))
+        self.register_buffer("running_mean", torch.zeros(n_heads, d_key))
+        self.register_buffer("running_cov", torch.eye(d_key).repeat(n_heads, 1, 1))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_cov.copy_(torch.eye(self.d_key).expand_as(self.running_cov))
+        self.num_batches_tracked.zero_()
+
+    @torch.no_grad()
+    def _update(self, mean_HQ: torch.Tensor, cov_HQQ: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        m = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean_HQ.to(self.running_mean.dtype), m)
+        self.running_cov.lerp_(cov_HQQ.to(self.running_cov.dtype), m)
+
+    @torch.no_grad()
+    def matrix(self, cov_HQQ: torch.Tensor) -> torch.Tensor:
+        """(C + eps * max eig * I)^(-1/2) per head, in float64 (the small eigenvalues matter)."""
+        e_HQ, V_HQQ = torch.linalg.eigh(cov_HQQ.double())
+        e_HQ = e_HQ.clamp_min(0) + self.eps * e_HQ[:, -1:].clamp_min(1e-30)
+        return (V_HQQ * e_HQ.rsqrt()[:, None, :]) @ V_HQQ.transpose(1, 2)
+
+    def _running_matrix(self) -> torch.Tensor:
+        """The matrix of the running covariance, kept until the statistics change: decoding calls the layer
+        once per token, and an eigendecomposition per token would cost more than the layer."""
+        key = (self.running_cov._version, self.running_cov.data_ptr(), self.running_cov.device)
+        if getattr(self, "_cached", (None,))[0] != key:
+            self._cached = (key, self.matrix(self.running_cov))
+        return self._cached[1]
+
+    def forward(self, q_THQ: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                qd = q_THQ.detach().double()
+                mean_HQ = qd.mean(0)
+                c_THQ = qd - mean_HQ
+                cov_HQQ = torch.einsum("thp,thq->hpq", c_THQ, c_THQ) / max(1, qd.shape[0])
+            if self.track_running_stats:
+                self._update(mean_HQ, cov_HQQ)
+            W_HQQ = self.matrix(cov_HQQ)
+        else:
+            mean_HQ, W_HQQ = self.running_mean, self._running_matrix()
+        W_HQQ = W_HQQ.to(q_THQ.dtype)
+        white_THQ = torch.einsum("thp,hpq->thq", q_THQ - mean_HQ.to(q_THQ.dtype), W_HQQ)
+        return white_THQ * self.weight.to(q_THQ.dtype) + self.bias.to(q_THQ.dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, d_key={self.d_key}, eps={self.eps}"
+
+
 # ----------------------------------------------------------------------------------------------
 # The layer
 
@@ -220,7 +290,7 @@ class PEER(nn.Module):
         self.query = nn.Linear(d_model, n_heads * d_key, bias=False)
         # BatchNorm over the H*Q query features (PKM, the paper's default); LayerNorm per head's query
         self.query_norm = {"batch": lambda: nn.BatchNorm1d(n_heads * d_key), "layer": lambda: nn.LayerNorm(d_key),
-                           "none": nn.Identity}[query_norm]()
+                           "whiten": lambda: QueryWhitening(n_heads, d_key), "none": nn.Identity}[query_norm]()
         self.query_norm_kind = query_norm
         self.sub_keys = nn.Parameter(torch.empty(2, n_heads if per_head_keys else 1, S, d_key // 2))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model))  # u_i
@@ -249,7 +319,7 @@ class PEER(nn.Module):
             q = self.query_norm(q)
         T = x_TD.shape[0]
         q_THQ = q.view(T, self.n_heads, self.d_key)
-        return self.query_norm(q_THQ) if self.query_norm_kind == "layer" else q_THQ
+        return self.query_norm(q_THQ) if self.query_norm_kind in ("layer", "whiten") else q_THQ
 
     def retrieve(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids (T, H, K) and their softmax router scores (T, H, K), differentiable in the
