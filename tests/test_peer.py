@@ -329,11 +329,31 @@ def test_query_whitening_is_zca_of_each_head():
     torch.testing.assert_close(W, W.transpose(1, 2))
     torch.testing.assert_close(W @ C @ W, torch.eye(Q, dtype=torch.float64).expand(H, Q, Q), atol=1e-6, rtol=0)
     assert torch.linalg.eigvalsh(W).min() > 0
+    # the gradient: the statistics are constants of the step, so dq = (dy * gain) W (W symmetric)
+    qg = q.clone().requires_grad_(True)
+    gy = torch.randn_like(q)
+    with torch.no_grad():
+        w.weight.uniform_(0.5, 1.5)
+    (dq,) = torch.autograd.grad(w(qg), qg, gy)
+    torch.testing.assert_close(dq, torch.einsum("thp,hpq->thq", gy * w.weight.view(H, Q), W))
+    with torch.no_grad():
+        w.weight.fill_(1.0)
     w.reset_running_stats()
     w.momentum = None  # one batch: the running statistics become that batch's
     w(q)
     w.eval()
     torch.testing.assert_close(w(q), out)
+    # the eval matrix is kept between calls and follows every change of the statistics
+    fresh = QueryWhitening(H, Q, eps=1e-12).double()
+    fresh.load_state_dict(w.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh(q), out)
+    fresh.load_state_dict(QueryWhitening(H, Q, eps=1e-12).double().state_dict())  # identity statistics
+    torch.testing.assert_close(fresh(q), q)
+    fresh.running_mean.add_(1.0)  # an in-place write from outside
+    torch.testing.assert_close(fresh(q), q - 1.0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        w.train()(q[:1])
     with torch.no_grad():
         w.weight.fill_(2.0)
         w.bias.fill_(-1.0)
@@ -352,7 +372,7 @@ def test_query_whitening_spreads_correlated_queries_over_more_experts():
         m = PEER(d, 64 * 64, n_heads=2, top_k=4, d_key=16, query_norm=norm)
         ids, _ = m.retrieve(x)
         used[norm] = torch.unique(ids).numel()
-    assert used["whiten"] > 1.3 * used["batch"], used  # measured: 2893 against 1878 of 4096
+    assert used["whiten"] > 1.3 * used["batch"], used  # measured: 2873 against 1878 of 4096
 
 
 def test_calibrate_query_norms_sets_whitening_statistics():
@@ -387,6 +407,34 @@ def test_calibrate_query_norms_sets_whitening_statistics():
     torch.testing.assert_close(wn.running_cov, torch.stack(covs).mean(0).float())
 
 
+def test_whitening_is_calibrated_after_an_eval_and_kept_out_of_weight_decay():
+    """An evaluation before calibration must not leave a stale eval matrix behind; the whitening's
+    gain and bias are not decayed (as BatchNorm's)."""
+    from mixturelm.layers.peer import QueryWhitening
+    from mixturelm.train import calibrate_query_norms, param_groups
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=257, d_model=16, n_layers=1, n_heads=2, d_ffn=32, max_seq_len=16,
+                      blocks=[{"ffn": "peer", "peer": {"n_experts": 64, "n_heads": 2, "top_k": 3, "d_key": 8,
+                                                       "query_norm": "whiten"}}])
+    model = MixtureLM(cfg)
+    x = torch.randint(0, 257, (4, 16))
+    model.eval()
+    stale = model(x).logits
+    batches = [torch.randint(0, 257, (4, 17)) for _ in range(2)]
+    calibrate_query_norms(model, batches)
+    model.eval()
+    calibrated = model(x).logits
+    again = MixtureLM(cfg)
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    torch.testing.assert_close(again(x).logits, calibrated)
+    assert not torch.allclose(stale, calibrated)
+    decayed = {id(p) for g in param_groups(model, 0.1) if g["weight_decay"] > 0 for p in g["params"]}
+    norm = next(m for m in model.modules() if isinstance(m, QueryWhitening))
+    assert all(id(p) not in decayed for p in norm.parameters())
+
+
 def test_cli_peer_options_set_every_peer_layer_and_resume_checks_them(tmp_path, corpus_dir):
     """--peer-query-norm/--peer-heads/--peer-top-k/--peer-experts reach the PEER layer; whitened queries
     train, evaluate and sample; resuming with another value is refused."""
@@ -400,7 +448,8 @@ def test_cli_peer_options_set_every_peer_layer_and_resume_checks_them(tmp_path, 
     assert (peer["query_norm"], peer["n_heads"], peer["top_k"], peer["n_experts"]) == ("whiten", 2, 4, 256)
     res = json.loads((out / "results.json").read_text())
     assert 0 < res["peer_usage"]["layer0"]["usage"] <= 1
-    run_cli("eval", "--ckpt", str(out), "--max-tokens", "256", check=True)
+    evaluated = run_cli("eval", "--ckpt", str(out), check=True).stdout  # the run's own 512 tokens
+    assert f"loss {res['val_loss']:.4f}" in evaluated  # the reloaded whitening gives the trainer's loss
     run_cli("generate", "--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "6", check=True)
     before = tree_digest(out)
     proc = run_cli("train", "--out", str(out), "--resume", "--peer-query-norm", "batch")

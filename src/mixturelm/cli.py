@@ -45,8 +45,9 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
                        "--lr and its schedule)"),
     "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: the preset's, peer-tiny 1e-4; "
                            "none given: --lr and its schedule)"),
-    "peer_bn_calibration": (int, "PEER: training batches that re-estimate the query BatchNorm statistics before "
-                                   "each evaluation and checkpoint (0: keep the running averages)"),
+    "peer_bn_calibration": (int, "PEER: training batches that re-estimate the query norm's statistics (BatchNorm "
+                                   "or whitening) before each evaluation and checkpoint (0: keep the running "
+                                   "averages)"),
 }
 
 
@@ -87,7 +88,7 @@ PEER_OPTIONS: dict[str, tuple[type, str]] = {
     "peer_heads": (int, "PEER: retrieval heads h"),
     "peer_top_k": (int, "PEER: experts per head k"),
     "peer_query_norm": (str, "PEER: query normalisation: batch (the paper's), layer, none, or whiten (decorrelates "
-                             "each head's query: twice the expert usage of batch on peer-tiny)"),
+                             "each head's query; more experts used, README PEER training check)"),
 }
 
 

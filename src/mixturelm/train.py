@@ -350,9 +350,9 @@ class Metrics:
 
 @torch.no_grad()
 def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.nullcontext, d: Dist = Dist()) -> int:
-    """Precise BN for PEER's query BatchNorm: reset its running statistics and re-estimate them as the plain
-    average over `batches` (token windows, (B, T + 1)) at the current weights, the rest of the model in eval
-    mode. The momentum-0.1 running averages of training trail the query network, which moves fast early in
+    """Precise BN for PEER's query BatchNorm (and `QueryWhitening`, whose running statistics are a mean and
+    a covariance per head): reset its running statistics and re-estimate them as the plain average over
+    `batches` (token windows, (B, T + 1)) at the current weights, the rest of the model in eval mode. The momentum-0.1 running averages of training trail the query network, which moves fast early in
     training; evaluation with them retrieves from stale, off-centre queries (few experts, high loss).
     Training itself is unchanged (it normalises with batch statistics). Returns the number of norms set."""
     from .layers.peer import PEER
