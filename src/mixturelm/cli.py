@@ -88,7 +88,7 @@ PEER_OPTIONS: dict[str, tuple[type, str]] = {
     "peer_heads": (int, "PEER: retrieval heads h"),
     "peer_top_k": (int, "PEER: experts per head k"),
     "peer_query_norm": (str, "PEER: query normalisation: batch (the paper's), layer, none, or whiten (decorrelates "
-                             "each head's query; more experts used, README PEER training check)"),
+                             "each head's query: more experts used, some loss lost; README PEER training check)"),
 }
 
 
