@@ -56,3 +56,16 @@ def tree_digest(path: Path) -> dict[str, str]:
     """Every file under path with the hash of its content: to prove nothing was changed."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_train_refuses(tmp_path: Path, args: list[str], message: str) -> None:
+    """`mixturelm train ARGS` into a folder holding earlier work: exit 2, one line containing message,
+    the folder unchanged."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous work")
+    before = tree_digest(out)
+    proc = run_cli("train", *args, "--out", str(out), "--max-steps", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert tree_digest(out) == before

@@ -22,7 +22,7 @@ from mixturelm.layers.mod import MoD, capacity_tokens
 from mixturelm.layers.moe import MoE
 from mixturelm.model import Block
 
-from conftest import run_cli, tree_digest
+from conftest import assert_train_refuses, run_cli
 
 D, HEADS, KV_HEADS, T = 32, 4, 2, 16
 CFG = ModelConfig(vocab_size=50, d_model=D, n_layers=2, n_heads=HEADS, n_kv_heads=KV_HEADS, d_ffn=48, max_seq_len=64)
@@ -329,14 +329,7 @@ def test_mod_wrapper_needs_its_config():
     (["--preset", "dense-debug", "--capacity", "0.25"], "mod-"),
 ])
 def test_cli_bad_mod_options_exit_2_with_one_line(tmp_path, args, message):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous work")
-    before = tree_digest(out)
-    proc = run_cli("train", *args, "--out", str(out), "--max-steps", "1")
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
-    assert tree_digest(out) == before
+    assert_train_refuses(tmp_path, args, message)
 
 
 def test_train_and_generate_a_mod_model_from_the_cli(tmp_path, corpus_dir):

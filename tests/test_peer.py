@@ -18,7 +18,7 @@ from mixturelm.errors import UsageError
 from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
 
-from conftest import run_cli, tree_digest
+from conftest import assert_train_refuses, run_cli, tree_digest
 
 D = 12
 
@@ -464,11 +464,4 @@ def test_cli_peer_options_set_every_peer_layer_and_resume_checks_them(tmp_path, 
     (["--preset", "dense-debug", "--peer-heads", "2"], "--peer-heads applies to PEER blocks"),
 ])
 def test_cli_bad_peer_options_exit_2_with_one_line(tmp_path, args, message):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous work")
-    before = tree_digest(out)
-    proc = run_cli("train", *args, "--out", str(out), "--max-steps", "1")
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
-    assert tree_digest(out) == before
+    assert_train_refuses(tmp_path, args, message)
