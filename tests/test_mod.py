@@ -355,3 +355,32 @@ def test_batch_one_prefill_and_decode_equal_recompute():
         got = [model(idx[:, :12], cache=cache).logits, model(idx[:, 12:20], cache=cache).logits]
         got += [model(idx[:, t:t + 1], cache=cache).logits for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-9, atol=1e-10)
+
+
+def test_predictor_gradient_takes_no_share_of_the_model_clipping(tmp_path, corpus_dir):
+    """The predictor trains on stop-gradient inputs, so it is clipped apart: however large its gradient,
+    the rest of the model reaches the optimizer with the same clipped gradient."""
+    from mixturelm.train import Trainer, new_run_config, side_network_parameters
+
+    seen = []
+    for scale in (1.0, 1000.0):
+        cfg = new_run_config("mod-debug", {"data": str(corpus_dir), "max_steps": 1, "grad_clip": 0.05},
+                             None, None, {"causal": "predictor"})
+        trainer = Trainer(cfg, tmp_path / f"run{scale:g}", overwrite=True, progress=False, device="cpu")
+        trainer._build()
+        predictor = [p for n, p in trainer.model.named_parameters() if ".predictor." in n]
+        assert {id(p) for p in side_network_parameters(trainer.model)} == {id(p) for p in predictor} != set()
+        for p in predictor:
+            p.register_hook(lambda g, s=scale: g * s)
+        grads = {}
+        trainer.opt.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+        trainer._train_step(0)
+        seen.append(grads)
+    model_names = [n for n in seen[0] if ".predictor." not in n]
+    assert model_names and all(torch.equal(seen[0][n], seen[1][n]) for n in model_names)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(seen[0][n]) for n in model_names]))
+    assert norm == pytest.approx(0.05, rel=1e-3)  # the model's own norm was clipped to the limit
+    for grads in seen:  # and the predictor's, apart, to the same limit
+        pred = [g for n, g in grads.items() if ".predictor." in n]
+        assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in pred])) <= 0.05 * 1.001
