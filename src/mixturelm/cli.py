@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -369,7 +370,7 @@ def build_parser() -> Parser:
 
 def cmd_train(args) -> None:
     from .config import PRESETS
-    from .train import Trainer, new_run_config, resumed_run_config
+    from .train import Trainer, finish_distributed, new_run_config, resumed_run_config
 
     if args.list_presets:
         import torch
@@ -403,10 +404,17 @@ def cmd_train(args) -> None:
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
                       progress=not args.no_progress)
     summary = trainer.run()
+    distributed = finish_distributed()
     if trainer.dist.main:
         print(f"trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
               f"{summary['train_flops']:.3g} FLOPs) in {summary['wall_s']:.0f}s: val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.3f}, {summary['val_bpb']:.4f} bits/byte; checkpoint in {out}/checkpoints")
+    if distributed:
+        # every process is past the barrier, the work is done and written: leave without the C++
+        # teardown of the process group, which now and then aborts (train.finish_distributed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_eval(args) -> None:
