@@ -370,15 +370,16 @@ class Metrics:
 
 @torch.no_grad()
 def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.nullcontext, d: Dist = Dist()) -> int:
-    """Precise BN for PEER's query BatchNorm (and `QueryWhitening`, whose running statistics are a mean and
-    a covariance per head): reset its running statistics and re-estimate them as the plain average over
-    `batches` (token windows, (B, T + 1)) at the current weights, the rest of the model in eval mode. The momentum-0.1 running averages of training trail the query network, which moves fast early in
+    """Precise BN for PEER's query norms that keep running statistics (BatchNorm; `QueryWhitening`, a
+    mean and a covariance per head): reset them and re-estimate them as the plain average over `batches`
+    (token windows, (B, T + 1)) at the current weights, the rest of the model in eval mode. The
+    momentum-0.1 running averages of training trail the query network, which moves fast early in
     training; evaluation with them retrieves from stale, off-centre queries (few experts, high loss).
     Training itself is unchanged (it normalises with batch statistics). Returns the number of norms set."""
     from .layers.peer import PEER
 
-    norms = [m.query_norm for m in model.modules() if isinstance(m, PEER) and m.query_norm_kind in ("batch", "whiten")]
-    norms = [bn for bn in norms if bn.track_running_stats]
+    norms = [m.query_norm for m in model.modules()
+             if isinstance(m, PEER) and getattr(m.query_norm, "track_running_stats", False)]
     if not norms:
         return 0
     was_training = model.training
@@ -399,11 +400,10 @@ def calibrate_query_norms(model: torch.nn.Module, batches, autocast=contextlib.n
         model.train(was_training)
     if d.world > 1:
         for bn in norms:
-            for buf in (bn.running_mean, getattr(bn, "running_var", None), getattr(bn, "running_cov", None)):
-                if buf is None:
-                    continue
-                dist.all_reduce(buf)
-                buf /= d.world
+            for name, buf in bn.named_buffers():
+                if name.startswith("running_"):  # mean and var (BatchNorm) or cov (whitening)
+                    dist.all_reduce(buf)
+                    buf /= d.world
     return len(norms)
 
 
@@ -533,6 +533,10 @@ class Trainer:
             self.opt, [constant if g.get("fixed_lr") else schedule for g in groups])
         # PEER's sparse-gradient expert tables: lazy Adam on the touched rows only (no N x d work per step)
         self.sparse_params = peer_parameters(self.model)[0]
+        # gradient clipping: the model under one norm, side networks (MoD's predictor) apart
+        self.side_params = side_network_parameters(self.model)
+        side = {id(p) for p in self.side_params}
+        self.clipped_params = [p for p in self.model.parameters() if id(p) not in side]
         self.sparse_opt = self.sparse_sched = None
         if self.sparse_params:
             self.sparse_opt = torch.optim.SparseAdam(self.sparse_params, lr=t.peer_lr or t.lr, betas=(t.beta1, t.beta2))
@@ -613,16 +617,13 @@ class Trainer:
                 if v.numel() == 1:
                     stat_sums[k] = stat_sums.get(k, 0.0) + v.item() / t.grad_accum
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        side = {id(p) for p in side_network_parameters(self.model)}
-        params = list(self.model.parameters())
-        model_params = [p for p in params if id(p) not in side]
         if self.sparse_opt is None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model_params, clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_params, clip)
         else:  # one norm over dense and sparse gradients alike
             mark_coalesced(self.sparse_params)
-            grad_norm = clip_grad_norm(model_params, clip)
-        if side:
-            clip_grad_norm([p for p in params if id(p) in side], clip)
+            grad_norm = clip_grad_norm(self.clipped_params, clip)
+        if self.side_params:  # clipped apart (side_network_parameters)
+            clip_grad_norm(self.side_params, clip)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
         self.sched.step()

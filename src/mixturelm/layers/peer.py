@@ -200,7 +200,7 @@ class QueryWhitening(nn.Module):
     few (a, b) pairs ever co-occur. Whitening spreads the queries over all directions (peer-tiny, step
     200: 52 % of the experts against BatchNorm's 21 %), at a cost in loss that grows with width and off
     the training distribution (README, PEER training check): an option, not the presets' default.
-    eps is relative to the largest eigenvalue (1e-3: 42 % on peer-tiny). The statistics
+    eps is relative to the largest eigenvalue. The statistics
     carry no gradient (the whitening matrix is a constant of the step): the eigendecomposition's
     gradient is unstable for close eigenvalues, and top-k retrieval only needs the forward spread.
     Interface of BatchNorm's running statistics (momentum None: a cumulative average), so precise-BN
