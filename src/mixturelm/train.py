@@ -169,7 +169,8 @@ def clear_out_dir(out_dir: Path) -> None:
 def side_network_parameters(model: torch.nn.Module) -> list:
     """Parameters of networks trained on their own loss from stop-gradient inputs (MoD's causal
     predictor). They are clipped apart: in one global norm their gradient would shrink the model's
-    update (mod-tiny with the predictor, step 20: by 14 %) without the model gaining anything."""
+    update (mod-tiny with the predictor, step 20: by 14 %; benchmarks/mod/predictor_clip_share.py)
+    without the model gaining anything."""
     from .layers.mod import MoD
 
     return [p for m in model.modules() if isinstance(m, MoD) and m.predictor is not None
