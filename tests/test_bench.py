@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from mixturelm.bench import bench_mod, bench_moe, bench_peer, bench_train
+from mixturelm.bench import (MoDBenchConfig, MoEBenchConfig, PEERBenchConfig, TrainBenchConfig, bench_mod,
+                             bench_moe, bench_peer, bench_train)
 
 
 def test_bench_moe_smoke(tmp_path):
-    args = argparse.Namespace(threads=None, steps=1, rounds=1, tokens=64, no_memory=True, out=str(tmp_path))
-    result = bench_moe(args)
+    result = bench_moe(MoEBenchConfig(steps=1, rounds=1, tokens=64, no_memory=True, out=str(tmp_path)))
     saved = json.loads((tmp_path / "results.json").read_text())
     for shape in result["shapes"].values():
         rows = shape["contenders"]
@@ -23,16 +22,14 @@ def test_bench_moe_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
-    args = argparse.Namespace(threads=None, steps=1, rounds=1, batch_size=2, seq_len=32, out=str(tmp_path))
-    result = bench_train(args)
+    result = bench_train(TrainBenchConfig(steps=1, rounds=1, batch_size=2, seq_len=32, out=str(tmp_path)))
     assert result["params"]["mixturelm"] == result["params"]["transformers Llama"]  # the same shape
     assert result["ratio_tok_per_s_ours_over_peer"] > 0
 
 
 def test_bench_mod_smoke(tmp_path):
-    args = argparse.Namespace(threads=None, steps=1, rounds=1, batch_size=1, seq_len=64, capacity=0.125,
-                              decode_tokens=4, out=str(tmp_path))
-    result = bench_mod(args)
+    result = bench_mod(MoDBenchConfig(steps=1, rounds=1, batch_size=1, seq_len=64, capacity=0.125, decode_tokens=4,
+                                      out=str(tmp_path)))
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     flops = rows["forward FLOPs/token (analytic)"]
     assert flops["MoD"] < 0.6 * flops["dense"]
@@ -48,9 +45,8 @@ def test_bench_peer_smoke(tmp_path):
         no_peer = False
     except ImportError:
         no_peer = True
-    args = argparse.Namespace(threads=None, steps=1, rounds=1, tokens=32, no_memory=True, out=str(tmp_path),
-                              n_experts=16 * 16, d_model=16, heads=2, top_k=4, d_key=8, no_peer=no_peer)
-    result = bench_peer(args)
+    result = bench_peer(PEERBenchConfig(steps=1, rounds=1, tokens=32, no_memory=True, out=str(tmp_path),
+                                        n_experts=16 * 16, d_model=16, heads=2, top_k=4, d_key=8, no_peer=no_peer))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["expert_rows"]["pairs"] == 32 * 2 * 4
     assert result["contenders"]["mixturelm PEER"]["fwd_bwd_s"] > 0 and result["copy_bytes_per_s"] > 0

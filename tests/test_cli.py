@@ -40,12 +40,14 @@ def assert_usage_error(proc, needle: str) -> None:
     (["--dtype", "fp8"], "dtype='fp8' is unknown"),
     (["--tokenizer", "words"], "--tokenizer 'words' is unknown"),
     (["--max-steps", "abc"], "invalid int value"),
-    (["--batch-size", "0"], "batch_size must be a positive integer"),
-    (["--d-model", "-8"], "d_model must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--d-model", "-8"], "--d-model must be a positive integer"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--max-flops", "inf"], "--max-flops must be a finite number > 0"),
     (["--d-model", "100", "--n-heads", "3"], "not divisible by n_heads"),
     (["--data", "/no/such/file.txt"], "no such file or folder"),
     (["--max-tokens", "10"], "smaller than one step"),
-    (["--max-steps", "5", "--max-tokens", "9999"], "one budget"),
+    (["--max-steps", "5", "--max-tokens", "9999"], "give one budget, not --max-steps and --max-tokens"),
     (["--resume", "--overwrite"], "contradict"),
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible by grad_accum"),
 ])
@@ -74,7 +76,7 @@ def test_too_little_data_for_one_sequence(tmp_path):
 def test_non_empty_out_is_not_overwritten(run_copy, corpus_dir):
     before = tree_digest(run_copy)
     proc = run_cli("train", "--preset", "dense-debug", "--data", str(corpus_dir), "--out", str(run_copy))
-    assert_usage_error(proc, "is not empty; add --resume")
+    assert_usage_error(proc, "is not empty; continue the run there (--resume)")
     assert tree_digest(run_copy) == before
 
 

@@ -64,7 +64,7 @@ def test_plots_and_report_files(finished):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     assert "dense-debug" in page and "mod-debug" in page and "test" in page  # table, command
-    from mixturelm.config import PRESETS
+    from mixturelm.presets import PRESETS
 
     assert all(html.escape(PRESETS[p].description) in page for p in ("dense-debug", "mod-debug"))  # what each is
     assert page.count("data:image/png;base64,") >= 2
@@ -112,21 +112,21 @@ def test_interrupted_compare_resumes(corpus_dir, finished, tmp_path, monkeypatch
     out = tmp_path / "cmp"
     # views drawn on a given text this time (the module's compare draws them on held-out tokens)
     cc = CompareConfig(data=str(corpus_dir), text="def main():\n    return 'café'\n", **TINY)
-    from mixturelm import train
+    from mixturelm.training import Trainer
 
-    real_save = train.Trainer._save
+    real_save = Trainer._save
 
     def save_then_die(self, step):
         real_save(self, step)
         if self.cfg.preset == "mod-debug":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.Trainer, "_save", save_then_die)
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_compare(cc, out, progress=False, command="test", log=lambda m: None)
     assert (out / "runs" / "dense-debug" / "results.json").is_file()
     assert not (out / "runs" / "mod-debug" / "results.json").is_file()
-    monkeypatch.setattr(train.Trainer, "_save", real_save)
+    monkeypatch.setattr(Trainer, "_save", real_save)
     messages = []
     results = run_compare(cc, out, progress=False, command="test", log=messages.append)
     assert any("dense-debug: finished earlier, skipped" in m for m in messages)
@@ -173,8 +173,8 @@ def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
     (["--size", "huge"], "no architecture 'dense' at size huge"),
     (["--text-file", "/nonexistent.txt"], "does not exist"),
     (["--text", " "], "--text is empty"),
-    (["--eval-tokens", "100"], "is below one window of --seq-len 256"),
-    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--eval-tokens", "100"], "--eval-tokens=100 is below one window of --seq-len=256"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
     (["--sweep", ""], "--sweep is empty"),
     (["--flops", "6e9,6.0e9"], "names a budget twice"),
     (["--device", "tpu"], "is not a device"),
@@ -298,7 +298,7 @@ def test_realized_flops_of_integrated_mode(tmp_path):
 def test_a_finished_run_resumed_keeps_its_routing_statistics(corpus_dir, tmp_path):
     """Killed after its last checkpoint but before results.json: resuming re-evaluates and still reports the last
     step's MoD routing statistics (the report's line for the run needs them)."""
-    from mixturelm.train import Trainer, new_run_config
+    from mixturelm.training import Trainer, new_run_config
 
     cfg = new_run_config("mod-debug", {"data": str(corpus_dir), "max_steps": 4, "eval_every": 4, "ckpt_every": 4,
                                        "eval_tokens": 512})

@@ -277,7 +277,7 @@ def _code_corpus(path):
 
 
 def test_cli_lm_stream_end_to_end(corpus_dir, tmp_path):
-    from mixturelm.train import Trainer, new_run_config
+    from mixturelm.training import Trainer, new_run_config
 
     code = _code_corpus(tmp_path / "code")
     runs = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixturelm import MixtureLM, ModelConfig
-from mixturelm.config import PRESETS, get_preset
+from mixturelm.presets import PRESETS, get_preset
 from mixturelm.flops import flop_counter, forward_flops_breakdown, forward_flops_per_token, train_flops_per_token
 
 CONFIGS = {
@@ -92,9 +92,9 @@ def test_integrated_mode_counts_the_real_share_of_expert_slots():
     model = MixtureLM(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
     with flop_counter() as fc:
-        out = model(idx, return_aux=True)
+        out = model(idx)
     m = cfg.blocks[0].moe
-    real_share = torch.stack([v for k, v in out.stats.items() if k.endswith("noop_fraction")]).mean().item()
+    real_share = torch.stack([v for k, v in out.stats().items() if k.endswith("noop_fraction")]).mean().item()
     analytic = forward_flops_breakdown(cfg, cfg.max_seq_len)
     expected = analytic["experts"] * (1 - real_share) / (m.n_experts / (m.n_experts + m.n_noop))
     measured = fc.get_total_flops() / idx.numel() - (sum(analytic.values()) - analytic["experts"])

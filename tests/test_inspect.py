@@ -18,9 +18,10 @@ import torch
 
 from mixturelm import MixtureLM, ModelConfig
 from mixturelm.cli import main
-from mixturelm.config import get_preset
+from mixturelm.presets import get_preset
 from mixturelm.data.tokenizer import BPETokenizer, ByteTokenizer
-from mixturelm.inspect import routing_views, token_pieces
+from mixturelm.views.html import token_pieces
+from mixturelm.views.routing import routing_views
 from mixturelm.layers.mod import MoD, capacity_tokens
 from mixturelm.layers.moe import MoE
 from mixturelm.layers.peer import PEER, usage_from_scores
@@ -41,9 +42,9 @@ def ids_of(text: str) -> torch.Tensor:
 
 
 def capture_inputs(module: torch.nn.Module, calls: list):
-    """The test's own hook: each call's input and whether it routed causally (MoD's 5th argument)."""
+    """The test's own hook: each call's input and whether it routed causally (MoD's 4th argument)."""
     return module.register_forward_pre_hook(
-        lambda m, args: calls.append((args[0].detach().clone(), bool(args[4]) if len(args) > 4 else False)))
+        lambda m, args: calls.append((args[0].detach().clone(), bool(args[3]) if len(args) > 3 else False)))
 
 
 def tooltips(html: str, section: str, nth_text: int = 0) -> dict[int, tuple[str, str]]:
@@ -184,7 +185,7 @@ def test_peer_usage_and_retrievals_match_a_direct_forward_and_brute_force():
     s = views.summary["layers"]["layer0.peer"]
     model.eval()  # as routing_views ran it: the query BatchNorm on its running statistics
     with torch.no_grad():
-        scores = sum(peer(x, return_aux=True)[1]["stat/expert_scores"].double() for x, _ in calls)
+        scores = sum(peer(x)[1].expert_scores.double() for x, _ in calls)
     u = usage_from_scores(scores)
     assert s["usage"] == pytest.approx(u["usage"]) and s["kl_uniform"] == pytest.approx(u["kl_uniform"])
     # brute force: the score of every one of the N = S*S product keys, top k per head

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from mixturelm import MixtureLM, ModelConfig, UsageError
-from mixturelm.config import PRESETS, BlockSpec, MoDConfig
+from mixturelm.config import BlockSpec
 from mixturelm.layers.attention import apply_rope, rope_angles
-from mixturelm.layers.mod import MoD, capacity_tokens
+from mixturelm.layers.mod import MoD, MoDAux, MoDConfig, capacity_tokens
 from mixturelm.layers.moe import MoE
+from mixturelm.presets import PRESETS
 from mixturelm.model import Block
 
 from conftest import assert_train_refuses, run_cli
@@ -30,7 +31,7 @@ CFG = ModelConfig(vocab_size=50, d_model=D, n_layers=2, n_heads=HEADS, n_kv_head
 
 def make_mod(capacity: float = 0.25, causal: str = "aux_loss", seed: int = 0) -> MoD:
     torch.manual_seed(seed)
-    mod = MoD(Block(BlockSpec(), CFG), D, capacity, causal=causal).double()
+    mod = MoD(Block(BlockSpec(), CFG), D, capacity=capacity, causal=causal).double()
     with torch.no_grad():
         for p in mod.parameters():
             p.normal_(0, 0.3)  # spread the router weights: no near-ties in the top-k
@@ -64,7 +65,7 @@ def masked_reference(mod: MoD, x_BTD: torch.Tensor, member_BT: torch.Tensor) -> 
     allowed = (member_BT[:, None, :, None] & member_BT[:, None, None, :] & causal) | torch.eye(T, dtype=torch.bool)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(K)).masked_fill(~allowed, float("-inf"))
     attn = a.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * K))
-    f = attn + blk.ffn(blk.ffn_norm(x_BTD + attn))
+    f = attn + blk.ffn(blk.ffn_norm(x_BTD + attn))[0]
     return torch.where(member_BT[..., None], x_BTD + r_BT[..., None] * f, x_BTD)
 
 
@@ -82,7 +83,7 @@ def test_topk_routing_matches_masked_reference_with_gradients(capacity):
     x = torch.randn(3, T, D, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, T, D, dtype=torch.float64)
     params = [p for n, p in mod.named_parameters()]
-    got, _ = mod(x, rope_for(T), return_aux=False)
+    got, _ = mod(x, rope_for(T))
     member = topk_members((x @ mod.router.weight[0]).detach(), capacity)
     want = masked_reference(mod, x, member)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -96,7 +97,7 @@ def test_capacity_one_with_unit_weights_is_the_plain_block():
     mod = make_mod(1.0)
     mod.router_weights = lambda x: torch.ones(x.shape[:2], dtype=torch.float64)  # a stub router: r = 1
     x = torch.randn(2, T, D, dtype=torch.float64)
-    got, _ = mod(x, rope_for(T), return_aux=False)
+    got, _ = mod(x, rope_for(T))
     want, _ = mod.block(x, rope_for(T))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -104,12 +105,12 @@ def test_capacity_one_with_unit_weights_is_the_plain_block():
 def test_skipped_tokens_pass_unchanged_and_r_scales_only_the_branch():
     mod = make_mod(0.25)
     x = torch.randn(2, T, D, dtype=torch.float64)
-    got, _ = mod(x, rope_for(T), return_aux=False)
+    got, _ = mod(x, rope_for(T))
     member = topk_members(x @ mod.router.weight[0].detach(), 0.25)
     torch.testing.assert_close(got[~member], x[~member], rtol=0, atol=0)
     doubled = copy.deepcopy(mod)
     doubled.router.weight.data *= 2  # same ranking, twice the weight: the change is r * f, not r * (x + f)
-    got2, _ = doubled(x, rope_for(T), return_aux=False)
+    got2, _ = doubled(x, rope_for(T))
     torch.testing.assert_close((got2 - x)[member], 2 * (got - x)[member], rtol=1e-10, atol=1e-12)
 
 
@@ -119,7 +120,7 @@ def test_bce_targets_are_per_row_topk_membership():
     _, aux = mod(x, rope_for(T))
     r = x @ mod.router.weight[0]
     want = F.binary_cross_entropy_with_logits(r, topk_members(r, 0.25).double())
-    torch.testing.assert_close(aux["loss/mod_bce"], want)
+    torch.testing.assert_close(aux[-1].losses["mod_bce"], want)
 
 
 def test_predictor_learns_from_detached_inputs_only():
@@ -129,8 +130,8 @@ def test_predictor_learns_from_detached_inputs_only():
     r = x @ mod.router.weight[0]
     score = mod.predictor(x).squeeze(-1)
     want = F.binary_cross_entropy_with_logits(score, topk_members(r.detach(), 0.25).double())
-    torch.testing.assert_close(aux["loss/mod_predictor"], want)
-    aux["loss/mod_predictor"].backward()
+    torch.testing.assert_close(aux[-1].losses["mod_predictor"], want)
+    aux[-1].losses["mod_predictor"].backward()
     assert x.grad is None or x.grad.abs().max() == 0  # stop-gradient: the LM never feels the predictor
     assert all(p.grad is None for n, p in mod.named_parameters() if not n.startswith("predictor."))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mod.predictor.parameters())
@@ -155,7 +156,7 @@ def test_causal_routing_matches_masked_reference(causal):
     mod = make_mod(0.25, causal=causal)
     x = causal_inputs(mod).requires_grad_()
     member = mod.causal_scores(x, x @ mod.router.weight[0]).detach() > mod.threshold
-    got, _ = mod(x, rope_for(T), causal_routing=True, return_aux=False)
+    got, _ = mod(x, rope_for(T), causal_routing=True)
     want = masked_reference(mod, x, member)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(x)
@@ -168,11 +169,11 @@ def test_cached_prefill_and_decode_equal_the_uncached_causal_forward():
     mod = make_mod(0.25)
     x = causal_inputs(mod)
     rope = rope_for(T)
-    want, _ = mod(x, rope, causal_routing=True, return_aux=False)
+    want, _ = mod(x, rope, causal_routing=True)
     cache = mod.new_cache(3, T, x.device, x.dtype)
-    outs = [mod(x[:, :5], (rope[0][:5], rope[1][:5]), cache, return_aux=False)[0]]  # prefill of 5 tokens
+    outs = [mod(x[:, :5], (rope[0][:5], rope[1][:5]), cache)[0]]  # prefill of 5 tokens
     for t in range(5, T):
-        outs.append(mod(x[:, t:t + 1], (rope[0][t:t + 1], rope[1][t:t + 1]), cache, return_aux=False)[0])
+        outs.append(mod(x[:, t:t + 1], (rope[0][t:t + 1], rope[1][t:t + 1]), cache)[0])
     torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-10, atol=1e-12)
     entered = (x @ mod.router.weight[0] > mod.threshold).sum(1)
     assert torch.equal(cache.length_B, entered)  # a skipping token wrote no key/value
@@ -187,10 +188,10 @@ def test_a_block_nobody_enters_costs_only_the_router():
     x = torch.randn(4, 1, D, dtype=torch.float64)
     cache = mod.new_cache(4, 8, x.device, x.dtype)
     rope = rope_for(1)
-    y, _ = mod(x, rope, cache, return_aux=False)
+    y, _ = mod(x, rope, cache)
     assert not calls and torch.equal(y, x) and cache.length_B.sum() == 0
     mod.threshold.fill_(float("-inf"))
-    mod(x, rope, cache, return_aux=False)
+    mod(x, rope, cache)
     assert calls == [1]
 
 
@@ -250,7 +251,7 @@ def test_sampling_decisions_never_depend_on_future_tokens():
 
 def test_threshold_calibration_brings_sampling_fraction_to_capacity_and_eval_leaves_it():
     torch.manual_seed(0)
-    mod = MoD(Block(BlockSpec(), CFG), D, 0.125)
+    mod = MoD(Block(BlockSpec(), CFG), D, capacity=0.125)
     with torch.no_grad():
         mod.router.weight.normal_(0, 1.0)
     rope = rope_for(T)
@@ -261,7 +262,8 @@ def test_threshold_calibration_brings_sampling_fraction_to_capacity_and_eval_lea
     mod.eval()
     fresh = torch.randn(64, T, D) + 0.5
     _, aux = mod(fresh, rope, causal_routing=True)
-    assert aux["stat/mod_causal_fraction"].item() == pytest.approx(0.125, abs=0.03)
+    assert isinstance(aux[-1], MoDAux)
+    assert aux[-1].causal_fraction.item() == pytest.approx(0.125, abs=0.03)
     mod(fresh, rope)
     mod.after_optimizer_step()
     assert torch.equal(mod.threshold, threshold)
@@ -272,11 +274,11 @@ def test_threshold_calibration_brings_sampling_fraction_to_capacity_and_eval_lea
 def test_integrated_mode_noop_experts_match_reference():
     torch.manual_seed(0)
     E, Z, k, F_ = 4, 3, 2, 24
-    moe = MoE(D, F_, E, k, "softmax", n_noop=Z).double()
+    moe = MoE(D, n_experts=E, top_k=k, d_expert=F_, n_noop=Z).double()
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 1.0)
     x = torch.randn(20, D, dtype=torch.float64, requires_grad=True)
-    y, aux = moe(x.view(4, 5, D), return_aux=True)
+    y, aux = moe(x.view(4, 5, D))
     rows = []
     for t in range(20):
         p = (moe.router.gate.weight @ x[t]).softmax(0)
@@ -294,7 +296,7 @@ def test_integrated_mode_noop_experts_match_reference():
     params = [x, moe.w_gate_up, moe.w_down, moe.router.gate.weight]
     for a, b in zip(grads(y.view(20, D), params, g), grads(want, params, g)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    assert 0 < aux["stat/noop_fraction"] < 1
+    assert 0 < aux.scalars()["noop_fraction"] < 1
 
 
 def test_mod_and_mode_models_train_one_step():
@@ -323,10 +325,36 @@ def test_mod_wrapper_needs_its_config():
         BlockSpec(wrapper="mod")
 
 
+def test_mod_wraps_a_users_own_block():
+    """Any residual block x -> x + f(x): the entering tokens get x + r f(x), the others pass unchanged."""
+    torch.manual_seed(0)
+    f = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Tanh()).double()
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = f
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    mod = MoD(Residual(), D, capacity=0.25).double()
+    with torch.no_grad():
+        mod.router.weight.normal_(0, 1.0)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    y, aux = mod(x)
+    r = x @ mod.router.weight[0]
+    member = topk_members(r, 0.25)
+    want = torch.where(member[..., None], x + r[..., None] * f(x), x)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    assert "mod_bce" in aux[-1].losses
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "mod-debug", "--capacity", "0"], "capacity"),
     (["--preset", "mod-debug", "--mod-causal", "oracle"], "causal"),
     (["--preset", "dense-debug", "--capacity", "0.25"], "mod-"),
+    (["--preset", "mod-debug", "--capacity", "nan"], "--capacity must be in (0, 1]"),
 ])
 def test_cli_bad_mod_options_exit_2_with_one_line(tmp_path, args, message):
     assert_train_refuses(tmp_path, args, message)
@@ -360,20 +388,20 @@ def test_batch_one_prefill_and_decode_equal_recompute():
 def test_predictor_gradient_takes_no_share_of_the_model_clipping(tmp_path, corpus_dir):
     """The predictor trains on stop-gradient inputs, so it is clipped apart: however large its gradient,
     the rest of the model reaches the optimizer with the same clipped gradient."""
-    from mixturelm.train import Trainer, new_run_config, side_network_parameters
+    from mixturelm.training import Trainer, new_run_config
 
     seen = []
     for scale in (1.0, 1000.0):
         cfg = new_run_config("mod-debug", {"data": str(corpus_dir), "max_steps": 1, "grad_clip": 0.05},
-                             None, None, {"causal": "predictor"})
+                             block_overrides={"mod": {"causal": "predictor"}})
         trainer = Trainer(cfg, tmp_path / f"run{scale:g}", overwrite=True, progress=False, device="cpu")
         trainer._build()
         predictor = [p for n, p in trainer.model.named_parameters() if ".predictor." in n]
-        assert {id(p) for p in side_network_parameters(trainer.model)} == {id(p) for p in predictor} != set()
+        assert {id(p) for p in trainer.optim.side_params} == {id(p) for p in predictor} != set()
         for p in predictor:
             p.register_hook(lambda g, s=scale: g * s)
         grads = {}
-        trainer.opt.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
+        trainer.optim.opt.register_step_pre_hook(lambda opt, args, kwargs: grads.update(
             {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
         trainer._train_step(0)
         seen.append(grads)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mixturelm import MixtureLM, ModelConfig, UsageError
+from mixturelm.config import BlockSpec
+from mixturelm.flops import forward_flops_breakdown
 from mixturelm.layers.attention import Attention, apply_rope, rope_angles
 
 
@@ -129,3 +134,43 @@ def test_fused_autograd_functions_pass_gradcheck():
     torch.testing.assert_close(q.transpose(1, 2), apply_rope(qkv[:, :, :4].transpose(1, 2), cos, sin))
     torch.testing.assert_close(k.transpose(1, 2), apply_rope(qkv[:, :, 4:6].transpose(1, 2), cos, sin))
     assert torch.equal(v, qkv[:, :, 6:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Any block any mechanism can describe survives the trip through JSON, and is counted
+
+MOE = st.builds(dict, n_experts=st.integers(2, 16), top_k=st.integers(1, 2), d_expert=st.integers(1, 64),
+                router=st.sampled_from(["softmax", "noisy", "sigmoid_bias", "expert_choice"]),
+                n_shared=st.integers(0, 2))
+MOD = st.builds(dict, capacity=st.floats(0.01, 1.0), causal=st.sampled_from(["aux_loss", "predictor"]),
+                gate=st.sampled_from(["linear", "sigmoid"]))
+PEER_ = st.builds(dict, n_experts=st.sampled_from([16, 64, 256]), n_heads=st.integers(1, 4), top_k=st.integers(1, 4),
+                  d_key=st.sampled_from([4, 8]), query_norm=st.sampled_from(["batch", "layer", "none", "whiten"]))
+
+
+@st.composite
+def block_dicts(draw) -> dict:
+    ffn = draw(st.sampled_from(["dense", "moe", "peer"]))
+    block = {"ffn": ffn, "wrapper": draw(st.sampled_from(["none", "mod"]))}
+    if ffn == "moe":
+        block["moe"] = draw(MOE)
+    if ffn == "peer" or (ffn != "peer" and draw(st.booleans())):
+        block["peer"] = draw(PEER_)
+        if ffn != "peer":
+            block["beside"] = ["peer"]
+    if block["wrapper"] == "mod":
+        block["mod"] = draw(MOD)
+    return block
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(block_dicts(), min_size=1, max_size=3))
+def test_any_block_spec_round_trips_and_is_counted(blocks):
+    cfg = ModelConfig(d_model=16, n_layers=len(blocks), n_heads=2, d_ffn=32, max_seq_len=32, blocks=blocks)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and [b.kinds() for b in again.blocks] == [BlockSpec.from_dict(b).kinds() for b in blocks]
+    parts = forward_flops_breakdown(cfg, 32)
+    assert all(v > 0 for v in parts.values())
+    with torch.device("meta"):
+        model = MixtureLM(cfg)
+    assert len(model.blocks) == len(blocks)

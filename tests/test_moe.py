@@ -11,7 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixturelm.layers.moe import MoE
+from mixturelm.layers.moe import MoE, MoEConfig
+
+
+def make_moe(d_model, d_expert, n_experts, top_k, router="softmax", **options) -> MoE:
+    """The layer from its config's fields, positionally as the tests read best."""
+    return MoE(d_model, n_experts=n_experts, top_k=top_k, d_expert=d_expert, router=router, **options)
 from mixturelm.layers.routing import SigmoidBias, switch_balance_loss
 
 D, H, E = 16, 12, 6
@@ -71,7 +76,7 @@ def reference_moe(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
         for e, g in gates.items():
             y = y + g * swiglu(x_TD[t], moe.w_gate_up[e], moe.w_down[e])
         if moe.shared is not None:
-            y = y + moe.shared(x_TD[t])
+            y = y + moe.shared(x_TD[t])[0]
         rows.append(y)
     return torch.stack(rows)
 
@@ -97,7 +102,7 @@ def test_output_and_gradients_match_the_reference(case, impl):
     opts = dict(CASES[case])
     dtype = torch.float64 if impl == "loop" else torch.float32
     tol = dict(rtol=1e-9, atol=1e-10) if impl == "loop" else dict(rtol=1e-4, atol=1e-5)
-    moe = MoE(D, opts.pop("d_hidden", H), E, opts.pop("top_k"), opts.pop("router"), impl=impl, **opts).to(dtype)
+    moe = make_moe(D, opts.pop("d_hidden", H), E, opts.pop("top_k"), opts.pop("router"), impl=impl, **opts).to(dtype)
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 1.0)  # spread scores so the top-k has no near-ties
         if isinstance(moe.router, SigmoidBias):
@@ -107,7 +112,7 @@ def test_output_and_gradients_match_the_reference(case, impl):
     x = torch.randn(24, D, dtype=torch.float64, requires_grad=True)
     g_out = torch.randn(24, D, dtype=torch.float64)
     names = [n for n, _ in moe.named_parameters() if "noise" not in n]  # the noise net has no role in eval
-    got = moe(x.to(dtype).view(3, 8, D)).reshape(-1, D)
+    got = moe(x.to(dtype).view(3, 8, D))[0].reshape(-1, D)
     got_grads = torch.autograd.grad(got, [x, *(p for n, p in moe.named_parameters() if n in names)], g_out.to(dtype))
     want = reference_moe(ref, x)
     want_grads = torch.autograd.grad(want, [x, *(p for n, p in ref.named_parameters() if n in names)], g_out,
@@ -120,13 +125,13 @@ def test_output_and_gradients_match_the_reference(case, impl):
 
 def test_capacity_drops_and_reports_it():
     torch.manual_seed(0)
-    moe = MoE(D, H, E, 1, "switch", capacity_factor=0.5)
+    moe = make_moe(D, H, E, 1, "switch", capacity_factor=0.5)
     with torch.no_grad():
         moe.router.gate.weight[0] += 5 * moe.router.gate.weight[0].sign()  # most tokens want expert 0
-    y, aux = moe(torch.randn(64, 1, D), return_aux=True)
-    tokens = aux["stat/tokens_per_expert"]
-    assert tokens.max() <= math.ceil(0.5 * 64 / E) and aux["stat/dropped_fraction"] > 0
-    assert tokens.sum() == pytest.approx(64 * (1 - aux["stat/dropped_fraction"].item()))
+    y, aux = moe(torch.randn(64, 1, D))
+    tokens = aux.tokens_per_expert
+    assert tokens.max() <= math.ceil(0.5 * 64 / E) and aux.scalars()["dropped_fraction"] > 0
+    assert tokens.sum() == pytest.approx(64 * (1 - aux.scalars()["dropped_fraction"].item()))
 
 
 def test_balance_loss_on_hand_made_routings():
@@ -149,26 +154,28 @@ def test_balance_loss_on_hand_made_routings():
 
 def test_padding_is_not_counted():
     torch.manual_seed(0)
-    moe = MoE(D, H, E, 2)
+    moe = make_moe(D, H, E, 2)
     x = torch.randn(2, 10, D)
     valid = torch.ones(2, 10, dtype=torch.bool)
     valid[1, 6:] = False
-    _, aux = moe(x, valid, return_aux=True)
-    _, aux_real = moe(torch.cat([x[0], x[1, :6]])[None], return_aux=True)
-    for k in ("loss/balance", "loss/z", "stat/tokens_per_expert", "stat/router_entropy"):
-        torch.testing.assert_close(aux[k], aux_real[k])
+    _, aux = moe(x, valid)
+    _, aux_real = moe(torch.cat([x[0], x[1, :6]])[None])
+    for k in ("balance", "z"):
+        torch.testing.assert_close(aux.losses[k], aux_real.losses[k])
+    torch.testing.assert_close(aux.tokens_per_expert, aux_real.tokens_per_expert)
+    torch.testing.assert_close(aux.scalars()["router_entropy"], aux_real.scalars()["router_entropy"])
 
 
 def test_bias_update_moves_load_toward_uniform():
     torch.manual_seed(0)
-    moe = MoE(D, H, E, 2, "sigmoid_bias", bias_rate=0.005)
+    moe = make_moe(D, H, E, 2, "sigmoid_bias", bias_rate=0.005)
     with torch.no_grad():
         moe.router.gate.weight.normal_(0, 0.3)
         moe.router.gate.weight[0].copy_(torch.randn(D).sign() * 0.5)  # expert 0 is everyone's favourite
     x = torch.randn(256, D) + 0.5 * moe.router.gate.weight[0].detach()  # skew the inputs toward it
     loads = []
     for _ in range(200):
-        loads.append(moe(x[None], return_aux=True)[1]["stat/load_max_over_mean"].item())
+        loads.append(moe(x[None])[1].scalars()["load_max_over_mean"].item())
         moe.after_optimizer_step()
     assert loads[0] > 2.0, loads[0]
     assert max(loads[-50:]) < 1.15, max(loads[-50:])  # near uniform and staying there
@@ -176,7 +183,7 @@ def test_bias_update_moves_load_toward_uniform():
 
 
 def test_eval_leaves_the_balancing_state_alone():
-    moe = MoE(D, H, E, 2, "sigmoid_bias").eval()
+    moe = make_moe(D, H, E, 2, "sigmoid_bias").eval()
     bias = moe.router.bias_E.clone()
     moe(torch.randn(1, 5, D))
     assert moe.router.load_E.sum() == 0
@@ -186,22 +193,22 @@ def test_eval_leaves_the_balancing_state_alone():
 
 def test_noisy_router_has_its_losses_and_noise_only_in_training():
     torch.manual_seed(0)
-    moe = MoE(D, H, E, 2, "noisy")
+    moe = make_moe(D, H, E, 2, "noisy")
     x = torch.randn(1, 32, D)
-    _, aux = moe(x, return_aux=True)
-    assert {"loss/importance", "loss/load"} <= set(aux)
-    (aux["loss/importance"] + aux["loss/load"]).backward()
+    _, aux = moe(x)
+    assert {"importance", "load"} <= set(aux.losses)
+    (aux.losses["importance"] + aux.losses["load"]).backward()
     assert moe.router.noise.weight.grad.abs().sum() > 0  # the noise network trains through the load loss
     moe.eval()
-    assert torch.equal(moe(x), moe(x))
+    assert torch.equal(moe(x)[0], moe(x)[0])
 
 
 def test_batch_size_one_decoding_and_empty_experts():
     torch.manual_seed(0)
     for impl in ("grouped", "loop"):
-        moe = MoE(D, H, 64, 8, impl=impl)
+        moe = make_moe(D, H, 64, 8, impl=impl)
         x = torch.randn(1, 1, D)
-        torch.testing.assert_close(moe(x).double(), reference_moe_any(copy.deepcopy(moe).double(), x.double()))
+        torch.testing.assert_close(moe(x)[0].double(), reference_moe_any(copy.deepcopy(moe).double(), x.double()))
 
 
 def reference_moe_any(moe, x):
@@ -214,10 +221,12 @@ def reference_moe_any(moe, x):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="router="):
-        MoE(D, H, E, 2, "nope")
-    with pytest.raises(ValueError, match="top_k"):
-        MoE(D, H, E, 7)
+    with pytest.raises(ValueError, match="MoEConfig.router='nope' is unknown"):
+        make_moe(D, H, E, 2, "nope")
+    with pytest.raises(ValueError, match="MoEConfig.top_k=7 exceeds"):
+        make_moe(D, H, E, 7)
+    with pytest.raises(ValueError, match="not both"):
+        MoE(D, MoEConfig(), top_k=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,16 +260,17 @@ def test_model_returns_each_aux_loss_and_weights_them():
     w = model.config.aux_loss_weights
     torch.testing.assert_close(out.aux_loss, w["balance"] * out.aux_losses["layer1.balance"]
                                + w["z"] * out.aux_losses["layer1.z"])
-    assert out.stats["layer1.tokens_per_expert"].sum() == 2 * 12 * 2
+    assert out.aux[-1][1].tokens_per_expert.sum() == 2 * 12 * 2
+    assert set(out.stats()) == {"layer1.load_max_over_mean", "layer1.dropped_fraction", "layer1.router_entropy"}
 
 
 def test_training_steps_the_bias_and_logs_the_load(corpus_dir, tmp_path):
     import json
 
-    from mixturelm.train import Trainer, new_run_config
+    from mixturelm.training import Trainer, new_run_config
 
     cfg = new_run_config("moe-debug", {"data": str(corpus_dir), "max_steps": 5},
-                         moe_overrides={"router": "sigmoid_bias", "bias_rate": 0.01})
+                         block_overrides={"moe": {"router": "sigmoid_bias", "bias_rate": 0.01}})
     trainer = Trainer(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     summary = trainer.run()
     biases = [m.router.bias_E for m in trainer.model.modules() if isinstance(m, MoE)]

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from mixturelm import MixtureLM, ModelConfig
-from mixturelm.config import PRESETS, BlockSpec, PEERConfig, TrainConfig
+from mixturelm.config import BlockSpec, TrainConfig
+from mixturelm.layers.peer import PEERAux, PEERConfig
+from mixturelm.mechanisms import get as mechanism
+from mixturelm.presets import PRESETS
 from mixturelm.errors import UsageError
 from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
@@ -58,7 +61,7 @@ def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
 
 def test_every_expert_id_in_range_and_reachable(impl):
     torch.manual_seed(1)
-    m = PEER(D, 8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="none")
+    m = PEER(D, n_experts=8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="none")
     ids, g = m.retrieve(torch.randn(4000, D))
     assert ids.min() >= 0 and ids.max() < 64
     assert torch.unique(ids).numel() >= 60  # random queries spread over the experts
@@ -116,18 +119,18 @@ def _grads(m: PEER, x, out, gy):
 def test_outputs_and_gradients_match_reference(variant, impl):
     torch.manual_seed(2)
     kw = VARIANTS[variant]
-    m = PEER(D, 7 * 7, n_heads=3, top_k=4, d_key=8, sparse_grad=kw.pop("sparse_grad", True), **kw).double()
+    m = PEER(D, n_experts=7 * 7, n_heads=3, top_k=4, d_key=8, sparse_grad=kw.pop("sparse_grad", True), **kw).double()
     m.reset_parameters(std=0.5)  # pre-activations of order 1: the nonlinearity matters
     x = torch.randn(2, 9, D, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 9, D, dtype=torch.float64)
-    y = m(x)
+    y, _ = m(x)
     ref = reference_peer(m, x.reshape(-1, D)).reshape(x.shape)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
     ours, theirs = _grads(m, x, y, gy), _grads(m, x, ref, gy)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-11, msg=name)
     if m.sparse_grad:
-        m(x).backward(gy)
+        m(x)[0].backward(gy)
         assert m.w_up.grad.is_sparse
         assert m.w_up.grad._nnz() <= 18 * 3 * 4  # only touched rows
 
@@ -161,11 +164,12 @@ def test_usage_statistics_as_table_2():
 
 
 def test_stats_come_back_from_the_call():
-    m = PEER(D, 16, n_heads=2, top_k=2, d_key=4)
-    y, aux = m(torch.randn(3, 5, D), return_aux=True)
-    assert aux["stat/expert_scores"].shape == (16,)
-    assert aux["stat/expert_scores"].sum().item() == pytest.approx(15 * 2)  # softmax per head sums to 1
-    assert 0 < aux["stat/experts_used_fraction"] <= 1
+    m = PEER(D, n_experts=16, n_heads=2, top_k=2, d_key=4)
+    y, aux = m(torch.randn(3, 5, D))
+    assert isinstance(aux, PEERAux) and not aux.losses
+    assert aux.expert_scores.shape == (16,)
+    assert aux.expert_scores.sum().item() == pytest.approx(15 * 2)  # softmax per head sums to 1
+    assert 0 < aux.scalars()["experts_used_fraction"] <= 1
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -188,11 +192,12 @@ def test_block_spec_placement_and_round_trip():
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     model = MixtureLM(cfg)
     x = torch.randn(2, 6, 32)
-    beside = model.blocks[0].ffn
-    y = beside(x)
-    torch.testing.assert_close(y, beside.main(x) + beside.extra(x))
+    block = model.blocks[0]
+    y, aux = block.mlp(x)
+    torch.testing.assert_close(y, block.ffn(x)[0] + block.beside[0](x)[0])
+    assert [a.kind for a in aux] == ["dense", "peer"]
     out = model(torch.randint(0, 257, (2, 6)), torch.randint(0, 257, (2, 6)))
-    assert {"layer0.expert_scores", "layer1.expert_scores"} <= set(out.stats)
+    assert {"layer0.experts_used_fraction", "layer1.experts_used_fraction"} <= set(out.stats())
 
 
 def test_middle_block_of_presets():
@@ -201,26 +206,26 @@ def test_middle_block_of_presets():
     p = ModelConfig(**PRESETS["peer-tiny"].model).blocks[1].peer
     assert (p.n_experts, p.n_heads, p.top_k, p.d_key, p.query_norm) == (1024**2, 8, 16, 128, "batch")
     # product keys at PKM's fixed 1e-4, the expert tables at 1e-2 (the README's training check)
-    train = TrainConfig(**PRESETS["peer-tiny"].train)
-    assert (train.peer_key_lr, train.peer_lr) == (1e-4, 1e-2)
+    train = TrainConfig.from_dict(PRESETS["peer-tiny"].train)
+    assert (train.mechanisms["peer"].key_lr, train.mechanisms["peer"].lr) == (1e-4, 1e-2)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_fixed_key_lr_holds_the_keys_group_constant(tmp_path):
     """--peer-key-lr puts the product keys in an AdamW group of their own, at that rate through warmup
     and decay, without weight decay, while the rest of the model follows the schedule."""
-    from mixturelm.train import Trainer, new_run_config
+    from mixturelm.training import Trainer, new_run_config
     cfg = new_run_config("peer-debug", {"max_steps": 20, "peer_key_lr": 1e-4})
     tr = Trainer(cfg, tmp_path / "run", overwrite=True, progress=False, device="cpu")
     tr._build()
     peer = next(m for m in tr.model.modules() if isinstance(m, PEER))
-    keys = [g for g in tr.opt.param_groups if any(p is peer.sub_keys for p in g["params"])]
+    keys = [g for g in tr.optim.opt.param_groups if any(p is peer.sub_keys for p in g["params"])]
     assert len(keys) == 1 and len(keys[0]["params"]) == 1 and keys[0]["weight_decay"] == 0.0
-    others = [g for g in tr.opt.param_groups if g is not keys[0]]
+    others = [g for g in tr.optim.opt.param_groups if g is not keys[0]]
     seen = []
     for _ in range(15):
         seen.append((keys[0]["lr"], others[0]["lr"]))
-        tr.sched.step()
+        tr.optim.sched.step()
     assert all(k == 1e-4 for k, _ in seen)
     assert len({o for _, o in seen}) > 5  # the model's rate warms up and decays
 
@@ -230,13 +235,13 @@ def test_batch_norm_leaks_across_the_batch_in_training_only(norm):
     """The documented caveat: with query BatchNorm (or whitening), changing a later token changes an
     earlier token's output in training (batch statistics), never at eval (running statistics)."""
     torch.manual_seed(4)
-    m = PEER(D, 8 * 8, n_heads=2, top_k=3, d_key=6, query_norm=norm)
+    m = PEER(D, n_experts=8 * 8, n_heads=2, top_k=3, d_key=6, query_norm=norm)
     x = torch.randn(1, 10, D)
     x2 = x.clone()
     x2[0, -1] += 5.0
-    assert not torch.allclose(m(x)[0, 0], m(x2)[0, 0])
+    assert not torch.allclose(m(x)[0][0, 0], m(x2)[0][0, 0])
     m.eval()
-    torch.testing.assert_close(m(x)[0, 0], m(x2)[0, 0])
+    torch.testing.assert_close(m(x)[0][0, 0], m(x2)[0][0, 0])
 
 
 def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
@@ -244,7 +249,7 @@ def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
     proc = run_cli("train", "--preset", "peer-debug", "--data", str(corpus_dir), "--out", str(out),
                    "--max-steps", "6", "--ckpt-every", "4", "--eval-every", "3", "--eval-tokens", "512",
                    "--no-progress", check=True)
-    assert "expert usage" in proc.stderr
+    assert "of experts used over the validation tokens" in proc.stderr
     res = json.loads((out / "results.json").read_text())
     usage = res["peer_usage"]["layer0"]
     assert 0 < usage["usage"] <= 1 and usage["kl_uniform"] >= 0
@@ -253,7 +258,7 @@ def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
     # resume from the step-4 checkpoint repeats steps 5-6 exactly, the sparse optimizer's state included
     first = [r["loss"] for r in evals if r["kind"] == "train"]
     state = torch.load(out / "checkpoints" / "step_0000006" / "train_state.pt", weights_only=False)
-    assert state["peer_optimizer"]["state"]  # the expert tables' optimizer state is saved
+    assert state["sparse_optimizer"]["state"]  # the expert tables' optimizer state is saved
     import shutil
     shutil.rmtree(out / "checkpoints" / "step_0000006")
     (out / "checkpoints" / "latest").write_text("step_0000004")
@@ -264,7 +269,7 @@ def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
 
 def test_eval_leaves_training_state_alone(corpus_dir):
     from mixturelm.data.tokens import prepare
-    from mixturelm.train import evaluate
+    from mixturelm.training import evaluate
 
     cfg = ModelConfig(**PRESETS["peer-debug"].model)
     model = MixtureLM(cfg)
@@ -280,8 +285,6 @@ def test_eval_leaves_training_state_alone(corpus_dir):
 def test_calibrate_query_norms_sets_precise_statistics():
     """Precise BN: the query BatchNorm's running statistics become the average of the batch statistics
     over the calibration batches at the current weights; nothing else in the model changes."""
-    from mixturelm.train import calibrate_query_norms
-
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS["peer-debug"].model)
     model = MixtureLM(cfg)
@@ -299,7 +302,7 @@ def test_calibrate_query_norms_sets_precise_statistics():
         vars_.append(out.var(0, unbiased=True))
 
     hook = peer.query.register_forward_hook(record)
-    assert calibrate_query_norms(model, batches) == 1
+    assert mechanism("peer").calibrate(model, batches) == 1
     hook.remove()
     assert model.training and bn.momentum == 0.1
     torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
@@ -369,7 +372,7 @@ def test_query_whitening_spreads_correlated_queries_over_more_experts():
     used = {}
     for norm in ("batch", "whiten"):
         torch.manual_seed(7)
-        m = PEER(d, 64 * 64, n_heads=2, top_k=4, d_key=16, query_norm=norm)
+        m = PEER(d, n_experts=64 * 64, n_heads=2, top_k=4, d_key=16, query_norm=norm)
         ids, _ = m.retrieve(x)
         used[norm] = torch.unique(ids).numel()
     assert used["whiten"] > 1.3 * used["batch"], used  # measured: 2873 against 1878 of 4096
@@ -378,8 +381,6 @@ def test_query_whitening_spreads_correlated_queries_over_more_experts():
 def test_calibrate_query_norms_sets_whitening_statistics():
     """Precise statistics for whitened queries too: the running mean and covariance of each head's query
     become the average over the calibration batches of the batch's own."""
-    from mixturelm.train import calibrate_query_norms
-
     torch.manual_seed(0)
     model_cfg = PRESETS["peer-debug"].model
     blocks = [dict(b) for b in model_cfg["blocks"]]
@@ -400,7 +401,7 @@ def test_calibrate_query_norms_sets_whitening_statistics():
         covs.append(torch.einsum("thp,thq->hpq", c, c) / q.shape[0])
 
     hook = peer.query.register_forward_hook(record)
-    assert calibrate_query_norms(model, batches) == 1
+    assert mechanism("peer").calibrate(model, batches) == 1
     hook.remove()
     assert wn.momentum == 0.1 and wn.num_batches_tracked.item() == 0
     torch.testing.assert_close(wn.running_mean, torch.stack(means).mean(0).float())
@@ -411,7 +412,7 @@ def test_whitening_is_calibrated_after_an_eval_and_kept_out_of_weight_decay():
     """An evaluation before calibration must not leave a stale eval matrix behind; the whitening's
     gain and bias are not decayed (as BatchNorm's)."""
     from mixturelm.layers.peer import QueryWhitening
-    from mixturelm.train import calibrate_query_norms, param_groups
+    from mixturelm.training.optim import param_groups
 
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=257, d_model=16, n_layers=1, n_heads=2, d_ffn=32, max_seq_len=16,
@@ -422,7 +423,7 @@ def test_whitening_is_calibrated_after_an_eval_and_kept_out_of_weight_decay():
     model.eval()
     stale = model(x).logits
     batches = [torch.randint(0, 257, (4, 17)) for _ in range(2)]
-    calibrate_query_norms(model, batches)
+    mechanism("peer").calibrate(model, batches)
     model.eval()
     calibrated = model(x).logits
     again = MixtureLM(cfg)
@@ -459,9 +460,10 @@ def test_cli_peer_options_set_every_peer_layer_and_resume_checks_them(tmp_path, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "peer-debug", "--peer-query-norm", "group"], "query_norm"),
+    (["--preset", "peer-debug", "--peer-query-norm", "group"], "--peer-query-norm='group' is unknown"),
     (["--preset", "peer-debug", "--peer-experts", "1000"], "perfect square"),
-    (["--preset", "dense-debug", "--peer-heads", "2"], "--peer-heads applies to PEER blocks"),
+    (["--preset", "dense-debug", "--peer-heads", "2"], "--peer-heads: preset dense-debug has no PEER blocks"),
+    (["--preset", "peer-debug", "--peer-lr", "nan"], "--peer-lr must be a finite number > 0"),
 ])
 def test_cli_bad_peer_options_exit_2_with_one_line(tmp_path, args, message):
     assert_train_refuses(tmp_path, args, message)

@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
-from mixturelm.train import Trainer, new_run_config
+from mixturelm.training import Trainer, new_run_config
 
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 60
-cfg = new_run_config("mod-tiny", {"max_steps": steps}, None, None, {"causal": "predictor"})
+cfg = new_run_config("mod-tiny", {"max_steps": steps}, block_overrides={"mod": {"causal": "predictor"}})
 with tempfile.TemporaryDirectory() as out:
     trainer = Trainer(cfg, out, overwrite=True, progress=False, device="cpu")
     trainer._build()
@@ -26,7 +26,7 @@ with tempfile.TemporaryDirectory() as out:
     clip = torch.nn.utils.clip_grad_norm_
 
     def recording_clip(params, max_norm, *args, **kwargs):  # called first, on the model's parameters
-        rows.append((norm(trainer.side_params), norm(trainer.clipped_params), max_norm))
+        rows.append((norm(trainer.optim.side_params), norm(trainer.optim.clipped_params), max_norm))
         return clip(params, max_norm, *args, **kwargs)
 
     torch.nn.utils.clip_grad_norm_ = recording_clip

@@ -25,17 +25,9 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .data.tokenizer import load_from_dir
 from .errors import UsageError
+from .files import write_json_atomic, write_text_atomic
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "train_state.pt", "config.json", "meta.json"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -73,9 +65,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tok
     else:
         os.rename(tmp, final)
     latest = ckpts / "latest"
-    tmp_latest = ckpts / f".latest.tmp{os.getpid()}"
-    tmp_latest.write_text(name)
-    os.replace(tmp_latest, latest)
+    write_text_atomic(latest, name)
     _prune(ckpts, keep, name)
     return final
 
@@ -104,10 +94,10 @@ def resolve(path: str | Path) -> Path:
     if (path / META_FILE).is_file():
         return path
     if not path.exists():
-        raise UsageError(f"--ckpt {path}: no such file or folder")
+        raise UsageError(f"`ckpt` {path}: no such file or folder")
     found = latest(path)
     if found is None:
-        raise UsageError(f"--ckpt {path}: no checkpoint there; give a run directory of `mixturelm train` "
+        raise UsageError(f"`ckpt` {path}: no checkpoint there; give a run directory of `mixturelm train` "
                          "or one of its checkpoints/step_* folders")
     return found
 

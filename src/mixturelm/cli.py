@@ -1,21 +1,25 @@
-"""The `mixturelm` command: train, eval, generate, flops, bench, ensemble, compare, inspect.
+"""The `mixturelm` command: thin commands that parse flags, call the library, and turn its errors into one
+line on stderr with exit status 2.
 
-Bad input ends with one line on stderr that names the problem and the fix, and exit status 2.
+The library speaks Python (its errors name config fields: `TrainConfig.lr`, `MoEConfig.top_k`); the command
+line speaks flags, and `to_flags` rewrites the field names of an error into the flags that set them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
 
-from .config import MOD_OPTION_FIELDS, PEER_OPTION_FIELDS
 from .errors import UsageError
+from .mechanisms import registry
 
-# Options of `train` that set TrainConfig fields (flag name -> type); given ones override the preset.
+# Options of `train` that set TrainConfig fields (flag name -> type, help); given ones override the preset.
 TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "data": (str, "text: files, folders, globs, .jsonl, hf:NAME[:CONFIG], comma-separated (default: the "
                   "Python standard library source)"),
@@ -42,17 +46,9 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "seed": (int, "random seed (weights and data order)"),
     "dtype": (str, "fp32 or bf16 (autocast)"),
     "val_fraction": (float, "fraction of documents held out for validation"),
-    "peer_lr": (float, "PEER: fixed learning rate of the expert tables (default: the preset's; none given: "
-                       "--lr and its schedule)"),
-    "peer_key_lr": (float, "PEER: fixed learning rate of the product keys (default: the preset's, peer-tiny 1e-4; "
-                           "none given: --lr and its schedule)"),
-    "peer_bn_calibration": (int, "PEER: training batches that re-estimate the query norm's statistics (BatchNorm "
-                                   "or whitening) before each evaluation and checkpoint (0: keep the running "
-                                   "averages)"),
 }
 
-
-# Options of `train` that change the preset's model shape (flag name -> type, help).
+# Options of `train` that change the preset's model shape (ModelConfig fields).
 MODEL_OPTIONS: dict[str, tuple[type, str]] = {
     "d_model": (int, "model width (overrides the preset)"),
     "n_layers": (int, "number of blocks (overrides the preset)"),
@@ -61,36 +57,51 @@ MODEL_OPTIONS: dict[str, tuple[type, str]] = {
     "d_ffn": (int, "FFN hidden size (overrides the preset)"),
 }
 
-
-# Options of `train` that change every MoE block of a moe-* preset.
-MOE_OPTIONS: dict[str, tuple[type, str]] = {
-    "router": (str, "MoE router: softmax, noisy, switch, sigmoid_bias, expert_choice"),
-    "n_experts": (int, "MoE experts per layer"),
-    "top_k": (int, "MoE experts per token"),
-    "d_expert": (int, "hidden size of each MoE expert"),
-    "n_shared": (int, "always-on shared experts"),
-    "capacity_factor": (float, "token dropping above this capacity (default: dropless)"),
-}
+# Fields of other library objects, as the flags that set them (for to_flags)
+OTHER_FLAGS = {"CompareConfig.budgets": "--flops", "CompareConfig.archs": "--archs", "CompareConfig.text": "--text",
+               "CompareConfig.sizes": "--size"}
 
 
-# Options of `train` that change every Mixture-of-Depths block of a mod-* or mode-staged-* preset
-# (their MoDConfig fields: config.MOD_OPTION_FIELDS).
-MOD_OPTIONS: dict[str, tuple[type, str]] = {
-    "capacity": (float, "MoD: fraction of each sequence's tokens that enter a routed block (default 0.125)"),
-    "mod_causal": (str, "MoD: how sampling routes token by token: aux_loss (BCE on the router) or predictor"),
-    "mod_gate": (str, "MoD: what multiplies the block's output: linear (r, the paper's Eq. 1) or sigmoid (sigmoid(r))"),
-}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-# Options of `train` that change every PEER layer of a peer-* preset (their PEERConfig fields:
-# config.PEER_OPTION_FIELDS).
-PEER_OPTIONS: dict[str, tuple[type, str]] = {
-    "peer_experts": (int, "PEER: experts N, a perfect square (peer-tiny: 1024^2)"),
-    "peer_heads": (int, "PEER: retrieval heads h"),
-    "peer_top_k": (int, "PEER: experts per head k"),
-    "peer_query_norm": (str, "PEER: query normalisation: batch (the paper's), layer, none, or whiten (decorrelates "
-                             "each head's query: more experts used, some loss lost; README PEER training check)"),
-}
+def field_flags() -> dict[str, str]:
+    """Every config field the command line sets, by its name in library errors, and its flag."""
+    flags = {f"TrainConfig.{k}": _flag(k) for k in TRAIN_OPTIONS}
+    flags |= {f"ModelConfig.{k}": _flag(k) for k in MODEL_OPTIONS}
+    for m in registry.all_mechanisms():
+        for flag, option in m.block_options.items():
+            flags[f"BlockSpec.{m.kind}.{option.field}"] = _flag(flag)
+            flags[f"{m.config_class.__name__}.{option.field}"] = _flag(flag)
+        for flag, option in m.train_flags.items():
+            flags[f"{m.train_options_class.__name__}.{option.field}"] = _flag(flag)
+    from .compare import CompareConfig
+
+    from .bench import BENCHMARKS
+
+    flags |= {f"CompareConfig.{f.name}": _flag(f.name) for f in dataclasses.fields(CompareConfig)}
+    for cls, _ in BENCHMARKS.values():
+        flags |= {f"{cls.__name__}.{f.name}": _flag(f.name) for f in dataclasses.fields(cls)}
+    return flags | OTHER_FLAGS
+
+
+# parameters of library functions whose flag has another name
+PARAMETER_FLAGS = {"out_dir": "out"}
+
+
+def to_flags(message: str, dests: set[str] = frozenset()) -> str:
+    """A library error in the words of the command line: config fields (`TrainConfig.lr`) and parameters
+    (`out`, `overwrite=True`, of the command's own options `dests`) become the flags that set them."""
+    flags = field_flags()
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True)) + r"(?![\w.])")
+    message = pattern.sub(lambda m: flags[m.group(0)], message)
+
+    def parameter(m: re.Match) -> str:
+        name = PARAMETER_FLAGS.get(m.group(1), m.group(1))
+        return _flag(name) if name in dests else m.group(0)
+
+    return re.sub(r"`(\w+)(?:=True)?`", parameter, message)
 
 
 class Parser(argparse.ArgumentParser):
@@ -98,8 +109,22 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# train
+
+def _block_options() -> dict[str, tuple[registry.Mechanism, registry.Option]]:
+    return {flag: (m, o) for m in registry.all_mechanisms() for flag, o in m.block_options.items()}
+
+
+def _train_flags() -> dict[str, tuple[type, str]]:
+    """Each mechanism's training options, as train flags (e.g. --peer-lr)."""
+    return {flag: (o.type, o.help) for m in registry.all_mechanisms() for flag, o in m.train_flags.items()}
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on text", description="Train a model on text.")
+    p = sub.add_parser("train", help="train a model on text",
+                       description="Train a model of a preset (with options on top) on text, within a budget of "
+                                   "steps, tokens or FLOPs; metrics, TensorBoard and checkpoints go to --out.")
     p.add_argument("--preset", help="model preset, e.g. dense-tiny (see --list-presets)")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     p.add_argument("--out", help="run directory (metrics, TensorBoard, checkpoints)")
@@ -107,37 +132,136 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (typ, helptext) in (TRAIN_OPTIONS | MODEL_OPTIONS | MOE_OPTIONS | MOD_OPTIONS | PEER_OPTIONS).items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=helptext)
+    options = TRAIN_OPTIONS | _train_flags() | MODEL_OPTIONS
+    options |= {flag: (o.type, o.help) for flag, (m, o) in _block_options().items()}
+    for name, (typ, helptext) in options.items():
+        p.add_argument(_flag(name), dest=name, type=typ, default=None, help=helptext)
 
+
+def cmd_train(args) -> None:
+    from .training import Trainer, finish_distributed, new_run_config, resumed_run_config
+
+    if args.list_presets:
+        from .presets import catalogue
+
+        rows = catalogue()
+        w = max(len(r["name"]) for r in rows) + 2
+        print(f"{'preset':<{w}}{'params':>14}{'fwd FLOPs/token':>18}  description")
+        for r in rows:
+            print(f"{r['name']:<{w}}{r['params']:>14,}{r['forward_flops_per_token']:>18.3g}  {r['description']}")
+        return
+    if not args.out:
+        raise UsageError("--out DIR is required: the run directory for metrics and checkpoints")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    train = {k: given[k] for k in TRAIN_OPTIONS | _train_flags() if k in given}
+    model = {k: given[k] for k in MODEL_OPTIONS if k in given}
+    blocks: dict[str, dict] = {}
+    for flag, (m, o) in _block_options().items():
+        if flag in given:
+            blocks.setdefault(m.kind, {})[o.field] = given[flag]
+    out = Path(args.out)
+    if args.resume:
+        cfg = resumed_run_config(out, args.preset, train, model, blocks)
+    else:
+        cfg = new_run_config(args.preset, train, model, blocks)
+    trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                      progress=not args.no_progress)
+    summary = trainer.run()
+    distributed = finish_distributed()
+    if trainer.dist.main:
+        print(f"trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
+              f"{summary['train_flops']:.3g} FLOPs) in {summary['wall_s']:.0f}s: val loss {summary['val_loss']:.4f}, "
+              f"ppl {summary['val_ppl']:.3f}, {summary['val_bpb']:.4f} bits/byte; checkpoint in {out}/checkpoints")
+    if distributed:
+        # every process is past the barrier, the work is done and written: leave without the C++
+        # teardown of the process group, which now and then aborts (training.distributed.finish_distributed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval, generate, flops
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="validation loss, perplexity, bits per byte of a checkpoint")
+    p = sub.add_parser("eval", help="validation loss, perplexity, bits per byte of a checkpoint",
+                       description="Evaluate a checkpoint on its run's held-out split (or on other text): loss in "
+                                   "nats per token, perplexity, bits per byte, and what its routed layers measure.")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
     p.add_argument("--data", help="text to evaluate on (default: the checkpoint's training data)")
     p.add_argument("--split", choices=("val", "all"), default="val",
                    help="val: the held-out split (default); all: every document of --data")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens to evaluate (default: the run's eval_tokens)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--out", help="also write results.json there")
 
 
+def cmd_eval(args) -> None:
+    from .files import output_folder, write_json_atomic
+    from .training import resolve_device
+    from .training.evaluation import describe_evaluation, evaluate_checkpoint
+
+    out = output_folder(args.out) if args.out else None
+    res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.max_tokens, args.batch_size,
+                              resolve_device(args.device), log=lambda m: print(m, file=sys.stderr))
+    print("\n".join(describe_evaluation(res)))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", res)
+
+
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
+    p = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache",
+                       description="Continue a prompt with text sampled from a checkpoint, one token at a time with "
+                                   "a KV cache (temperature 0: greedy).")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint folder")
-    p.add_argument("--prompt", default="\n", help="text the samples continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", default="\n", help="text the samples continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this probability (default: all)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples of the same prompt (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from . import checkpoint
+    from .generate import check_sampling, generate
+    from .training import resolve_device
+
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    device = resolve_device(args.device)
+    model, _, tokenizer, _ = checkpoint.load_model(args.ckpt, device)
+    if any(getattr(m, "router_kind", None) == "expert_choice" for m in model.modules()):
+        print("mixturelm generate: warning: expert-choice routing is not causal (an expert picks among all tokens "
+              "of a call); one token at a time it routes differently from training", file=sys.stderr)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
+    prompt = ids[None].repeat(args.num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    routing: dict = {}
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, routing)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(tokenizer.decode(row))
+    if routing:
+        print("fraction of tokens that entered each routed (wrapped) block: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in routing.items()), file=sys.stderr)
 
 
 def _add_flops(sub) -> None:
-    p = sub.add_parser("flops", help="FLOPs per token by component, for a preset or a checkpoint")
+    p = sub.add_parser("flops", help="FLOPs per token by component, for a preset or a checkpoint",
+                       description="Forward and training FLOPs per token of a model, by component, as training "
+                                   "budgets and compare count them.")
     p.add_argument("--preset", help="model preset (default dense-tiny)")
     p.add_argument("--ckpt", help="or a run directory / checkpoint folder")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's)")
@@ -145,9 +269,35 @@ def _add_flops(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def cmd_flops(args) -> None:
+    from . import checkpoint
+    from .config import ModelConfig
+    from .flops import describe_flops, flops_report
+    from .presets import get_preset
+
+    if args.ckpt:
+        ckpt = checkpoint.resolve(args.ckpt)
+        run_cfg = checkpoint.load_config(ckpt)
+        cfg, seq_len, name = ModelConfig.from_dict(run_cfg["model"]), run_cfg["train"]["seq_len"], str(ckpt)
+    else:
+        p = get_preset(args.preset or "dense-tiny")
+        vocab = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
+        cfg, seq_len, name = ModelConfig(**(p.model | vocab)), p.train["seq_len"], p.name
+    report = flops_report(cfg, args.seq_len if args.seq_len is not None else seq_len)
+    if args.json:
+        print(json.dumps({"model": name, **report}, indent=1))
+    else:
+        print("\n".join(describe_flops(name, report)))
+
+
+# ----------------------------------------------------------------------------------------------
+# bench, ensemble, compare, inspect
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="side-by-side benchmarks against peers")
-    p.add_argument("what", choices=("train", "moe", "mod", "peer"),
+    from .bench import BENCHMARKS
+
+    p.add_argument("what", choices=tuple(BENCHMARKS),
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
                         "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
                         "dense model of the same shape (FLOPs, prefill, training step, decoding); peer: one "
@@ -170,7 +320,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", help="also write results.json there")
 
 
-# ---- ensemble: MoE-F and online aggregation baselines (issue 7) ----
+def cmd_bench(args) -> None:
+    from .bench import BENCHMARKS
+
+    config_class, run = BENCHMARKS[args.what]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    run(config_class(**given), command="mixturelm " + shlex.join(args.argv))
+
 
 def _add_ensemble(sub) -> None:
     p = sub.add_parser("ensemble", help="mix whole models online: MoE-F and standard aggregators",
@@ -228,7 +385,7 @@ def cmd_ensemble(args) -> None:
         nifty.run_benchmark(root, seeds, pools, args.resamples, not args.no_history, out, log=log)
     else:
         from .ensemble import lm_stream
-        from .train import resolve_device
+        from .training import resolve_device
 
         lm_stream.run_lm(args.experts, args.data, out, args.segment_len, args.segments, args.val_fraction,
                          args.text_field, resolve_device(args.device), args.resamples, log=log)
@@ -318,7 +475,7 @@ def _read_text_file(path: str) -> str:
         raise UsageError(f"--text-file {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
 
 
-# ---- inspect: routing views (issue 6) ----
+# ----------------------------------------------------------------------------------------------
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="routing views of a checkpoint on a text (HTML, PNG, JSON)",
@@ -337,8 +494,9 @@ def _add_inspect(sub) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .inspect import check_out, describe, run_inspect
-    from .train import resolve_device
+    from .training import resolve_device
+    from .views.command import check_out, run_inspect
+    from .views.routing import describe
 
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
@@ -366,173 +524,32 @@ def build_parser() -> Parser:
     return parser
 
 
-# ----------------------------------------------------------------------------------------------
-
-def cmd_train(args) -> None:
-    from .config import PRESETS
-    from .train import Trainer, finish_distributed, new_run_config, resumed_run_config
-
-    if args.list_presets:
-        import torch
-
-        from .config import ModelConfig
-        from .flops import forward_flops_per_token
-        from .model import MixtureLM
-
-        print(f"{'preset':<16}{'params':>12}{'fwd FLOPs/token':>18}  description")
-        for name, p in PRESETS.items():
-            cfg = ModelConfig(**p.model)
-            with torch.device("meta"):  # shapes only: peer-tiny's tables alone are 1 GiB
-                n = MixtureLM(cfg).num_params()
-            print(f"{name:<16}{n:>12,}{forward_flops_per_token(cfg, p.train['seq_len']):>18.3g}  {p.description}")
-        return
-    if not args.out:
-        raise UsageError("--out DIR is required: the run directory for metrics and checkpoints")
-    overrides = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
-    model_overrides = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
-    moe_overrides = {k: getattr(args, k) for k in MOE_OPTIONS if getattr(args, k) is not None}
-    mod_overrides = {MOD_OPTION_FIELDS[k]: getattr(args, k) for k in MOD_OPTIONS if getattr(args, k) is not None}
-    peer_overrides = {PEER_OPTION_FIELDS[k]: getattr(args, k) for k in PEER_OPTIONS if getattr(args, k) is not None}
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; choose one")
-    out = Path(args.out)
-    if args.resume:
-        cfg = resumed_run_config(out, args.preset, overrides, model_overrides, moe_overrides, mod_overrides,
-                                 peer_overrides)
-    else:
-        cfg = new_run_config(args.preset, overrides, model_overrides, moe_overrides, mod_overrides, peer_overrides)
-    trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                      progress=not args.no_progress)
-    summary = trainer.run()
-    distributed = finish_distributed()
-    if trainer.dist.main:
-        print(f"trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
-              f"{summary['train_flops']:.3g} FLOPs) in {summary['wall_s']:.0f}s: val loss {summary['val_loss']:.4f}, "
-              f"ppl {summary['val_ppl']:.3f}, {summary['val_bpb']:.4f} bits/byte; checkpoint in {out}/checkpoints")
-    if distributed:
-        # every process is past the barrier, the work is done and written: leave without the C++
-        # teardown of the process group, which now and then aborts (train.finish_distributed)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def cmd_eval(args) -> None:
-    from . import checkpoint
-    from .data.tokens import TokenSplit, check_length, prepare
-    from .train import evaluate, resolve_device
-
-    device = resolve_device(args.device)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a folder; choose another --out")
-    model, run_cfg, tokenizer, ckpt = checkpoint.load_model(args.ckpt, device)
-    t = run_cfg["train"]
-    data = prepare(args.data if args.data else t["data"], t["tokenizer"], t["val_fraction"], t["text_field"],
-                   tokenizer, log=lambda m: print(m, file=sys.stderr))
-    if args.split == "all":
-        import numpy as np
-
-        data.val = TokenSplit(np.concatenate([data.train.tokens, data.val.tokens]), data.train.n_bytes + data.val.n_bytes,
-                              data.train.n_docs + data.val.n_docs)
-    check_length(data.val, t["seq_len"], args.split)
-    max_tokens = args.max_tokens or t["eval_tokens"]
-    res = evaluate(model, data, t["seq_len"], max_tokens, args.batch_size or t["batch_size"], device)
-    res.update(checkpoint=str(ckpt), data=args.data or t["data"] or "stdlib", split=args.split)
-    print(f"loss {res['val_loss']:.4f}  perplexity {res['val_ppl']:.3f}  bits/byte {res['val_bpb']:.4f}  "
-          f"({res['val_tokens']:,} tokens of {res['data']}, {args.split} split)")
-    if "val_loss_causal" in res:
-        print(f"with causal (sampling) routing of the MoD blocks: loss {res['val_loss_causal']:.4f}")
-    for k in (k for k in res if k.endswith("peer_usage")):
-        print(f"{k.split('.')[0]}: PEER expert usage {res[k]:.1%}, KL(usage || uniform) "
-              f"{res[k.replace('peer_usage', 'peer_kl')]:.3f}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "results.json").write_text(json.dumps(res, indent=1))
-
-
-def cmd_generate(args) -> None:
-    import torch
-
-    from . import checkpoint
-    from .generate import check_sampling, generate
-    from .train import resolve_device
-
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    device = resolve_device(args.device)
-    model, _, tokenizer, _ = checkpoint.load_model(args.ckpt, device)
-    if any(getattr(m, "router_kind", None) == "expert_choice" for m in model.modules()):
-        print("mixturelm generate: warning: expert-choice routing is not causal (an expert picks among all tokens "
-              "of a call); one token at a time it routes differently from training", file=sys.stderr)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
-    prompt = ids[None].repeat(args.num_samples, 1)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    routing: dict = {}
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, routing)
-    for i, row in enumerate(out.tolist()):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}")
-        print(tokenizer.decode(row))
-    if routing:
-        print("Mixture-of-Depths, fraction of tokens that entered each routed block: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in routing.items()), file=sys.stderr)
-
-
-def cmd_flops(args) -> None:
-    from . import checkpoint
-    from .config import ModelConfig, get_preset
-    from .flops import FORWARD_ONLY_PARTS, forward_flops_breakdown, train_flops_per_token
-
-    if args.ckpt:
-        ckpt = checkpoint.resolve(args.ckpt)
-        run_cfg = checkpoint.load_config(ckpt)
-        cfg, seq_len, name = ModelConfig.from_dict(run_cfg["model"]), run_cfg["train"]["seq_len"], str(ckpt)
-    else:
-        p = get_preset(args.preset or "dense-tiny")
-        cfg, seq_len, name = ModelConfig(**p.model), p.train["seq_len"], p.name
-        if args.vocab_size is not None:
-            cfg = ModelConfig(**(p.model | {"vocab_size": args.vocab_size}))
-    seq_len = args.seq_len or seq_len
-    if seq_len < 1:
-        raise UsageError(f"--seq-len must be positive, got {seq_len}")
-    parts = forward_flops_breakdown(cfg, seq_len)
-    fwd = sum(parts.values())
-    train = train_flops_per_token(cfg, seq_len)
-    if args.json:
-        print(json.dumps({"model": name, "seq_len": seq_len, "forward_per_token": parts, "forward_total": fwd,
-                          "train_per_token": train}, indent=1))
-        return
-    print(f"{name}, sequence {seq_len}: FLOPs per token")
-    w = max(14, max(len(k) for k in parts) + 2)
-    for k, v in parts.items():
-        print(f"  {k:<{w}}{v:>14,.0f}  {v / fwd:6.1%}")
-    print(f"  {'forward':<{w}}{fwd:>14,.0f}")
-    note = ("3 x forward" if not any(k in parts for k in FORWARD_ONLY_PARTS)
-            else f"3 x forward, but 1 x {', '.join(k for k in FORWARD_ONLY_PARTS if k in parts)}")
-    print(f"  {'training':<{w}}{train:>14,.0f}  (forward + backward = {note})")
-
-
-def cmd_bench(args) -> None:
-    from .bench import bench_mod, bench_moe, bench_peer, bench_train
-
-    if args.tokens is None:
-        args.tokens = 2048 if args.what == "peer" else 4096
-    {"moe": bench_moe, "mod": bench_mod, "peer": bench_peer, "train": bench_train}[args.what](args)
-
-
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,
             "ensemble": cmd_ensemble, "compare": cmd_compare, "inspect": cmd_inspect}
 
 
+def _dests(parser: argparse.ArgumentParser, args) -> set[str]:
+    """The option names of the command that ran (and of its sub-command, for ensemble)."""
+    def of(p):
+        return {a.dest for a in p._actions}
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    dests = of(sub)
+    for action in sub._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            dests |= of(action.choices[getattr(args, action.dest)])
+    return dests
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for reports
     try:
         COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"mixturelm {args.command}: error: {e}", file=sys.stderr)
+        print(f"mixturelm {args.command}: error: {to_flags(str(e), _dests(parser, args))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixturelm {args.command}: interrupted", file=sys.stderr)

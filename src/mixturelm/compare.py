@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -30,14 +29,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import PRESETS
 from .errors import UsageError
-from .flops import (TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, noop_flops_correction,
-                    train_flops_per_token)
+from .files import has_content, machine, output_folder, write_json_atomic
+from .flops import TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, realized_flops_correction
+from .mechanisms import registry
 from .model import MixtureLM
-from .train import RunConfig, Trainer, loss_metrics, new_run_config, steps_in_budget
+from .presets import DEFAULT_ARCHS, PRESETS
+from .training import RunConfig, Trainer, loss_metrics, new_run_config, steps_in_budget
+from .training.metrics import metric_records
+from .training.run import train_flops_per_step
 
-DEFAULT_ARCHS = ("dense", "moe", "mod", "mode", "peer")
 DEFAULT_SIZE = "tiny"
 SWEEP_SIZES = ("debug", "tiny", "small")
 # The default budget: 7 min 48 s for the five default architectures on 2 quiet CPU cores (peer-tiny's 1024^2
@@ -79,19 +80,20 @@ class CompareConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "eval_tokens", "evals", "view_tokens"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"CompareConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_tokens < self.seq_len:  # evaluation reads whole windows of seq_len tokens
-            raise UsageError(f"--eval-tokens {self.eval_tokens} is below one window of --seq-len {self.seq_len}; "
-                             f"give at least {self.seq_len}")
+            raise UsageError(f"CompareConfig.eval_tokens={self.eval_tokens} is below one window of "
+                             f"CompareConfig.seq_len={self.seq_len}; give at least {self.seq_len}")
         if not self.archs or not self.sizes or not self.budgets:
-            raise UsageError("give at least one architecture (--archs), size and budget (--flops)")
+            raise UsageError("give at least one architecture (CompareConfig.archs), size and budget "
+                             "(CompareConfig.budgets)")
+        budgets = ",".join(f"{b:g}" for b in self.budgets)
         if not all(0 < b < math.inf for b in self.budgets):  # also refuses NaN
-            raise UsageError(f"--flops {','.join(f'{b:g}' for b in self.budgets)} must be positive and finite, "
-                             "e.g. 4e12")
+            raise UsageError(f"CompareConfig.budgets={budgets} must be positive and finite, e.g. 4e12")
         if len(set(self.budgets)) < len(self.budgets):
-            raise UsageError(f"--flops {','.join(f'{b:g}' for b in self.budgets)} names a budget twice; give each once")
+            raise UsageError(f"CompareConfig.budgets={budgets} names a budget twice; give each once")
         if self.text is not None and not self.text.strip():
-            raise UsageError("--text is empty; give some text for the routing views or drop --text")
+            raise UsageError("CompareConfig.text is empty; give some text for the routing views or none")
 
     def shared(self) -> dict:
         d = asdict(self)
@@ -119,18 +121,19 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
             preset = f"{arch}-{size}"
             if preset not in PRESETS:
                 known = sorted({p.rsplit("-", 1)[0] for p in PRESETS if p.endswith(f"-{size}")})
-                raise UsageError(f"no architecture {arch!r} at size {size} (no preset {preset}); choose --archs "
-                                 f"from {', '.join(known)}")
+                raise UsageError(f"no architecture {arch!r} at size {size} (no preset {preset}); choose "
+                                 f"CompareConfig.archs from {', '.join(known)}")
             for budget in cc.budgets:
                 cfg = new_run_config(preset, {
                     "max_flops": budget, "data": cc.data, "tokenizer": cc.tokenizer, "text_field": cc.text_field,
                     "val_fraction": cc.val_fraction, "seed": cc.seed, "batch_size": cc.batch_size,
                     "seq_len": cc.seq_len, "eval_tokens": cc.eval_tokens, "keep_ckpts": 1, "log_every": 1})
                 cfg.model = replace(cfg.model, vocab_size=vocab_size)
-                per_step = train_flops_per_token(cfg.model, cc.seq_len) * cc.batch_size * cc.seq_len
+                per_step = train_flops_per_step(cfg)
                 if budget < per_step:
-                    raise UsageError(f"--flops {budget:g} is smaller than one step of {preset} ({per_step:.3g} FLOPs "
-                                     "per step); raise --flops or lower --batch-size / --seq-len")
+                    raise UsageError(f"CompareConfig.budgets: {budget:g} is smaller than one step of {preset} "
+                                     f"({per_step:.3g} FLOPs per step); raise it or lower CompareConfig.batch_size / "
+                                     "seq_len")
                 steps = steps_in_budget(cfg)
                 every = max(1, math.ceil(steps / cc.evals))
                 # four checkpoints a run: a resume loses at most a quarter of it (peer-tiny's are 3 GB each)
@@ -142,24 +145,24 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
 
 def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
     """True when --out holds this compare already (resume); errors for anything we must not touch."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
-    if not out.exists() or not any(out.iterdir()):
+    output_folder(out)
+    if not has_content(out):
         return False
     marker = out / "compare.json"
     if not marker.is_file():
-        raise UsageError(f"--out {out} is not empty and holds no compare (no compare.json); choose another --out")
+        raise UsageError(f"`out` {out} is not empty and holds no compare (no compare.json); choose another `out`")
     if overwrite:
         return False
     try:
         saved = json.loads(marker.read_text())["shared"]
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{marker} is unreadable; the compare is damaged, add --overwrite to start it again") from None
+        raise UsageError(f"{marker} is unreadable; the compare is damaged, add `overwrite=True` to start it "
+                         "again") from None
     diff = [k for k in SHARED_FIELDS if saved.get(k) != cc.shared()[k]]
     if diff:
         k = diff[0]
-        raise UsageError(f"--out {out} holds a compare with {k} {saved.get(k)!r}, not {cc.shared()[k]!r}; give the "
-                         "same settings to resume it, --overwrite to replace it, or another --out")
+        raise UsageError(f"`out` {out} holds a compare with {k} {saved.get(k)!r}, not {cc.shared()[k]!r}; give the "
+                         "same settings to resume it, `overwrite=True` to replace it, or another `out`")
     return True
 
 
@@ -168,8 +171,8 @@ def check_same_corpus(out: Path, key: str | None) -> None:
     the architectures different data."""
     saved = json.loads((out / "compare.json").read_text()).get("corpus_key")
     if saved is not None and key is not None and saved != key:
-        raise UsageError(f"the corpus changed since the compare in --out {out} started (files added, removed or "
-                         "modified), so its runs would not see the same data; restore it, or add --overwrite to "
+        raise UsageError(f"the corpus changed since the compare in `out` {out} started (files added, removed or "
+                         "modified), so its runs would not see the same data; restore it, or add `overwrite=True` to "
                          "start the compare again, or use another --out")
 
 
@@ -179,18 +182,6 @@ def clear_compare(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:  # the model name says more than the architecture
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 # ----------------------------------------------------------------------------------------------
 # Running
 
@@ -198,7 +189,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
                 progress: bool = True, command: str = "", log=None) -> dict:
     from .data.tokens import check_length, prepare
 
-    from .train import resolve_device
+    from .training import resolve_device
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     resolve_device(device)  # a bad --device is refused before --out is touched
@@ -217,7 +208,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
         clear_compare(out)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        checkpoint.write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
+        write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
                                                             "corpus_key": data.stats.get("cache_key")})
     done_steps = {r.name: _finished_steps(out / "runs" / r.name) for r in runs}
     bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.name], r.steps) for r in runs))
@@ -231,7 +222,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
         if bar is not None:
             bar.close()
     results = collect(cc, out, runs, rows, data, command)
-    checkpoint.write_json_atomic(out / "results.json", results)
+    write_json_atomic(out / "results.json", results)
     from .report import write_report
 
     write_report(out, results, runs, data, cc, log=log)
@@ -291,7 +282,7 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
                       bar_position=1 if bar is not None else 0)
     summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
     if trainer.dist.main:  # kept with the run, so a resumed compare still reports it
-        checkpoint.write_json_atomic(run_dir / "results.json", summary)
+        write_json_atomic(run_dir / "results.json", summary)
     return summary
 
 
@@ -334,7 +325,7 @@ def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
     cfg, t = r.config, r.config.train
     with torch.device("meta"):  # shapes only
         model = MixtureLM(cfg.model)
-    flops_per_step = train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
+    flops_per_step = train_flops_per_step(cfg)
     causal = s.get("val_loss_causal")
     loss = causal if causal is not None else s["val_loss"]
     row = {
@@ -352,29 +343,24 @@ def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:
     if causal is not None:
         row["val_loss_topk"] = s["val_loss"]
     realized = realized_train_flops(run_dir, cfg, flops_per_step)
-    if realized is not None:  # integrated MoDE: the budget assumed balanced no-op routing
+    if realized is not None:  # the budget assumed what a router would choose (integrated MoDE's no-op share)
         row["train_flops_realized"] = realized
-    for key in ("peer_usage", "load_max_over_mean", "mod_causal"):
-        if key in s:
-            row[key] = s[key]
+    for m in registry.all_mechanisms():  # each mechanism's summary of the run, as its results.json has it
+        if m.summary_key in s:
+            row[m.summary_key] = s[m.summary_key]
     return row
 
 
-def metric_records(run_dir: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl, [] if it has none."""
-    metrics = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-
-
 def realized_train_flops(run_dir: Path, cfg: RunConfig, flops_per_step: float) -> float | None:
-    """Training FLOPs with every step's measured no-op share of the integrated-MoDE layers (None without
-    no-op experts): what the run really computed, against the balanced share its budget assumed."""
+    """Training FLOPs with every step's correction for what the routers really chose (flops.
+    realized_flops_correction; None when no mechanism corrects anything): what the run really computed."""
     per_step = {}
     for rec in metric_records(run_dir):
-        fractions = {int(k.split(".")[0].removeprefix("stat/layer")): v for k, v in rec.items()
-                     if k.endswith(".noop_fraction")}
-        if rec.get("kind") == "train" and fractions:
-            per_step[rec["step"]] = noop_flops_correction(cfg.model, cfg.train.seq_len, fractions)
+        if rec.get("kind") != "train":
+            continue
+        correction = realized_flops_correction(cfg.model, cfg.train.seq_len, rec)
+        if correction is not None:
+            per_step[rec["step"]] = correction
     if not per_step:
         return None
     tokens = cfg.train.batch_size * cfg.train.seq_len

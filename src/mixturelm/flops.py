@@ -4,92 +4,45 @@ Conventions (the same as torch.utils.flop_counter.FlopCounterMode, which a test 
 - a multiply-add is 2 FLOPs; only matrix products are counted (norms, RoPE, softmax, SiLU are not);
 - attention scores count the full T x T products (QK^T and AV) that SDPA computes, causal or not:
   4 * T * n_heads * head_dim FLOPs per token per layer, at the training sequence length T;
-- a Mixture-of-Depths block at training capacity c = C/T (C = ceil(capacity x T) tokens enter) costs its
-  linear parts x c and its attention scores x c^2 (C queries over C keys), plus the router and, for the
-  causal predictor, the predictor on every token. That is what `--max-flops` and isoFLOP comparisons
-  count; it is the top-k routing of training, not the threshold routing of sampling, whose fraction varies;
+- each mechanism counts its own parts (mixturelm.mechanisms: Mechanism.flops for an FFN slot,
+  Mechanism.wrap_flops for a wrapper, which scales the block it wraps: a Mixture-of-Depths block costs
+  its share of tokens, its attention scores that share squared). What `--max-flops` and isoFLOP
+  comparisons count is the routing of training;
 - training FLOPs per token = 3 x forward (the backward pass is two matmuls per forward matmul), except
-  the parts in FORWARD_ONLY_PARTS, which have no backward: PEER's sub-key scores (the top-k has no
-  gradient; the chosen keys' scores are recomputed, and that recomputation is counted apart);
-- PEER's expert rows are read by gathers and EmbeddingBags, which FlopCounterMode does not count:
-  `flop_counter()` counts an EmbeddingBag with per-sample weights as 2 FLOPs per bagged value (a
-  multiply-add), like the batched dot products that do the rest; gathers and the k x k candidate sums
-  (additions) are not counted.
+  the parts a mechanism names forward-only (Mechanism.forward_only_flops: a top-k without gradient);
+- rows read by gathers and EmbeddingBags are not counted by FlopCounterMode: `flop_counter()` counts an
+  EmbeddingBag with per-sample weights as 2 FLOPs per bagged value (a multiply-add), like the batched dot
+  products that do the rest; gathers and additions are not counted.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
-
 import torch
 
-from .config import BlockSpec, ModelConfig
-
-# Forward FLOPs per token of each FFN kind; later mechanisms register theirs.
-def moe_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
-    """Router, routed experts (k per token; capacity_factor per token for expert choice; with token
-    dropping this is the upper bound; with no-op experts the real share under balanced routing), shared
-    experts. The noisy router's noise projection is counted."""
-    m, D = spec.moe, cfg.d_model
-    router = 2.0 * D * (m.n_experts + m.n_noop) * (2 if m.router == "noisy" else 1)
-    parts = {"router": router, "experts": m.experts_per_token() * 6.0 * D * m.d_expert}
-    if m.n_shared:
-        parts["shared_experts"] = 6.0 * D * m.n_shared * m.d_expert
-    return parts
-
-
-def peer_flops(spec: BlockSpec, cfg: ModelConfig) -> dict[str, float]:
-    """Query network 2*D*H*Q; sub-key scores of both halves against sqrt(N) sub-keys each, 2*sqrt(N)*Q per
-    head (forward only); the chosen keys' scores recomputed, 2*K*Q per head; experts u_i . x (and g_i . x
-    for GLU) and the weighted sum of v_i, 2*D per expert and table, H*K experts. Whitened queries add a
-    Q x Q matrix per head, 2*Q*Q*H (its per-step eigendecomposition, independent of tokens, is not counted)."""
-    p, D = spec.peer, cfg.d_model
-    H, K, Q, S = p.n_heads, p.top_k, p.d_key, math.isqrt(p.n_experts)
-    query = 2.0 * D * H * Q + (2.0 * Q * Q * H if p.query_norm == "whiten" else 0.0)
-    return {"peer_query": query, "peer_subkey_scores": 2.0 * S * Q * H,
-            "peer_key_scores": 2.0 * K * Q * H, "peer_experts": (3 if p.glu else 2) * 2.0 * H * K * D}
-
-
-FFN_FLOPS: dict[str, Callable[[BlockSpec, ModelConfig], dict[str, float]]] = {
-    "dense": lambda spec, cfg: {"ffn": 6.0 * cfg.d_model * (spec.ffn_hidden or cfg.d_ffn)},
-    "moe": moe_flops,
-    "peer": peer_flops,
-}
+from .config import NO_WRAPPER, BlockSpec, ModelConfig
+from .errors import UsageError
+from .mechanisms import registry
 
 TRAIN_FLOPS_MULTIPLIER = 3.0
-FORWARD_ONLY_PARTS = ("peer_subkey_scores",)
 
 
 def block_flops(spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token of one block, by component."""
+    """Forward FLOPs per token of one block, by component: attention here, the FFN slot and what sits beside
+    it from their mechanisms, then the wrapper's scaling (Mechanism.flops, Mechanism.wrap_flops)."""
     D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     parts = {
         "attn_qkv": 2.0 * D * (H + 2 * G) * K,
         "attn_scores": 4.0 * seq_len * H * K,
         "attn_out": 2.0 * H * K * D,
     }
-    ffn = [FFN_FLOPS[spec.ffn](spec, cfg)] + ([peer_flops(spec, cfg)] if spec.peer_beside else [])
-    for name, value in ((n, v) for f in ffn for n, v in f.items()):
-        parts[name] = parts.get(name, 0.0) + value
-    if spec.wrapper == "mod":
-        parts = mod_flops(parts, spec, cfg, seq_len)
+    d_hidden = spec.ffn_hidden or cfg.d_ffn
+    for kind in (spec.ffn, *spec.beside):
+        for name, value in registry.get(kind).flops(spec.configs.get(kind), cfg, d_hidden).items():
+            parts[name] = parts.get(name, 0.0) + value
+    if spec.wrapper != NO_WRAPPER:
+        parts = registry.get(spec.wrapper).wrap_flops(parts, spec.configs.get(spec.wrapper), cfg, seq_len)
     return parts
-
-
-def mod_flops(parts: dict[str, float], spec: BlockSpec, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """A routed block: c of the tokens enter, and attend only to each other (scores x c^2)."""
-    from .layers.mod import capacity_tokens
-
-    c = capacity_tokens(spec.mod.capacity, seq_len) / seq_len
-    scaled = {name: value * (c * c if name == "attn_scores" else c) for name, value in parts.items()}
-    D = cfg.d_model
-    scaled["mod_router"] = 2.0 * D
-    if spec.mod.causal == "predictor":
-        hidden = spec.mod.predictor_hidden or max(1, D // 2)
-        scaled["mod_predictor"] = 2.0 * D * hidden + 2.0 * hidden
-    return scaled
 
 
 def forward_flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -108,7 +61,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     parts = forward_flops_breakdown(cfg, seq_len)
-    forward_only = sum(parts.get(name, 0.0) for name in FORWARD_ONLY_PARTS)
+    forward_only = sum(parts.get(name, 0.0) for name in registry.forward_only_flops())
     return TRAIN_FLOPS_MULTIPLIER * sum(parts.values()) - (TRAIN_FLOPS_MULTIPLIER - 1) * forward_only
 
 
@@ -151,12 +104,12 @@ def _embedding_bag_flops(weight, indices, *args, out_shape=None, **kwargs) -> in
     n = 1
     for s in indices:
         n *= s
-    return 2 * n * weight[1]  # a multiply-add per bagged value (PEER always passes per-sample weights)
+    return 2 * n * weight[1]  # a multiply-add per bagged value (always with per-sample weights here)
 
 
 def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
     """torch's FlopCounterMode, taught what it does not count in torch 2.13: the CPU flash-attention
-    kernel, torch._grouped_mm (the MoE experts) and EmbeddingBag (PEER's experts)."""
+    kernel, torch._grouped_mm (grouped expert matmuls) and EmbeddingBag (row-wise expert tables)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
@@ -171,38 +124,42 @@ def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
 
 
 def active_params(model: torch.nn.Module, cfg: ModelConfig, seq_len: int) -> float:
-    """Parameters one token uses, averaged over tokens: a MoE's routed experts count at experts per token /
-    experts, PEER's expert tables at h x k / N rows, and a Mixture-of-Depths block at the share of
-    tokens that enter it (ceil(capacity x T) / T; its router counts in full). Embedding and head count in full."""
-    from .layers.mod import MoD, capacity_tokens
-    from .layers.moe import MoE
-    from .layers.peer import PEER
-
-    share: dict[int, float] = {}  # id(parameter) -> fraction of tokens (or of the table) one token uses
-    for i, block in enumerate(model.blocks):
-        spec = cfg.block_spec(i)
-        inner = block.block if isinstance(block, MoD) else block
-        enter = capacity_tokens(spec.mod.capacity, seq_len) / seq_len if isinstance(block, MoD) else 1.0
-        for p in inner.parameters():
-            share[id(p)] = enter
-        for m in inner.modules():
-            if isinstance(m, MoE):
-                for p in (m.w_gate_up, m.w_down):
-                    share[id(p)] = enter * spec.moe.experts_per_token() / m.n_experts
-            elif isinstance(m, PEER):
-                for p in m.expert_tables():
-                    share[id(p)] = enter * m.n_heads * m.top_k / m.n_experts
+    """Parameters one token uses, averaged over tokens: each mechanism says which of its parameters a token
+    uses only in part (Mechanism.param_shares), and shares multiply down the module tree. Embedding and head
+    count in full."""
+    share: dict[int, float] = {}  # id(parameter) -> fraction of it one token uses
+    for module in model.modules():
+        mechanism = registry.of_module(module)
+        if mechanism is not None:
+            for pid, s in mechanism.param_shares(module, seq_len).items():
+                share[pid] = share.get(pid, 1.0) * s
     return sum(p.numel() * share.get(id(p), 1.0) for p in model.parameters())
 
 
-def noop_flops_correction(cfg: ModelConfig, seq_len: int, noop_fraction: dict[int, float]) -> float:
-    """Forward FLOPs per token to add to forward_flops_per_token when the integrated-MoDE layers (MoE with
-    no-op experts) sent the measured share f of their top-k assignments to no-ops (layer -> f), instead of
-    the balanced share Z / (E + Z) the budget assumes; negative when no-ops were chosen more often. The
-    routed experts' count is block_flops's, scaled by realized / assumed experts per token."""
-    extra = 0.0
-    for layer, f in noop_fraction.items():
-        spec = cfg.block_spec(layer)
-        assumed = spec.moe.experts_per_token()
-        extra += block_flops(spec, cfg, seq_len)["experts"] * (spec.moe.top_k * (1.0 - f) / assumed - 1.0)
-    return extra
+def realized_flops_correction(cfg: ModelConfig, seq_len: int, record: dict) -> float | None:
+    """Forward FLOPs per token to add to the budgeted count for what one training step's routers really chose
+    (integrated MoDE's no-op experts), None when no mechanism has anything to correct."""
+    corrections = [c for m in registry.all_mechanisms()
+                   if (c := m.realized_flops_correction(cfg, seq_len, record)) is not None]
+    return sum(corrections) if corrections else None
+
+
+def flops_report(cfg: ModelConfig, seq_len: int) -> dict:
+    """Forward FLOPs per token by component, their total, and training FLOPs per token (`mixturelm flops`)."""
+    if seq_len < 1:
+        raise UsageError(f"seq_len must be positive, got {seq_len}")
+    parts = forward_flops_breakdown(cfg, seq_len)
+    return {"seq_len": seq_len, "forward_per_token": parts, "forward_total": sum(parts.values()),
+            "train_per_token": train_flops_per_token(cfg, seq_len),
+            "forward_only": [k for k in registry.forward_only_flops() if k in parts]}
+
+
+def describe_flops(name: str, report: dict) -> list[str]:
+    parts, fwd = report["forward_per_token"], report["forward_total"]
+    w = max(14, max(len(k) for k in parts) + 2)
+    lines = [f"{name}, sequence {report['seq_len']}: FLOPs per token"]
+    lines += [f"  {k:<{w}}{v:>14,.0f}  {v / fwd:6.1%}" for k, v in parts.items()]
+    lines.append(f"  {'forward':<{w}}{fwd:>14,.0f}")
+    note = "3 x forward" if not report["forward_only"] else f"3 x forward, but 1 x {', '.join(report['forward_only'])}"
+    lines.append(f"  {'training':<{w}}{report['train_per_token']:>14,.0f}  (forward + backward = {note})")
+    return lines

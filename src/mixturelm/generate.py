@@ -28,13 +28,13 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int | None = None, top_p: floa
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
     if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+        raise UsageError(f"`temperature` must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+        raise UsageError(f"`top_k` must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+        raise UsageError(f"`top_p` must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}")
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
     (prompt and generated) that entered it under causal routing, to compare with its capacity."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if prompt_BT.shape[1] == 0:
-        raise UsageError("the prompt is empty; give at least one token (one byte) of --prompt")
+        raise UsageError("the prompt is empty; give at least one token (one byte) of `prompt`")
     model.eval()
     cache = model.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens)
     out = [prompt_BT]

@@ -1,89 +1,37 @@
-"""MixtureLM: a pre-norm decoder-only transformer whose blocks each say which FFN they have and
-whether a routing wrapper surrounds them (ModelConfig.blocks).
+"""MixtureLM: a pre-norm decoder-only transformer whose blocks each say which mechanism fills their FFN
+slot, which sit beside it, and whether a wrapper surrounds them (ModelConfig.blocks, mixturelm.mechanisms).
 
 Dimension letters: B batch, T tokens, D d_model, V vocabulary.
 
-A block returns its output and a dict of auxiliary losses and statistics; the model gathers them
-under "layer{i}." names and returns them with the logits, so nothing flows through global state.
+Every FFN-slot layer returns (y, Aux) and every wrapper (x, [Aux, ...]); a block returns its output and the
+list of its layers' Aux, and the model returns them with the logits, by block, so nothing flows through
+global state. The model weights and sums their losses into `aux_loss`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BlockSpec, ModelConfig
+from .config import NO_WRAPPER, BlockSpec, ModelConfig
 from .layers.attention import Attention, LayerKVCache, rope_angles
-from .layers.ffn import SwiGLU
-from .layers.mod import MoD
-from .layers.moe import MoE
-from .layers.peer import PEER
-
-Aux = dict[str, torch.Tensor]  # "loss/<name>" entries are auxiliary losses, "stat/<name>" statistics
-
-# How each FFN kind and each wrapper kind is built. Later mechanisms add entries here.
-def _build_moe(spec: BlockSpec, cfg: ModelConfig) -> MoE:
-    m = spec.moe
-    return MoE(cfg.d_model, m.d_expert, m.n_experts, m.top_k, m.router, n_shared=m.n_shared,
-               capacity_factor=m.capacity_factor, renormalize=m.renormalize, route_scale=m.route_scale,
-               bias_rate=m.bias_rate, impl=m.impl, n_noop=m.n_noop)
+from .layers.auxiliary import Aux
+from .mechanisms import registry
 
 
-def _build_mod(block: nn.Module, spec: BlockSpec, cfg: ModelConfig) -> MoD:
-    m = spec.mod
-    return MoD(block, cfg.d_model, m.capacity, causal=m.causal, predictor_hidden=m.predictor_hidden,
-               calibrate=m.calibrate, threshold_momentum=m.threshold_momentum, gate=m.gate)
+def build_ffn(kind: str, spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
+    return registry.get(kind).build(spec.configs.get(kind), cfg.d_model, d_hidden=spec.ffn_hidden or cfg.d_ffn)
 
 
-def _build_peer(spec: BlockSpec, cfg: ModelConfig) -> PEER:
-    p = spec.peer
-    return PEER(cfg.d_model, p.n_experts, p.n_heads, p.top_k, p.d_key, activation=p.activation, glu=p.glu,
-                per_head_keys=p.per_head_keys, query_norm=p.query_norm, sparse_grad=p.sparse_grad)
-
-
-FFN_BUILDERS: dict[str, Callable[[BlockSpec, ModelConfig], nn.Module]] = {
-    "dense": lambda spec, cfg: SwiGLU(cfg.d_model, spec.ffn_hidden or cfg.d_ffn),
-    "moe": _build_moe,
-    "peer": _build_peer,
-}
-
-
-class Beside(nn.Module):
-    """An FFN with a second one added beside it: main(x) + extra(x) (PEER beside the dense FFN, Fig. 2 of
-    He 2024; clovaai/pkm-transformers found memories next to the FFN stay in use)."""
-
-    has_aux = True
-
-    def __init__(self, main: nn.Module, extra: nn.Module) -> None:
-        super().__init__()
-        self.main, self.extra = main, extra
-
-    def forward(self, x: torch.Tensor, return_aux: bool = False):
-        y1, aux1 = call_with_aux(self.main, x, return_aux)
-        y2, aux2 = call_with_aux(self.extra, x, return_aux)
-        return (y1 + y2, {**aux1, **{f"{k}_beside" if k in aux1 else k: v for k, v in aux2.items()}}) \
-            if return_aux else y1 + y2
-
-
-def build_ffn(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
-    ffn = FFN_BUILDERS[spec.ffn](spec, cfg)
-    return Beside(ffn, _build_peer(spec, cfg)) if spec.peer_beside else ffn
-WRAPPER_BUILDERS: dict[str, Callable[[nn.Module, BlockSpec, ModelConfig], nn.Module]] = {
-    "none": lambda block, spec, cfg: block,
-    "mod": _build_mod,
-}
-
-
-def call_with_aux(layer: nn.Module, x: torch.Tensor, return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
-    """Routed layers (has_aux) return (output, aux) when asked; plain layers return the output."""
-    if return_aux and getattr(layer, "has_aux", False):
-        return layer(x, return_aux=True)
-    return layer(x), {}
+def build_block(spec: BlockSpec, cfg: ModelConfig) -> nn.Module:
+    block = Block(spec, cfg)
+    if spec.wrapper == NO_WRAPPER:
+        return block
+    return registry.get(spec.wrapper).build(spec.configs.get(spec.wrapper), cfg.d_model, inner=block)
 
 
 class RMSNorm(nn.Module):
@@ -105,20 +53,32 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = build_ffn(spec, cfg)
+        self.ffn = build_ffn(spec.ffn, spec, cfg)
+        # mechanisms beside the FFN, their outputs added to its own (none: no parameters, no state-dict keys)
+        self.beside = nn.ModuleList(build_ffn(kind, spec, cfg) for kind in spec.beside)
+
+    def mlp(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, list[Aux]]:
+        """The FFN slot (and what sits beside it) on the normalised input."""
+        y, aux = self.ffn(h_BTD)
+        auxes = [aux]
+        for extra in self.beside:
+            y2, aux2 = extra(h_BTD)
+            y = y + y2
+            auxes.append(aux2)
+        return y, auxes
 
     def forward(self, x_BTD: torch.Tensor, rope, cache: LayerKVCache | None = None,
-                return_aux: bool = True, causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
-        """causal_routing concerns routing wrappers around a block; a plain block has none."""
+                causal_routing: bool = False) -> tuple[torch.Tensor, list[Aux]]:
+        """causal_routing concerns wrappers around a block; a plain block has none."""
         h = x_BTD + self.attn(self.attn_norm(x_BTD), rope, cache)
-        y, aux = call_with_aux(self.ffn, self.ffn_norm(h), return_aux)
+        y, aux = self.mlp(self.ffn_norm(h))
         return h + y, aux
 
-    def branch(self, x_BTD: torch.Tensor, rope, cache=None, return_aux: bool = True) -> tuple[torch.Tensor, Aux]:
+    def branch(self, x_BTD: torch.Tensor, rope, cache=None) -> tuple[torch.Tensor, list[Aux]]:
         """The residual branch f alone, forward(x) = x + f(x): what Mixture-of-Depths scales by the router
         weight. Returning f, not x + f, is what keeps the residual from being counted twice."""
         a = self.attn(self.attn_norm(x_BTD), rope, cache)
-        y, aux = call_with_aux(self.ffn, self.ffn_norm(x_BTD + a), return_aux)
+        y, aux = self.mlp(self.ffn_norm(x_BTD + a))
         return a + y, aux
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> LayerKVCache:
@@ -141,8 +101,24 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V), float32 when targets are given
     loss: torch.Tensor | None = None  # mean next-token cross-entropy, nats
     aux_loss: torch.Tensor | None = None  # weighted sum of the auxiliary losses: train on loss + aux_loss
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer3.balance" -> value
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer3.load_max_over_mean" -> value
+    aux: list[tuple[int, Aux]] = field(default_factory=list)  # (block index, what one of its layers returned)
+
+    def named_aux(self) -> list[tuple[str, Aux]]:
+        """Every layer's Aux with a name: "layer3", and "layer3_2", ... for further ones of one kind in a block."""
+        named, seen = [], {}
+        for i, a in self.aux:
+            n = seen[(i, a.kind)] = seen.get((i, a.kind), 0) + 1
+            named.append((f"layer{i}" if n == 1 else f"layer{i}_{n}", a))
+        return named
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Every auxiliary loss by layer and name: "layer3.balance" -> value."""
+        return {f"{name}.{k}": v for name, a in self.named_aux() for k, v in a.losses.items()}
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Every layer's scalar statistics by layer and name: "layer3.load_max_over_mean" -> value."""
+        return {f"{name}.{k}": v for name, a in self.named_aux() for k, v in a.scalars().items()}
 
 
 class MixtureLM(nn.Module):
@@ -150,10 +126,7 @@ class MixtureLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(
-            WRAPPER_BUILDERS[spec.wrapper](Block(spec, config), spec, config)
-            for spec in (config.block_spec(i) for i in range(config.n_layers))
-        )
+        self.blocks = nn.ModuleList(build_block(config.block_spec(i), config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -162,11 +135,14 @@ class MixtureLM(nn.Module):
         std = self.config.init_std
         # Residual-branch outputs are scaled down with depth (GPT-2) so the residual stream stays O(1).
         out_std = std / math.sqrt(2 * self.config.n_layers)
+        # A routed layer with reset_parameters(std, out_std) initialises its own tensors and the submodules it
+        # names in `own_init` (MoE its router, PEER its query network); the rest of it is initialised here
+        owned = {id(sub) for layer in self.modules() if _resets_itself(layer)
+                 for child in layer.own_init for sub in getattr(layer, child).modules()}
         for name, module in self.named_modules():
-            if isinstance(module, (MoE, PEER)):
+            if _resets_itself(module):
                 module.reset_parameters(std, out_std)
-            elif isinstance(module, (nn.Linear, nn.Embedding)) and ".router." not in name and not name.endswith(
-                    ".query"):  # PEER's query network: initialised by PEER.reset_parameters
+            elif isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in owned:
                 is_out = name.endswith(("attn.out", ".down"))
                 nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
@@ -177,32 +153,27 @@ class MixtureLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, return_aux: bool | None = None,
-                causal_routing: bool = False) -> ModelOutput:
-        """return_aux: gather the routed layers' losses and statistics (default: when gradients are on).
-        causal_routing: Mixture-of-Depths blocks decide token by token, as when sampling (always so with
-        a cache), instead of by the top-k of the whole sequence, which looks at future tokens."""
-        return_aux = torch.is_grad_enabled() if return_aux is None else return_aux
+                cache: KVCache | None = None, last_only: bool = False, causal_routing: bool = False) -> ModelOutput:
+        """causal_routing: wrapped blocks (Mixture-of-Depths) decide token by token, as when sampling (always
+        so with a cache), instead of by the top-k of the whole sequence, which looks at future tokens."""
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         positions_T = torch.arange(past, past + T, device=idx_BT.device)
         rope = rope_angles(positions_T, self.config.head_dim, self.config.rope_theta)
         x = self.embed(idx_BT)
-        aux: Aux = {}
+        aux: list[tuple[int, Aux]] = []
         for i, block in enumerate(self.blocks):
-            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None, return_aux,
-                                 causal_routing)
-            aux.update({f"layer{i}.{k}": v for k, v in block_aux.items()})
+            x, block_aux = block(x, rope, cache.layers[i] if cache is not None else None, causal_routing)
+            aux.extend((i, a) for a in block_aux)
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
-        out = ModelOutput(logits=logits)
-        out.aux_losses = {k.replace("loss/", ""): v for k, v in aux.items() if "loss/" in k}
-        out.stats = {k.replace("stat/", ""): v for k, v in aux.items() if "stat/" in k}
-        if out.aux_losses:
+        out = ModelOutput(logits=logits, aux=aux)
+        losses = [(name, v) for _, a in aux for name, v in a.losses.items()]
+        if losses:
             weights = self.config.aux_loss_weights
-            out.aux_loss = sum(weights.get(k.split(".")[-1], 1.0) * v for k, v in out.aux_losses.items())
+            out.aux_loss = sum(weights.get(name, 1.0) * v for name, v in losses)
         if targets_BT is not None:
             out.logits = logits.float()
             out.loss = F.cross_entropy(out.logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1))
@@ -210,3 +181,9 @@ class MixtureLM(nn.Module):
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self, batch, capacity)
+
+
+def _resets_itself(module: nn.Module) -> bool:
+    """A routed layer that initialises its own parameters given the model's std (MoE, PEER)."""
+    mechanism = registry.of_module(module)
+    return mechanism is not None and mechanism.role == "ffn" and hasattr(module, "reset_parameters")

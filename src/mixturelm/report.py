@@ -8,7 +8,10 @@ import html
 import json
 from pathlib import Path
 
-from .ensemble.report import print_table, pyplot, write_text_atomic
+from .ensemble.report import print_table
+from .files import write_text_atomic
+from .plotting import pyplot
+from .training.summary import describe_summary
 
 TABLE_HEADER = ["run", "total params", "active params", "fwd FLOPs/token", "train FLOPs", "steps", "tokens",
                 "val loss", "ppl", "bits/byte", "tokens/s", "wall s"]
@@ -121,20 +124,10 @@ def _img(path: Path, alt: str) -> str:
 
 def routing_statistics(run: dict) -> str:
     """One line of what the run's routers did over its last evaluation or training step."""
-    parts = []
-    for layer, u in run.get("peer_usage", {}).items():
-        parts.append(f"{layer} PEER: {u['usage']:.1%} of experts used over the validation tokens, "
-                     f"KL(usage || uniform) {u['kl_uniform']:.3f}")
-    causal = run.get("mod_causal", {})
-    for layer in sorted({k.split(".")[0] for k in causal}, key=lambda n: int(n.removeprefix("layer"))):
-        parts.append(f"{layer} MoD: causal rule lets in {causal[layer + '.mod_causal_fraction']:.1%} of tokens, "
-                     f"agrees with top-k on {causal[layer + '.mod_causal_accuracy']:.1%}")
-    loads = run.get("load_max_over_mean", {})
-    if loads:
-        parts.append("max/mean expert load " + ", ".join(f"{k.split('.')[0]} {v:.2f}" for k, v in loads.items()))
+    parts = describe_summary(run)
     if "train_flops_realized" in run:
-        parts.append(f"training FLOPs with the measured no-op shares {run['train_flops_realized']:.4g} against "
-                     f"{run['train_flops']:.4g} counted under balanced no-op routing "
+        parts.append(f"training FLOPs as routed (what the routers chose, counted step by step) "
+                     f"{run['train_flops_realized']:.4g} against {run['train_flops']:.4g} budgeted "
                      f"({run['train_flops_realized'] / run['train_flops'] - 1:+.1%})")
     if "val_loss_topk" in run:
         parts.append(f"validation loss with training's top-k routing {run['val_loss_topk']:.4f}, causal "
@@ -197,7 +190,7 @@ def routing_views_of_runs(out: Path, runs, data, cc) -> dict[str, str]:
     import torch
 
     from . import checkpoint
-    from .inspect import routing_views
+    from .views.routing import routing_views
 
     if cc.text is not None:
         ids = torch.tensor(data.tokenizer.encode(cc.text.encode("utf-8"))[:cc.view_tokens], dtype=torch.long)

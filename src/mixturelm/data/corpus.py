@@ -69,13 +69,13 @@ def resolve(data: str | None) -> list[Source]:
         if spec.startswith("hf:"):
             parts = spec[3:].split(":")
             if not parts[0] or len(parts) > 2:
-                raise UsageError(f"--data {spec!r}: write hf:NAME or hf:NAME:CONFIG")
+                raise UsageError(f"`data` {spec!r}: write hf:NAME or hf:NAME:CONFIG")
             sources.append(Source(spec, [], hf=(parts[0], parts[1] if len(parts) == 2 else None)))
         else:
             files, root = _files_of(spec)
             sources.append(Source(spec, files, root=root))
     if not sources:
-        raise UsageError("--data is empty; give a file, folder, glob, .jsonl or hf:NAME")
+        raise UsageError("`data` is empty; give a file, folder, glob, .jsonl or hf:NAME")
     return sources
 
 
@@ -85,18 +85,18 @@ def _files_of(spec: str) -> tuple[list[Path], Path | None]:
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
         if not files:
-            raise UsageError(f"--data {spec!r}: the pattern matches no file; check the glob")
+            raise UsageError(f"`data` {spec!r}: the pattern matches no file; check the glob")
         fixed = [part for part in Path(os.path.expanduser(spec)).parts]
         prefix = Path(*fixed[:next(i for i, p in enumerate(fixed) if any(c in p for c in "*?["))] or ["."])
         return files, prefix
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            raise UsageError(f"--data {spec!r}: the folder holds no text file ({', '.join(sorted(TEXT_SUFFIXES))})")
+            raise UsageError(f"`data` {spec!r}: the folder holds no text file ({', '.join(sorted(TEXT_SUFFIXES))})")
         return files, path
     if path.is_file():
         return [path], None
-    raise UsageError(f"--data {spec!r}: no such file or folder; check the path")
+    raise UsageError(f"`data` {spec!r}: no such file or folder; check the path")
 
 
 def read_documents(sources: list[Source], text_field: str = "text") -> list[Document]:
@@ -112,7 +112,7 @@ def read_documents(sources: list[Source], text_field: str = "text") -> list[Docu
                 docs.append(Document(src.name_of(f), f.read_bytes()))
     docs = [d for d in docs if d.data]
     if not docs:
-        raise UsageError(f"--data {','.join(s.spec for s in sources)}: no text found (all files are empty)")
+        raise UsageError(f"`data` {','.join(s.spec for s in sources)}: no text found (all files are empty)")
     return docs
 
 

@@ -94,9 +94,9 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
         except ValueError:
             vocab = 0
         if vocab < 300:
-            raise UsageError(f"--tokenizer {spec!r}: write bpe:VOCAB with VOCAB >= 300 (e.g. bpe:8192)")
+            raise UsageError(f"`tokenizer` {spec!r}: write bpe:VOCAB with VOCAB >= 300 (e.g. bpe:8192)")
         return "bpe", vocab
-    raise UsageError(f"--tokenizer {spec!r} is unknown; use bytes or bpe:VOCAB (e.g. bpe:8192)")
+    raise UsageError(f"`tokenizer` {spec!r} is unknown; use bytes or bpe:VOCAB (e.g. bpe:8192)")
 
 
 def load_from_dir(directory: Path, spec: str):

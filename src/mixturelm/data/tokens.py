@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..files import write_text_atomic
 from . import corpus
 from .tokenizer import BPETokenizer, ByteTokenizer, parse_spec
 
@@ -87,9 +88,7 @@ def _tokenizer(spec: str, corpus_key: str, documents, log):
     log(f"training a {vocab}-token BPE on {sum(len(d.data) for d in train_docs):,} bytes ...")
     tok = BPETokenizer.train((d.data.decode("utf-8", "replace") for d in train_docs), vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tok.tok.save(str(tmp))
-    os.replace(tmp, path)
+    write_text_atomic(path, tok.tok.to_str(pretty=True))
     return tok
 
 

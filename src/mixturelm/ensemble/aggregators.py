@@ -14,7 +14,7 @@ and its variance): only MoE-F's filters use it; it depends on the forecasts, not
 
 References: Hedge/EWA (Littlestone & Warmuth 1994; Freund & Schapire 1997; anytime rate eta_t =
 sqrt(8 ln N / t), Cesa-Bianchi & Lugosi 2006, Thm 2.3); Fixed-Share (Herbster & Warmuth 1998);
-MoE-F (Saqur et al., ICLR 2025, arXiv 2406.02969), rebuilt in ../shared/research/moef.md.
+MoE-F (Saqur et al., ICLR 2025, arXiv 2406.02969); docs/moef.md describes how it is rebuilt here.
 """
 
 from __future__ import annotations

@@ -43,11 +43,11 @@ def load_experts(paths: list[str], device: str):
     from .. import checkpoint
 
     if len(paths) < 2:
-        raise UsageError(f"--experts needs at least two checkpoints to mix, got {len(paths)}")
+        raise UsageError(f"`experts` needs at least two checkpoints to mix, got {len(paths)}")
     experts, names = [], []
     for p in paths:
         if not Path(p).exists():
-            raise UsageError(f"--experts {p}: no such file or folder; give run directories of `mixturelm train`")
+            raise UsageError(f"`experts` {p}: no such file or folder; give run directories of `mixturelm train`")
     for p in paths:
         model, run_cfg, tok, ckpt = checkpoint.load_model(p, device)
         experts.append((model, run_cfg, tok))
@@ -73,9 +73,9 @@ def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fractio
     from ..data.tokens import prepare
 
     if len(sources) < 2:
-        raise UsageError(f"--data needs at least two sources separated by commas, got {len(sources)}")
+        raise UsageError(f"`data` needs at least two sources separated by commas, got {len(sources)}")
     if segment_len < 1 or n_segments < 1:
-        raise UsageError(f"--segment-len and --segments must be >= 1, got {segment_len} and {n_segments}")
+        raise UsageError(f"`segment_len` and `segments` must be >= 1, got {segment_len} and {n_segments}")
     held_out = []
     for src in sources:
         data = prepare(src, tokenizer_spec, val_fraction, text_field, tokenizer, log=log)
@@ -106,7 +106,7 @@ def next_token_logprobs(model, x_L1: torch.Tensor, window: int) -> torch.Tensor:
     while done < L:
         start = max(0, done - window // 2) if done else 0
         end = min(start + window, L)
-        lp = F.log_softmax(model(x_L1[start:end][None], return_aux=False).logits[0].float(), -1)
+        lp = F.log_softmax(model(x_L1[start:end][None]).logits[0].float(), -1)
         if out is None:
             out = torch.empty(L, lp.shape[-1])
         out[done:end] = lp[done - start:].cpu()
@@ -218,7 +218,7 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
     run_cfg, tokenizer = experts[0][1], experts[0][2]
     vf = val_fraction if val_fraction is not None else min(c["train"]["val_fraction"] for _, c, _ in experts)
     if not 0 < vf < 1:
-        raise UsageError(f"--val-fraction must be in (0, 1), got {vf}")
+        raise UsageError(f"`val_fraction` must be in (0, 1), got {vf}")
     segs = build_stream(sources, tokenizer, run_cfg["train"]["tokenizer"], vf, text_field, segment_len,
                         n_segments, log=log)
     log(f"{len(segs)} segments of {segment_len} tokens from {len(sources)} sources; scoring {len(models)} experts ...")

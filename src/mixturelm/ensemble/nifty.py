@@ -56,7 +56,7 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as e:
-        raise UsageError(f"cannot read {path} ({e.strerror}); check the --data folder") from None
+        raise UsageError(f"cannot read {path} ({e.strerror}); check the `data` folder") from None
     need = {"date", "label", "predicted_label"}
     if not rows or not need <= set(rows[0]):
         raise UsageError(f"{path} has no rows with columns {', '.join(sorted(need))}; it is not a NIFTY prediction file")
@@ -72,7 +72,7 @@ def load_pool(root: Path, pool: str, seed: int) -> Pool:
     folder = Path(root) / POOLS[pool].format(seed=seed)
     files = sorted(folder.glob("df_*.csv")) if folder.is_dir() else []
     if not files:
-        raise UsageError(f"{folder}: no df_*.csv prediction files (pool {pool}, seed {seed}); check --data and --seeds")
+        raise UsageError(f"{folder}: no df_*.csv prediction files (pool {pool}, seed {seed}); check `data` and `seeds`")
     dates, y, experts, reference = None, None, {}, None
     for f in files:
         d, yy, pred = read_predictions(f)

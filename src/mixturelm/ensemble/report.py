@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from ..errors import UsageError
+from ..files import output_folder, write_json_atomic, write_text_atomic
+from ..plotting import pyplot
+
+__all__ = ["check_out", "ci", "markdown_table", "print_table", "pyplot", "write_json", "write_text_atomic"]
 
 
 def check_out(out: str | Path) -> Path:
     """--out must be a folder (or not exist yet); checked before any work so that a bad path costs nothing."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder; choose another --out")
-    return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return output_folder(out)
 
 
 def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1))
+    write_json_atomic(path, obj, sync=False)
 
 
 def ci(m: dict, digits: int = 3) -> str:
@@ -53,11 +45,3 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         table.add_row(*r)
     Console(width=max(160, sum(len(h) for h in header) + 60)).print(table)
 
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

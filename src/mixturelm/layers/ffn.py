@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .auxiliary import Aux
+
 
 class SwiGLUActivation(torch.autograd.Function):
     """silu(gate) * up [* scale] from the fused projection gu = [gate | up].
@@ -45,7 +47,8 @@ def swiglu_activation(gu: torch.Tensor, scale: torch.Tensor | None = None) -> to
 
 
 class SwiGLU(nn.Module):
-    """y = W2 (silu(W1 x) * W3 x), with W1 and W3 fused into one matmul."""
+    """y = W2 (silu(W1 x) * W3 x), with W1 and W3 fused into one matmul. Returns (y, Aux()) like every
+    layer of a block's FFN slot: a dense FFN has no losses and no statistics."""
 
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__()
@@ -53,5 +56,5 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
         self.down = nn.Linear(d_hidden, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(swiglu_activation(self.gate_up(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Aux]:
+        return self.down(swiglu_activation(self.gate_up(x))), Aux()

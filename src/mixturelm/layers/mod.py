@@ -21,20 +21,77 @@ of the scores seen in training, so the realised fraction stays near the capacity
 
 A token that skips the block writes no key/value there (RaggedKVCache); a block no token enters costs
 only the router.
+
+The wrapped block is mixturelm's own `Block` (which gives MoD its residual branch f, the rope angles of
+the entering tokens' original positions and a KV cache), or any module mapping (B, C, D) to (B, C, D) as
+`x + f(x)`: then f = block(x) - x on the entering tokens, with no rope and no cache (a user's block that
+needs positions must take them from elsewhere). `MoD(...)(x)` returns `(y, [aux of the block's layers...,
+MoDAux])`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError, positive_ints
 from .attention import RaggedKVCache
+from .auxiliary import Aux
 from .routing import fp32_linear
 
-Aux = dict[str, torch.Tensor]
+CAUSAL_KINDS = ("aux_loss", "predictor")
+GATES = ("linear", "sigmoid")
+
+
+@dataclass(kw_only=True)
+class MoDConfig:
+    """Mixture-of-Depths around one block: the top capacity x T tokens of each sequence enter. Checked once, here.
+
+    causal: how sampling decides token by token, where top-k over the sequence is unavailable (section 3.5):
+    "aux_loss" trains the router logits with BCE on top-k membership and routes in when sigmoid > 0.5;
+    "predictor" trains a small MLP on stop-gradient inputs to predict membership.
+    calibrate: move the sampling threshold to the running (1 - capacity) quantile of the causal scores
+    seen in training, so the realised fraction at sampling stays near the capacity; off, the paper's 0.5."""
+
+    capacity: float = 0.125
+    causal: str = "aux_loss"
+    predictor_hidden: int | None = None  # None: d_model / 2
+    calibrate: bool = True
+    threshold_momentum: float = 0.2  # weight of each step's quantile in the running threshold
+    gate: str = "linear"  # what multiplies the block's branch: r (Eq. 1) or sigmoid(r)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.capacity <= 1:  # also refuses NaN
+            raise UsageError(f"MoDConfig.capacity must be in (0, 1] (a fraction of the sequence), got {self.capacity}")
+        if self.causal not in CAUSAL_KINDS:
+            raise UsageError(f"MoDConfig.causal={self.causal!r} is unknown; choose one of {', '.join(CAUSAL_KINDS)}")
+        if self.predictor_hidden is not None:
+            positive_ints(self, "predictor_hidden")
+        if self.gate not in GATES:
+            raise UsageError(f"MoDConfig.gate={self.gate!r} is unknown; choose one of {', '.join(GATES)}")
+        if not 0 < self.threshold_momentum <= 1:
+            raise UsageError(f"MoDConfig.threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
+
+
+@dataclass
+class MoDAux(Aux):
+    """A MoD call's causal-routing loss (training) and what its causal rule did."""
+
+    kind: ClassVar[str] = "mod"
+    causal_fraction: torch.Tensor | None = None  # share of tokens the causal rule lets in
+    causal_accuracy: torch.Tensor | None = None  # training: agreement of the causal rule with top-k
+    causal_recall: torch.Tensor | None = None  # training: share of top-k members the causal rule lets in
+    threshold: torch.Tensor | None = None  # training: the sampling threshold in use
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        named = {"mod_causal_accuracy": self.causal_accuracy, "mod_causal_recall": self.causal_recall,
+                 "mod_causal_fraction": self.causal_fraction, "mod_threshold": self.threshold}
+        return {k: v for k, v in named.items() if v is not None}
 
 
 class GatherRows(torch.autograd.Function):
@@ -74,27 +131,20 @@ def capacity_tokens(capacity: float, T: int) -> int:
 
 
 class MoD(nn.Module):
-    has_aux = True
-
-    def __init__(self, block: nn.Module, d_model: int, capacity: float = 0.125, *, causal: str = "aux_loss",
-                 predictor_hidden: int | None = None, calibrate: bool = True,
-                 threshold_momentum: float = 0.2, gate: str = "linear") -> None:
-        """block: a module with `branch(x, rope, cache, return_aux) -> (f(x), aux)` and `new_cache`
-        (mixturelm's Block): MoD must scale the residual branch, not the block's output."""
+    def __init__(self, block: nn.Module, d_model: int, config: MoDConfig | None = None, **options) -> None:
+        """block: mixturelm's Block, or any residual block x -> x + f(x) (module docstring); config, or its
+        fields as keywords: MoD(block, 512, capacity=0.125)."""
         super().__init__()
-        if not 0 < capacity <= 1:
-            raise ValueError(f"capacity must be in (0, 1], got {capacity}")
-        if causal not in ("aux_loss", "predictor"):
-            raise ValueError(f"causal={causal!r} is unknown; choose aux_loss or predictor")
-        if gate not in ("linear", "sigmoid"):
-            raise ValueError(f"gate={gate!r} is unknown; choose linear or sigmoid")
-        self.gate = gate
-        self.block, self.capacity, self.causal = block, capacity, causal
-        self.calibrate, self.threshold_momentum = calibrate, threshold_momentum
+        if config is not None and options:
+            raise UsageError("MoD takes a MoDConfig or its fields as keywords, not both")
+        c = self.config = config if config is not None else MoDConfig(**options)
+        self.gate = c.gate
+        self.block, self.capacity, self.causal = block, c.capacity, c.causal
+        self.calibrate, self.threshold_momentum = c.calibrate, c.threshold_momentum
         self.router = nn.Linear(d_model, 1, bias=False)  # r = w . x, no nonlinearity (Eq. 1)
         self.predictor = None
-        if causal == "predictor":  # d -> d/2 -> 1 with SiLU (a linear predictor samples badly, per joey00072)
-            hidden = predictor_hidden or max(1, d_model // 2)
+        if c.causal == "predictor":  # d -> d/2 -> 1 with SiLU (a linear predictor samples badly, per joey00072)
+            hidden = c.predictor_hidden or max(1, d_model // 2)
             self.predictor = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         # the sampling threshold on the causal score; moved only by after_optimizer_step
         self.register_buffer("threshold", torch.zeros(()))
@@ -132,35 +182,44 @@ class MoD(nn.Module):
         return self.causal_scores(x_BTD, r_BT) > self.threshold
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x_BTD: torch.Tensor, rope, cache: RaggedKVCache | None = None, return_aux: bool = True,
-                causal_routing: bool = False) -> tuple[torch.Tensor, Aux]:
+    def forward(self, x_BTD: torch.Tensor, rope=None, cache: RaggedKVCache | None = None,
+                causal_routing: bool = False) -> tuple[torch.Tensor, list[Aux]]:
+        """Top-k routing (training) unless given a cache or causal_routing; returns the output and the aux
+        of the block's layers followed by this layer's MoDAux."""
         r_BT = self.router_weights(x_BTD)
         if cache is None and not causal_routing:
-            return self._forward_topk(x_BTD, r_BT, rope, return_aux)
-        return self._forward_causal(x_BTD, r_BT, rope, cache, return_aux)
+            return self._forward_topk(x_BTD, r_BT, rope)
+        return self._forward_causal(x_BTD, r_BT, rope, cache)
 
-    def _forward_topk(self, x_BTD, r_BT, rope, return_aux) -> tuple[torch.Tensor, Aux]:
+    def _branch(self, x_BCD, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
+        """The block's residual branch f on the entering tokens, and its layers' aux."""
+        if hasattr(self.block, "branch"):  # mixturelm's Block: f itself, rope and cache
+            return self.block.branch(x_BCD, rope, cache)
+        if cache is not None:
+            raise UsageError("MoD around a plain block has no KV cache; decode with causal_routing=True instead")
+        return self.block(x_BCD) - x_BCD, []
+
+    def _forward_topk(self, x_BTD, r_BT, rope) -> tuple[torch.Tensor, list[Aux]]:
         idx_BC = self.topk_indices(r_BT)
-        out = self._run_block(x_BTD, r_BT, idx_BC, None, rope, None, return_aux)
-        x_out, aux = out
-        if return_aux:
-            aux.update(self._causal_losses(x_BTD, r_BT, idx_BC))
-        return x_out, aux
+        x_out, block_aux = self._run_block(x_BTD, r_BT, idx_BC, None, rope, None)
+        # the causal rule's training loss and statistics: only when training (they need gradients)
+        mine = self._causal_losses(x_BTD, r_BT, idx_BC) if torch.is_grad_enabled() else MoDAux()
+        return x_out, block_aux + [mine]
 
-    def _forward_causal(self, x_BTD, r_BT, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
+    def _forward_causal(self, x_BTD, r_BT, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         B, T, D = x_BTD.shape
         enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
-        aux: Aux = {"stat/mod_causal_fraction": enter_BT.float().mean().detach()} if return_aux else {}
+        mine = MoDAux(causal_fraction=enter_BT.float().mean().detach())
         rows_R = count_B.nonzero().squeeze(1)
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
-            return x_BTD, aux
+            return x_BTD, [mine]
         count_R = count_B[rows_R]
         all_rows = rows_R.numel() == B
         x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
         view = cache.rows(rows_R, count_R) if cache is not None else None
         if T == 1:  # decoding: the entering rows' one token each, no compaction to do
-            f_RTD, block_aux = self.block.branch(x_RTD, rope, view, return_aux)
+            f_RTD, block_aux = self._branch(x_RTD, rope, view)
             y_RTD = x_RTD + self.branch_weights(r_RT)[..., None].to(f_RTD.dtype) * f_RTD
         else:
             C = int(count_R.max())
@@ -168,21 +227,23 @@ class MoD(nn.Module):
             position_T = torch.arange(T, device=x_BTD.device)
             idx_RC = torch.where(enter_BT[rows_R], position_T, position_T + T).argsort(dim=1)[:, :C]
             real_RC = torch.arange(C, device=x_BTD.device) < count_R[:, None]
-            y_RTD, block_aux = self._run_block(x_RTD, r_RT, idx_RC, real_RC, rope, view, return_aux)
-        aux.update(block_aux)
+            y_RTD, block_aux = self._run_block(x_RTD, r_RT, idx_RC, real_RC, rope, view)
+        aux = block_aux + [mine]
         if all_rows:
             return y_RTD, aux
         return x_BTD.index_copy(0, rows_R, y_RTD), aux
 
-    def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache, return_aux) -> tuple[torch.Tensor, Aux]:
+    def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         """x + r * f(x) on the tokens idx_BC (in order) of each row, added back; real_BC marks padding."""
         B, T, D = x_BTD.shape
         C = idx_BC.shape[1]
         flat_N = (idx_BC + T * torch.arange(B, device=idx_BC.device)[:, None]).reshape(-1)  # rows of (B*T, D)
-        cos, sin = rope  # (T, k): the same positions for every row
-        rope_BC = (cos[idx_BC], sin[idx_BC])  # ORIGINAL positions, not 0..C-1
+        rope_BC = None
+        if rope is not None:
+            cos, sin = rope  # (T, k): the same positions for every row
+            rope_BC = (cos[idx_BC], sin[idx_BC])  # ORIGINAL positions, not 0..C-1
         x_BCD = GatherRows.apply(x_BTD.reshape(B * T, D), flat_N).view(B, C, D)
-        f_BCD, aux = self.block.branch(x_BCD, rope_BC, cache, return_aux)
+        f_BCD, aux = self._branch(x_BCD, rope_BC, cache)
         w_BC = self.branch_weights(r_BT.gather(1, idx_BC))
         if real_BC is not None:
             w_BC = w_BC * real_BC
@@ -190,20 +251,20 @@ class MoD(nn.Module):
         return AddRows.apply(x_BTD.reshape(B * T, D), flat_N, src_ND).view(B, T, D), aux
 
     # -- causal routing: losses, accuracy, threshold ------------------------------------------------
-    def _causal_losses(self, x_BTD, r_BT, idx_BC) -> Aux:
+    def _causal_losses(self, x_BTD, r_BT, idx_BC) -> MoDAux:
         member_BT = torch.zeros_like(r_BT).scatter_(1, idx_BC, 1.0)  # per row: no flattened-index bug
         score_BT = self.causal_scores(x_BTD, r_BT)
         name = "mod_bce" if self.predictor is None else "mod_predictor"
-        aux = {f"loss/{name}": F.binary_cross_entropy_with_logits(score_BT, member_BT)}
+        aux = MoDAux({name: F.binary_cross_entropy_with_logits(score_BT, member_BT)})
         with torch.no_grad():
             score = score_BT.detach()
             enter = score > self.threshold
             member = member_BT.bool()
-            aux["stat/mod_causal_accuracy"] = (enter == member).float().mean()
+            aux.causal_accuracy = (enter == member).float().mean()
             # accuracy alone flatters: always skipping scores 1 - capacity; recall shows the members let in
-            aux["stat/mod_causal_recall"] = (enter & member).float().sum() / member.float().sum()
-            aux["stat/mod_causal_fraction"] = enter.float().mean()
-            aux["stat/mod_threshold"] = self.threshold.clone()
+            aux.causal_recall = (enter & member).float().sum() / member.float().sum()
+            aux.causal_fraction = enter.float().mean()
+            aux.threshold = self.threshold.clone()
             if self.training and self.calibrate:
                 q = self._score_quantile(score.flatten())
                 step = torch.stack([q, torch.ones_like(q)])
@@ -231,5 +292,5 @@ class MoD(nn.Module):
         self.threshold.copy_(self.threshold_ema / (1 - (1 - m) ** float(self.threshold_updates)))
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> RaggedKVCache:
-        a = self.block.attn
+        a = self.block.attn  # mixturelm's Block
         return RaggedKVCache(batch, a.kv_heads, a.head_dim, capacity, device, dtype)

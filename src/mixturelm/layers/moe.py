@@ -4,63 +4,143 @@
 
 Routers (layers/routing.py): softmax top-k (Mixtral/Qwen), noisy top-k (Shazeer 2017), Switch top-1,
 DeepSeek-V3's sigmoid with a balancing bias, expert choice (Zhou 2022, not causal). Fine-grained
-experts are many small experts (DeepSeekMoE): set n_experts high and d_hidden low.
+experts are many small experts (DeepSeekMoE): set n_experts high and d_expert low.
 
 No-op experts (integrated MoDE, Raposo et al. 2024 section 4.3): `n_noop` extra choices in the router
 that compute nothing; a token sent to one keeps only its residual. Their assignments are dropped before
 dispatch, so they cost only their column of the router.
 
-`MoE(x)` maps (B, T, D) to (B, T, D). Its auxiliary losses ("loss/<name>") and statistics
-("stat/<name>") come back from the call itself: `y, aux = MoE(x, return_aux=True)`.
+`MoE(d_model, MoEConfig(...))` (or `MoE(d_model, n_experts=..., ...)`) maps (B, T, D) to (B, T, D) and
+returns `(y, MoEAux)`: the router's auxiliary losses and the routing, whose statistics are read from it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..errors import UsageError, positive_ints
+from .auxiliary import Aux
 from .dispatch import IMPLS, dispatch_swiglu
 from .ffn import SwiGLU
-from .routing import ROUTERS, Routing, SigmoidBias, apply_capacity, build_router
+from .routing import ROUTERS, TOKEN_CHOICE_ROUTERS, Routing, SigmoidBias, apply_capacity, build_router
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """A Mixture-of-Experts FFN: which router, how many experts of which size. Checked once, here."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 176  # hidden size of each SwiGLU expert
+    router: str = "softmax"
+    n_shared: int = 0  # always-on shared experts (DeepSeekMoE), each of d_expert
+    capacity_factor: float | None = None  # None: dropless; for expert_choice, its capacity (default 2)
+    renormalize: bool = True  # softmax router: renormalise the top-k gates to sum to 1
+    route_scale: float = 1.0  # sigmoid_bias router: gate scale (DeepSeek-V3 uses 2.5)
+    bias_rate: float = 1e-3  # sigmoid_bias router: bias update per optimizer step
+    impl: str = "auto"  # grouped matmul implementation
+    # no-op experts (integrated MoDE, Raposo et al. 2024 section 4.3): the router may send a token to one,
+    # which computes nothing, so the token learns to take the residual path instead of an expert
+    n_noop: int = 0
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "n_experts", "top_k", "d_expert")
+        if not isinstance(self.n_noop, int) or self.n_noop < 0:
+            raise UsageError(f"MoEConfig.n_noop must be an integer >= 0, got {self.n_noop!r}")
+        if self.router not in ROUTERS:
+            raise UsageError(f"MoEConfig.router={self.router!r} is unknown; choose one of {', '.join(ROUTERS)}")
+        if self.n_noop and self.router not in TOKEN_CHOICE_ROUTERS:
+            raise UsageError(f"MoEConfig.n_noop needs a token-choice router ({', '.join(TOKEN_CHOICE_ROUTERS)}), "
+                             f"not {self.router!r}")
+        if not isinstance(self.n_shared, int) or self.n_shared < 0:
+            raise UsageError(f"MoEConfig.n_shared must be an integer >= 0, got {self.n_shared!r}")
+        if self.top_k > self.n_experts + self.n_noop:
+            raise UsageError(f"MoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}"
+                             + (f" + n_noop={self.n_noop}" if self.n_noop else ""))
+        if self.impl not in IMPLS:
+            raise UsageError(f"MoEConfig.impl={self.impl!r} is unknown; choose one of {', '.join(IMPLS)}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise UsageError(f"MoEConfig.capacity_factor must be a finite number > 0 (or None for dropless), "
+                             f"got {self.capacity_factor}")
+        if self.router == "switch" and self.top_k != 1:
+            raise UsageError("MoEConfig.router='switch' is top-1; set top_k=1")
+
+    def experts_per_token(self) -> float:
+        """Average routed experts a token computes: k, or capacity_factor for expert choice. With no-op
+        experts, the real share of k under balanced routing (the balance loss spreads choices evenly)."""
+        if self.router == "expert_choice":
+            return self.capacity_factor or 2.0
+        return self.top_k * self.n_experts / (self.n_experts + self.n_noop)
+
+
+@dataclass
+class MoEAux(Aux):
+    """A MoE call's router losses and routing; its statistics are computed from them when read."""
+
+    kind: ClassVar[str] = "moe"
+    routing: Routing | None = None
+    dropped: torch.Tensor | None = None  # fraction of assignments dropped by the capacity
+    valid_T: torch.Tensor | None = None  # real (non-padding) tokens
+    n_experts: int = 0  # real experts (no-op ones excluded)
+
+    @property
+    @torch.no_grad()
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E,) tokens each expert computed (after dropping; no-op experts last), over valid tokens."""
+        r = self.routing
+        keep_A = torch.ones_like(r.token_A, dtype=torch.bool) if self.valid_T is None else self.valid_T[r.token_A]
+        return torch.bincount(r.expert_A[keep_A], minlength=r.n_experts).float()
+
+    @torch.no_grad()
+    def scalars(self) -> dict[str, torch.Tensor]:
+        r = self.routing
+        tokens_E = self.tokens_per_expert
+        scores_TE = r.scores_TE if self.valid_T is None else r.scores_TE[self.valid_T]
+        entropy = -(scores_TE * scores_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        stats = {"load_max_over_mean": tokens_E.max() / tokens_E.mean().clamp_min(1e-9),
+                 "dropped_fraction": self.dropped.detach().float(),
+                 "router_entropy": entropy / math.log(r.n_experts)}  # 1.0: uniform scores
+        if r.n_experts > self.n_experts:  # integrated MoDE: the share of choices that went to a no-op
+            stats["noop_fraction"] = (r.expert_A >= self.n_experts).float().mean()
+        return stats
 
 
 class MoE(nn.Module):
-    has_aux = True  # the model asks for (output, aux)
-
-    def __init__(self, d_model: int, d_hidden: int, n_experts: int, top_k: int, router: str = "softmax", *,
-                 n_shared: int = 0, capacity_factor: float | None = None, renormalize: bool = True,
-                 route_scale: float = 1.0, bias_rate: float = 1e-3, impl: str = "auto", n_noop: int = 0) -> None:
+    def __init__(self, d_model: int, config: MoEConfig | None = None, **options) -> None:
+        """config, or its fields as keywords: MoE(512, n_experts=8, top_k=2, d_expert=1408)."""
         super().__init__()
-        if router not in ROUTERS:
-            raise ValueError(f"router={router!r} is unknown; choose one of {', '.join(ROUTERS)}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-        if not 1 <= top_k <= n_experts + n_noop:
-            raise ValueError(f"top_k={top_k} must be between 1 and n_experts + n_noop={n_experts + n_noop}")
-        if n_noop and router not in ("softmax", "noisy", "switch"):
-            raise ValueError(f"no-op experts need a token-choice router (softmax, noisy, switch), not {router!r}")
-        self.d_hidden, self.n_experts, self.top_k, self.impl = d_hidden, n_experts, top_k, impl
-        self.n_noop = n_noop
-        self.router_kind = router
-        options = {"softmax": {"renormalize": renormalize}, "sigmoid_bias": {"route_scale": route_scale,
-                   "bias_rate": bias_rate}, "expert_choice": {"capacity_factor": capacity_factor or 2.0}}
-        self.router = build_router(router, d_model, n_experts + n_noop, top_k, **options.get(router, {}))
+        if config is not None and options:
+            raise UsageError("MoE takes a MoEConfig or its fields as keywords, not both")
+        c = self.config = config if config is not None else MoEConfig(**options)
+        self.d_hidden, self.n_experts, self.top_k, self.impl = c.d_expert, c.n_experts, c.top_k, c.impl
+        self.n_noop = c.n_noop
+        self.router_kind = c.router
+        router_options = {"softmax": {"renormalize": c.renormalize},
+                          "sigmoid_bias": {"route_scale": c.route_scale, "bias_rate": c.bias_rate},
+                          "expert_choice": {"capacity_factor": c.capacity_factor or 2.0}}
+        self.router = build_router(c.router, d_model, c.n_experts + c.n_noop, c.top_k,
+                                   **router_options.get(c.router, {}))
         # expert choice has its capacity built in; for token choice a capacity factor means dropping
-        self.capacity_factor = None if router == "expert_choice" else capacity_factor
+        self.capacity_factor = None if c.router == "expert_choice" else c.capacity_factor
         # experts as 3-D tensors, laid out for x @ W: one grouped matmul serves them all
-        self.w_gate_up = nn.Parameter(torch.empty(n_experts, d_model, 2 * d_hidden))
-        self.w_down = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
-        self.shared = SwiGLU(d_model, n_shared * d_hidden) if n_shared else None
+        self.w_gate_up = nn.Parameter(torch.empty(c.n_experts, d_model, 2 * c.d_expert))
+        self.w_down = nn.Parameter(torch.empty(c.n_experts, c.d_expert, d_model))
+        self.shared = SwiGLU(d_model, c.n_shared * c.d_expert) if c.n_shared else None
         self.reset_parameters()
+
+    own_init = ("router",)  # initialised by reset_parameters, not by the model (MixtureLM.reset_parameters)
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
         nn.init.normal_(self.w_gate_up, 0.0, std)
         nn.init.normal_(self.w_down, 0.0, out_std or std)
         nn.init.normal_(self.router.gate.weight, 0.0, std)
 
-    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None, return_aux: bool = False):
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
         """valid_BT marks real tokens: padding is routed (shapes stay static) but never counted in losses or
         statistics."""
         shape = x_BTD.shape
@@ -77,30 +157,10 @@ class MoE(nn.Module):
         y_TD = dispatch_swiglu(x_TD, token_A, expert_A, weight_A, self.w_gate_up, self.w_down, self.impl,
                                k_per_token)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        y = y_TD.reshape(shape)
-        if not return_aux:
-            return y
-        aux = {f"loss/{k}": v for k, v in routing.losses.items()}
-        aux.update({f"stat/{k}": v for k, v in routing_stats(routing, dropped, valid_T).items()})
-        if self.n_noop:
-            aux["stat/noop_fraction"] = (routing.expert_A >= self.n_experts).float().mean().detach()
-        return y, aux
+            y_TD = y_TD + self.shared(x_TD)[0]
+        return y_TD.reshape(shape), MoEAux(routing.losses, routing, dropped, valid_T, self.n_experts)
 
     def after_optimizer_step(self, reduce=None) -> None:
         """Online balancing state moves here, never in forward: the sigmoid_bias router's bias."""
         if isinstance(self.router, SigmoidBias):
             self.router.update_bias(reduce(self.router.load_E) if reduce else None)
-
-
-@torch.no_grad()
-def routing_stats(r: Routing, dropped: torch.Tensor, valid_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-layer statistics: tokens per expert (after dropping), max/mean load, dropped fraction, entropy."""
-    keep_A = torch.ones_like(r.token_A, dtype=torch.bool) if valid_T is None else valid_T[r.token_A]
-    tokens_E = torch.bincount(r.expert_A[keep_A], minlength=r.n_experts).float()
-    scores_TE = r.scores_TE if valid_T is None else r.scores_TE[valid_T]
-    entropy = -(scores_TE * scores_TE.clamp_min(1e-20).log()).sum(-1).mean()
-    return {"tokens_per_expert": tokens_E,
-            "load_max_over_mean": tokens_E.max() / tokens_E.mean().clamp_min(1e-9),
-            "dropped_fraction": dropped.detach().float(),
-            "router_entropy": entropy / math.log(r.n_experts)}  # 1.0: uniform scores

@@ -32,16 +32,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..errors import UsageError, positive_ints
 from . import kernels
+from .auxiliary import Aux
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-QUERY_NORMS = ("batch", "layer", "none", "whiten")
 CHUNK_ELEMENTS = 1 << 22  # gathered rows per chunk of gather_dot (16 MB in fp32): stays in cache
 
 
@@ -261,7 +263,7 @@ class QueryWhitening(nn.Module):
         T, H, Q = q_THQ.shape
         if self.training:
             if T < 2:
-                raise ValueError(f"query whitening needs at least 2 tokens in a training batch, got {T} "
+                raise UsageError(f"query whitening needs at least 2 tokens in a training batch, got {T} "
                                  "(as BatchNorm); evaluate in eval mode")
             with torch.no_grad():
                 qd = q_THQ.detach().double()
@@ -287,40 +289,94 @@ class QueryWhitening(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The layer
 
+# query normalisations: BatchNorm over the H*Q query features (PKM, the paper's default), LayerNorm per head's
+# query, none, or whitening per head; each built from (heads, d_key)
+QUERY_NORM_BUILDERS = {"batch": lambda h, q: nn.BatchNorm1d(h * q), "layer": lambda h, q: nn.LayerNorm(q),
+                       "none": lambda h, q: nn.Identity(), "whiten": QueryWhitening}
+QUERY_NORMS = tuple(QUERY_NORM_BUILDERS)
+
+
+@dataclass(kw_only=True)
+class PEERConfig:
+    """A PEER layer (He 2024): N single-neuron experts retrieved by product keys. Defaults are the paper's
+    (Sec. 3.1): N = 1024^2, h = 8 heads, k = 16 per head, query BatchNorm. Checked once, here."""
+
+    n_experts: int = 1024 * 1024  # N, a perfect square (two sets of sqrt(N) sub-keys)
+    n_heads: int = 8  # h query networks sharing one key set and one expert pool
+    top_k: int = 16  # k experts per head
+    d_key: int = 128  # query / product-key size (each sub-key is d_key / 2)
+    activation: str = "gelu"  # of the single-neuron experts: gelu, relu (the paper's two), silu
+    glu: bool = False  # expert act(g_i . x) (u_i . x) v_i, one more N x d table
+    per_head_keys: bool = False  # each head its own sub-keys (the paper shares them); experts stay shared
+    query_norm: str = "batch"  # batch (the paper's; leaks batch statistics in training), layer, none, whiten
+    # row-sparse gradients of the expert tables, for torch.optim.SparseAdam (mixturelm's trainer uses it;
+    # the presets set it); False: dense gradients, for any optimizer
+    sparse_grad: bool = False
+
+    def __post_init__(self) -> None:
+        positive_ints(self, "n_experts", "n_heads", "top_k", "d_key")
+        s = math.isqrt(self.n_experts)
+        if s * s != self.n_experts:
+            raise UsageError(f"PEERConfig.n_experts={self.n_experts} is not a perfect square; product keys need "
+                             f"N = S*S, e.g. {s * s} or {(s + 1) ** 2}")
+        if self.d_key % 2:
+            raise UsageError(f"PEERConfig.d_key={self.d_key} is odd; the query is split in two halves, use an even size")
+        if self.top_k > s:
+            raise UsageError(f"PEERConfig.top_k={self.top_k} exceeds sqrt(n_experts)={s}; each half's top-k "
+                             "picks among sqrt(N) sub-keys; lower top_k or raise n_experts")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"PEERConfig.activation={self.activation!r} is unknown; choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        if self.query_norm not in QUERY_NORMS:
+            raise UsageError(f"PEERConfig.query_norm={self.query_norm!r} is unknown; choose one of "
+                             f"{', '.join(QUERY_NORMS)}")
+
+
+@dataclass
+class PEERAux(Aux):
+    """A PEER call's retrievals; its statistics are computed from them when read (PEER has no losses)."""
+
+    kind: ClassVar[str] = "peer"
+    ids_TJ: torch.Tensor | None = None  # the experts each token retrieved (all heads)
+    scores_TJ: torch.Tensor | None = None  # their softmax router scores
+    n_experts: int = 0
+
+    @property
+    @torch.no_grad()
+    def expert_scores(self) -> torch.Tensor:
+        """(N,) router scores summed per expert over the call: the z of the paper's Table 2 before
+        normalisation (accumulate it over an evaluation set)."""
+        return torch.bincount(self.ids_TJ.reshape(-1), weights=self.scores_TJ.reshape(-1).float(),
+                              minlength=self.n_experts)
+
+    @torch.no_grad()
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"experts_used_fraction": (self.expert_scores > 0).float().mean()}
+
+
 class PEER(nn.Module):
-    """PEER layer mapping (B, T, D) to (B, T, D); `y, aux = peer(x, return_aux=True)` also gives its
-    statistics: "stat/expert_scores" (N,) the router scores summed per expert over the call (the z of
-    the paper's Table 2 before normalisation), "stat/experts_used_fraction" of this call."""
+    """PEER layer mapping (B, T, D) to (B, T, D), returning `(y, PEERAux)`."""
 
-    has_aux = True
-
-    def __init__(self, d_model: int, n_experts: int, n_heads: int = 8, top_k: int = 16, d_key: int = 128, *,
-                 activation: str = "gelu", glu: bool = False, per_head_keys: bool = False,
-                 query_norm: str = "batch", sparse_grad: bool = False) -> None:
+    def __init__(self, d_model: int, config: PEERConfig | None = None, **options) -> None:
+        """config, or its fields as keywords: PEER(256, n_experts=64 * 64, n_heads=4, top_k=8, d_key=32)."""
         super().__init__()
+        if config is not None and options:
+            raise UsageError("PEER takes a PEERConfig or its fields as keywords, not both")
+        c = self.config = config if config is not None else PEERConfig(**options)
+        n_experts, n_heads, d_key, query_norm = c.n_experts, c.n_heads, c.d_key, c.query_norm
         S = math.isqrt(n_experts)
-        if S * S != n_experts:
-            raise ValueError(f"n_experts={n_experts} is not a perfect square (product keys need S*S)")
-        if d_key % 2:
-            raise ValueError(f"d_key={d_key} must be even (two halves)")
-        if not 1 <= top_k <= S:
-            raise ValueError(f"top_k={top_k} must be between 1 and sqrt(n_experts)={S}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
-        if query_norm not in QUERY_NORMS:
-            raise ValueError(f"query_norm={query_norm!r} is unknown; choose one of {', '.join(QUERY_NORMS)}")
-        self.d_model, self.n_experts, self.n_heads, self.top_k, self.d_key = d_model, n_experts, n_heads, top_k, d_key
-        self.n_sub_keys, self.activation, self.glu, self.sparse_grad = S, activation, glu, sparse_grad
+        self.d_model, self.n_experts, self.n_heads, self.top_k, self.d_key = d_model, n_experts, n_heads, c.top_k, d_key
+        self.n_sub_keys, self.activation, self.glu, self.sparse_grad = S, c.activation, c.glu, c.sparse_grad
         self.query = nn.Linear(d_model, n_heads * d_key, bias=False)
-        # BatchNorm over the H*Q query features (PKM, the paper's default); LayerNorm per head's query
-        self.query_norm = {"batch": lambda: nn.BatchNorm1d(n_heads * d_key), "layer": lambda: nn.LayerNorm(d_key),
-                           "whiten": lambda: QueryWhitening(n_heads, d_key), "none": nn.Identity}[query_norm]()
+        self.query_norm = QUERY_NORM_BUILDERS[query_norm](n_heads, d_key)
         self.query_norm_kind = query_norm
-        self.sub_keys = nn.Parameter(torch.empty(2, n_heads if per_head_keys else 1, S, d_key // 2))
+        self.sub_keys = nn.Parameter(torch.empty(2, n_heads if c.per_head_keys else 1, S, d_key // 2))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_model))  # u_i
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model))  # v_i
-        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model)) if glu else None  # g_i (GLU variant)
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model)) if c.glu else None  # g_i (GLU variant)
         self.reset_parameters()
+
+    own_init = ("query",)  # initialised by reset_parameters, not by the model (MixtureLM.reset_parameters)
 
     def reset_parameters(self, std: float | None = None, out_std: float | None = None) -> None:
         """Sub-keys uniform in +-1/sqrt(Q/2) (PKM); u_i (and g_i) N(0, std), default 1/sqrt(D) (a unit
@@ -362,7 +418,7 @@ class PEER(nn.Module):
         # softmax in float32 at least (bf16 autocast), float64 stays float64
         return a_THK * S + b_THK, score.to(torch.promote_types(score.dtype, torch.float32)).softmax(-1)
 
-    def forward(self, x_BTD: torch.Tensor, return_aux: bool = False):
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, PEERAux]:
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         ids_THK, g_THK = self.retrieve(x_TD)
@@ -377,22 +433,12 @@ class PEER(nn.Module):
             a_TJ = act(h_TJ)
         w_TJ = a_TJ * g_THK.reshape(T, J).to(a_TJ.dtype)
         y = bag_sum(w_TJ, self.w_up, ids_TJ, rows, self.sparse_grad).to(x_BTD.dtype).reshape(shape)
-        if not return_aux:
-            return y
-        return y, {f"stat/{k}": v for k, v in usage_stats(ids_TJ, g_THK.reshape(T, J), self.n_experts).items()}
+        return y, PEERAux(ids_TJ=ids_TJ, scores_TJ=g_THK.reshape(T, J), n_experts=self.n_experts)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_experts={self.n_experts}, heads={self.n_heads}, top_k={self.top_k}, "
                 f"d_key={self.d_key}, activation={self.activation}, glu={self.glu}, "
                 f"per_head_keys={self.sub_keys.shape[1] > 1}, query_norm={self.query_norm_kind}")
-
-
-@torch.no_grad()
-def usage_stats(ids_TJ: torch.Tensor, g_TJ: torch.Tensor, n_experts: int) -> dict[str, torch.Tensor]:
-    """Router scores summed per expert (accumulate over an evaluation set for Table 2's z), and the
-    fraction of experts this call retrieved."""
-    scores_N = torch.bincount(ids_TJ.reshape(-1), weights=g_TJ.reshape(-1).float(), minlength=n_experts)
-    return {"expert_scores": scores_N, "experts_used_fraction": (scores_N > 0).float().mean()}
 
 
 def usage_from_scores(scores_N: torch.Tensor) -> dict[str, float]:

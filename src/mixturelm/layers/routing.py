@@ -19,9 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("softmax", "noisy", "switch", "sigmoid_bias", "expert_choice")
-
-
 @dataclass
 class Routing:
     token_A: torch.Tensor  # (A,) long: which token each assignment takes
@@ -245,9 +242,12 @@ def apply_capacity(r: Routing, capacity_factor: float, n_tokens: int) -> tuple[R
     return kept, dropped
 
 
+ROUTER_CLASSES: dict[str, type[Router]] = {"softmax": SoftmaxTopK, "noisy": NoisyTopK, "switch": SwitchTop1,
+                                           "sigmoid_bias": SigmoidBias, "expert_choice": ExpertChoice}
+ROUTERS = tuple(ROUTER_CLASSES)  # the router kinds, listed once
+TOKEN_CHOICE_ROUTERS = ("softmax", "noisy", "switch")  # exactly k experts per token, in token order
+
+
 def build_router(kind: str, d_model: int, n_experts: int, top_k: int, **options) -> Router:
-    builders = {"softmax": SoftmaxTopK, "noisy": NoisyTopK, "switch": SwitchTop1, "sigmoid_bias": SigmoidBias,
-                "expert_choice": ExpertChoice}
-    if kind not in builders:
-        raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
-    return builders[kind](d_model, n_experts, top_k, **options)
+    """The router of a kind (checked by MoEConfig)."""
+    return ROUTER_CLASSES[kind](d_model, n_experts, top_k, **options)

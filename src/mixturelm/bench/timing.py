@@ -1,0 +1,140 @@
+"""What every benchmark shares: alternating timing, peak-memory measurement in a fresh process, the copy
+bandwidth floor, the timed steps (forward + backward, training step), config checks and result writing."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError, positive_ints
+from ..files import output_folder, write_json_atomic
+
+__all__ = ["check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
+           "reset_peak_rss", "rss_bytes", "save_results", "time_alternating", "train_step_fn"]
+
+
+def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each contender: `rounds` rounds, each timing `steps` calls of every contender in turn."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# Timed steps
+
+def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of a layer against a fixed output gradient. Layers return (y, aux); a peer's
+    layer may return a tuple (y first) or y alone."""
+    params = list(module.parameters())
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        out = module(x)
+        (out[0] if isinstance(out, tuple) else out).backward(grad)
+
+    return step
+
+
+def train_step_fn(model, forward_logits, batch: torch.Tensor) -> Callable[[], None]:
+    """One training step of next-token cross-entropy: forward_logits(inputs) -> logits, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same optimizer for both
+
+    def step() -> None:
+        logits = forward_logits(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory and bandwidth
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset Linux's resident high-water mark (VmHWM) to the current resident size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def in_fresh_process(target, *args):
+    """target(*args, queue) run in a spawned process (fresh memory, for peak-RSS measurements); its answer."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    value = queue.get(timeout=600)
+    proc.join()
+    return value
+
+
+def copy_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
+    """Bytes per second moved by a large tensor copy (each byte read once and written once: 2x size)."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * n_bytes / (time.perf_counter() - t0))
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and results
+
+def check_config(cfg, positive: tuple[str, ...] = ("steps", "rounds"),
+                 optional_positive: tuple[str, ...] = ("threads",)) -> None:
+    """The named fields of a benchmark config are positive ints (the optional ones: or None); a UsageError
+    naming `XxxBenchConfig.field` otherwise. `out`, when set, must be a string or a path."""
+    positive_ints(cfg, *positive)
+    positive_ints(cfg, *(name for name in optional_positive if getattr(cfg, name) is not None))
+    out = getattr(cfg, "out", None)
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise UsageError(f"{type(cfg).__name__}.out must be a folder path or None, got {out!r}")
+
+
+def prepare(cfg) -> Path | None:
+    """Before any work: the output folder checked (it may not be a file), the torch threads set."""
+    out = output_folder(cfg.out, f"{type(cfg).__name__}.out") if cfg.out else None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return out
+
+
+def save_results(out: Path | None, result: dict) -> None:
+    """results.json in out (created if need be), written atomically; nothing when out is None."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", result)

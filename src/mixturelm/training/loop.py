@@ -1,0 +1,268 @@
+"""The training loop: one optimizer step after another within the budget, with evaluations, metrics,
+checkpoints, exact resume and data parallelism (torchrun).
+
+Everything that could reject the run (config, data, budget, output folder) is checked before the output
+folder is touched, so a bad command never damages an existing run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..data.tokenizer import load_from_dir
+from ..data.tokens import TokenData, check_length, prepare, train_rows
+from ..errors import UsageError
+from ..files import write_json_atomic
+from ..flops import measure_matmul_flops
+from ..model import MixtureLM
+from ..runtime import steady_allocator
+from .distributed import init_distributed, pick_device, resolve_device
+from .evaluation import calibrate, evaluate
+from .metrics import Metrics, last_record
+from .optim import Optimizers
+from .run import RunConfig, clear_out_dir, prepare_out_dir, steps_in_budget, train_flops_per_step
+from .summary import describe_summary, run_summary
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 device: str = "auto", progress: bool = True, log=None, on_step=None, bar_position: int = 0) -> None:
+        """on_step(done): called after every optimizer step (an outer progress bar);
+        bar_position: the line of this run's progress bar (1 below an outer bar, which it then leaves alone)."""
+        self.out_dir = Path(out_dir)
+        self.on_step, self.bar_position = on_step, bar_position
+        self.dist = init_distributed(resolve_device(device))
+        self.device = pick_device(device, self.dist)
+        self.progress = progress and self.dist.main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
+        self.resume, self.overwrite = resume, overwrite
+        self.cfg = cfg
+        t = cfg.train
+        if t.batch_size % (self.dist.world * t.grad_accum):
+            raise UsageError(f"TrainConfig.batch_size={t.batch_size} is not divisible by processes x grad_accum "
+                             f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
+        prepare_out_dir(self.out_dir, resume, overwrite)
+        steps_in_budget(self.cfg)  # fail fast, before reading data; counted again once the vocabulary is known
+        self.data = self._prepare_data()
+        check_length(self.data.train, t.seq_len, "training")
+        check_length(self.data.val, t.seq_len, "validation")
+        self.total_steps = steps_in_budget(self.cfg)
+
+    def _prepare_data(self) -> TokenData:
+        t = self.cfg.train
+        tokenizer = load_from_dir(self.out_dir, t.tokenizer) if self.resume else None
+        data = None
+        if self.dist.main:  # the main process fills the cache; the others then read it
+            data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=self.log)
+        self.dist.barrier()
+        if data is None:
+            data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=lambda m: None)
+        if data.tokenizer.vocab_size != self.cfg.model.vocab_size:
+            if self.resume:
+                raise UsageError(f"the run's tokenizer has {data.tokenizer.vocab_size} tokens but its model "
+                                 f"{self.cfg.model.vocab_size}; the run directory is damaged")
+            self.cfg.model = replace(self.cfg.model, vocab_size=data.tokenizer.vocab_size)
+        return data
+
+    # -- set-up of model, optimizer and state ------------------------------------------------
+    def _build(self) -> int:
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        self.model = MixtureLM(self.cfg.model).to(self.device)
+        self.optim = Optimizers(self.model, t, self.total_steps)
+        self.tokens_seen, self.elapsed = 0, 0.0
+        start = 0
+        ckpt = checkpoint.latest(self.out_dir) if self.resume else None
+        if ckpt is not None:
+            checkpoint.verify(ckpt)
+            checkpoint.load_weights(self.model, ckpt)
+            state = checkpoint.load_train_state(ckpt)
+            self.optim.load_state_dict(state)
+            _set_rng_state(state["rng"])
+            start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+            self.log(f"resuming from {ckpt} at step {start}")
+        self.ddp_model = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        return start
+
+    def _write_run_files(self) -> None:
+        if not self.dist.main:
+            return
+        if self.overwrite and not self.resume and self.out_dir.exists():
+            clear_out_dir(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        data_file = self.out_dir / "data.json"
+        if not self.resume:
+            write_json_atomic(self.out_dir / checkpoint.CONFIG_FILE, self.cfg.to_dict())
+            write_json_atomic(data_file, self.data.stats)
+            self.data.tokenizer.save(self.out_dir)
+        elif data_file.is_file() and json.loads(data_file.read_text()).get("cache_key") != self.data.stats["cache_key"]:
+            self.log(f"warning: the data of {self.out_dir} changed since the run started (files added, removed "
+                     "or modified); the resumed run will not repeat the original exactly")
+
+    def _autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _save(self, step: int) -> None:
+        if not self.dist.main:
+            return
+        state = {"step": step, **self.optim.state_dict(), "rng": _rng_state(), "tokens_seen": self.tokens_seen,
+                 "elapsed": self.elapsed}
+        checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
+                        keep=self.cfg.train.keep_ckpts)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _train_step(self, step: int) -> dict:
+        t, d = self.cfg.train, self.dist
+        rows = train_rows(self.data.train, step, t.seed, t.batch_size, t.seq_len)
+        micro = t.batch_size // (d.world * t.grad_accum)
+        lm_loss = torch.zeros((), dtype=torch.float64)
+        sums: dict[str, float] = {}  # "aux/layer{i}.{loss}" and "stat/layer{i}.{statistic}", averaged over micro-steps
+        for m in range(t.grad_accum):
+            first = (m * d.world + d.rank) * micro
+            chunk = rows[first:first + micro].to(self.device)
+            sync = m == t.grad_accum - 1 or d.world == 1
+            with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
+                out = self.ddp_model(chunk[:, :-1], chunk[:, 1:])
+                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            (loss / t.grad_accum).backward()
+            lm_loss += out.loss.detach().double().cpu() / t.grad_accum
+            for prefix, values in (("aux", out.aux_losses), ("stat", out.stats())):
+                for k, v in values.items():
+                    sums[f"{prefix}/{k}"] = sums.get(f"{prefix}/{k}", 0.0) + v.item() / t.grad_accum
+        lr, grad_norm = self.optim.step()
+        for module in self.model.modules():  # online state (the balancing bias), from loads summed over processes
+            if hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step(d.total)
+        record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
+        if sums:  # the same names on every process: average them over processes
+            record.update(zip(sums, d.mean(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+        return record
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t = self.cfg.train
+        if self.device == "cpu":
+            steady_allocator()  # no page-fault storm every step
+        self._write_run_files()
+        self.dist.barrier()
+        start = self._build()
+        metrics = Metrics(self.out_dir, start, self.dist.main)
+        tokens_per_step = t.batch_size * t.seq_len
+        flops_per_step = train_flops_per_step(self.cfg)
+        peak = self._peak_flops()
+        bar = self._progress_bar(start)
+        self.model.train()
+        record: dict = {}
+        for step in range(start, self.total_steps):
+            t0 = time.perf_counter()
+            record = self._train_step(step)
+            dt = time.perf_counter() - t0
+            self.elapsed += dt
+            self.tokens_seen += tokens_per_step
+            done = step + 1
+            record.update(kind="train", step=done, tokens=self.tokens_seen, flops=done * flops_per_step,
+                          tok_per_s=tokens_per_step / dt, mfu=flops_per_step / dt / (peak * self.dist.world),
+                          elapsed_s=self.elapsed)
+            if done % t.log_every == 0 or done == self.total_steps:
+                metrics.write(record)
+            evaluating = done % t.eval_every == 0 or done == self.total_steps
+            if evaluating or done % t.ckpt_every == 0:
+                self._calibrate(done)
+            if evaluating:
+                ev = self._evaluate()
+                metrics.write({"kind": "eval", "step": done, "tokens": self.tokens_seen, **ev})
+                record.update(ev)
+                self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
+                               f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
+            if done % t.ckpt_every == 0 or done == self.total_steps:
+                self._save(done)
+            if self.on_step is not None:
+                self.on_step(done)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:,.0f}",
+                                mfu=f"{record['mfu']:.0%}")
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        if start >= self.total_steps:  # resumed a finished run: evaluate what is there, beside its last step's record
+            record = last_record(self.out_dir) | self._evaluate()
+        return self._finish(record)
+
+    def _evaluate(self) -> dict:
+        t = self.cfg.train
+        return evaluate(self.model, self.data, t.seq_len, t.eval_tokens, t.batch_size // self.dist.world,
+                        self.device, self.dist, self._autocast)
+
+    def _calibrate(self, done: int) -> None:
+        """What a mechanism must re-estimate before evaluation and checkpoints, on this process's share of
+        the last training batches (already trained on: no new data is drawn)."""
+        t, d = self.cfg.train, self.dist
+        micro = t.batch_size // d.world
+
+        def batches(n: int):
+            return (train_rows(self.data.train, s, t.seed, t.batch_size, t.seq_len)[d.rank * micro:(d.rank + 1) * micro]
+                    .to(self.device) for s in range(max(0, done - n), done))
+
+        calibrate(self.model, batches, lambda mechanism: mechanism.train_options(t), self._autocast, d)
+
+    def _finish(self, record: dict) -> dict:
+        summary = run_summary(self.cfg, self.total_steps, self.tokens_seen, self.model.num_params(), self.elapsed,
+                              self.data.stats, record)
+        for line in describe_summary(summary):
+            self.log(line)
+        if "val_loss_causal" in summary:
+            self.log(f"val loss with training's routing {summary['val_loss']:.4f}, with causal (sampling) routing "
+                     f"{summary['val_loss_causal']:.4f}")
+        if self.dist.main:
+            write_json_atomic(self.out_dir / "results.json", summary)
+        return summary
+
+    def _say(self, bar, msg: str) -> None:
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            self.log(msg)
+
+    def _peak_flops(self) -> float:
+        peak = torch.tensor(measure_matmul_flops(self.device, seconds=0.3) if self.dist.main else 0.0)
+        if self.dist.world > 1:  # everyone uses the main process's measurement
+            torch.distributed.broadcast(peak, 0)
+        return float(peak)
+
+    def _progress_bar(self, start: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start, desc=f"train {self.cfg.preset}", unit="step",
+                    dynamic_ncols=True, mininterval=0.5, position=self.bar_position, leave=self.bar_position == 0,
+                    disable=None)  # None: no bar when stderr is not a terminal (logs get the eval lines)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

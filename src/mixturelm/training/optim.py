@@ -1,0 +1,153 @@
+"""The optimizer of a run: AdamW with parameter groups, what each mechanism needs besides (its own groups,
+SparseAdam for row-sparse tables, side networks clipped apart), warm-up and cosine, gradient clipping."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UsageError
+from ..mechanisms import registry
+from ..mechanisms.registry import OptimizerNeeds
+
+
+def mechanism_needs(model: torch.nn.Module, train: TrainConfig | None = None) -> OptimizerNeeds:
+    """What every mechanism of the model asks of the optimizer, gathered (Mechanism.optimizer_needs)."""
+    total = OptimizerNeeds()
+    for mechanism in registry.present(model):
+        options = mechanism.train_options(train or TrainConfig()) if mechanism.train_options_class else None
+        needs = mechanism.optimizer_needs(registry.modules_of(model, mechanism), options)
+        total.groups += needs.groups
+        total.sparse += needs.sparse
+        total.side += needs.side
+        total.sparse_lr = needs.sparse_lr if needs.sparse else total.sparse_lr
+    return total
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, needs: OptimizerNeeds | None = None) -> list[dict]:
+    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding). The groups a
+    mechanism asks for come after these two; its sparse-gradient parameters are left to a SparseAdam."""
+    needs = needs if needs is not None else mechanism_needs(model)
+    apart = {id(p) for g in needs.groups for p in g["params"]} | {id(p) for p in needs.sparse}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in apart:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}] + needs.groups
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def mark_coalesced(params) -> None:
+    """Autograd drops the coalesced flag of a sparse gradient when it stores it; row gradients made
+    coalesced (distinct, sorted rows) are checked cheaply and flagged again, sparing SparseAdam a sort."""
+    for p in params:
+        g = p.grad
+        if g is None or not g.is_sparse or g.is_coalesced():
+            continue
+        idx = g._indices()[0]
+        if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
+            p.grad = torch.sparse_coo_tensor(g._indices(), g._values(), g.shape, is_coalesced=True,
+                                             check_invariants=False)
+        else:
+            p.grad = g.coalesce()
+
+
+@torch.no_grad()
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, for dense and (coalesced) sparse gradients alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g._values() for g in grads if g.is_sparse]
+    norms = [torch.linalg.vector_norm(g) for g in dense + sparse]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if max_norm != float("inf"):
+        for g in dense + sparse:
+            g.mul_(coef.to(g.device))
+    return total
+
+
+@dataclass
+class Optimizers:
+    """AdamW over the model (with a SparseAdam for row-sparse parameters, if any), their schedules and
+    clipping: the model under one norm, side networks apart."""
+
+    model: torch.nn.Module
+    train: TrainConfig
+    total_steps: int
+    sparse_opt: torch.optim.Optimizer | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        t = self.train
+        needs = mechanism_needs(self.model, t)
+        groups = param_groups(self.model, t.weight_decay, needs)
+        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                                     fused=True)  # one kernel per step, on CPU as on CUDA
+        warmup = min(t.warmup_steps, self.total_steps)
+
+        def schedule(s: int) -> float:
+            return lr_factor(s, warmup, self.total_steps, t.min_lr_ratio)
+
+        def constant(s: int) -> float:
+            return 1.0
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # a group with fixed_lr keeps its rate
+            self.opt, [constant if g.get("fixed_lr") else schedule for g in groups])
+        # row-sparse parameters: lazy Adam on the touched rows only (no N x d work per step)
+        self.sparse_params = needs.sparse
+        if self.sparse_params:
+            self.sparse_opt = torch.optim.SparseAdam(self.sparse_params, lr=needs.sparse_lr or t.lr,
+                                                     betas=(t.beta1, t.beta2))
+            self.sparse_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.sparse_opt, schedule if needs.sparse_lr is None else constant)
+        self.side_params = needs.side
+        side = {id(p) for p in self.side_params}
+        self.clipped_params = [p for p in self.model.parameters() if id(p) not in side]
+
+    def step(self) -> tuple[float, torch.Tensor]:
+        """Clip, step, schedule, zero; returns the learning rate used and the gradient norm before clipping."""
+        clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
+        if self.sparse_opt is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_params, clip)
+        else:  # one norm over dense and sparse gradients alike
+            mark_coalesced(self.sparse_params)
+            grad_norm = clip_grad_norm(self.clipped_params, clip)
+        if self.side_params:
+            clip_grad_norm(self.side_params, clip)
+        lr = self.opt.param_groups[0]["lr"]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sparse_opt is not None:
+            self.sparse_opt.step()
+            self.sparse_sched.step()
+            self.sparse_opt.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+        if self.sparse_opt is not None:
+            state["sparse_optimizer"] = self.sparse_opt.state_dict()
+            state["sparse_scheduler"] = self.sparse_sched.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.sparse_opt is not None:
+            if "sparse_optimizer" not in state:
+                raise UsageError("the checkpoint holds no state of the sparse-row optimizer (written by an older "
+                                 "mixturelm); start a new run")
+            self.sparse_opt.load_state_dict(state["sparse_optimizer"])
+            self.sparse_sched.load_state_dict(state["sparse_scheduler"])
