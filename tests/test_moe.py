@@ -279,3 +279,13 @@ def test_training_steps_the_bias_and_logs_the_load(corpus_dir, tmp_path):
     last = [r for r in records if r["kind"] == "train"][-1]
     assert "stat/layer0.load_max_over_mean" in last and "aux/layer1.complementary_balance" in last
     assert set(summary["load_max_over_mean"]) == {"layer0.load_max_over_mean", "layer1.load_max_over_mean"}
+
+
+def test_sampling_warns_only_for_expert_choice():
+    """Expert choice picks tokens among all of a call: generate warns that one token at a time it routes
+    otherwise than in training; token-choice routers are causal and get no warning."""
+    from mixturelm.mechanisms import get
+
+    moe = get("moe")
+    assert "not causal" in moe.sampling_warning(make_moe(D, H, E, 2, "expert_choice"))
+    assert moe.sampling_warning(make_moe(D, H, E, 2, "softmax")) is None

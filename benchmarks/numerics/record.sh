@@ -6,7 +6,7 @@
 # debug-size compare of the five architectures, the NIFTY ensemble, eval, generate, flops and inspect.
 set -euo pipefail
 SRC=$1; OUT=$2
-rm -rf $OUT; mkdir -p $OUT
+rm -rf "$OUT"; mkdir -p "$OUT"
 export PYTHONPATH=$SRC/src OMP_NUM_THREADS=2 MIXTURELM_CACHE=$OUT/cache
 python3 - <<'PY' "$OUT/corpus"
 import sys, numpy as np

@@ -241,9 +241,9 @@ def cmd_generate(args) -> None:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = resolve_device(args.device)
     model, _, tokenizer, _ = checkpoint.load_model(args.ckpt, device)
-    if any(getattr(m, "router_kind", None) == "expert_choice" for m in model.modules()):
-        print("mixturelm generate: warning: expert-choice routing is not causal (an expert picks among all tokens "
-              "of a call); one token at a time it routes differently from training", file=sys.stderr)
+    warnings = {w for m in model.modules() if (mech := registry.of_module(m)) and (w := mech.sampling_warning(m))}
+    for warning in sorted(warnings):
+        print(f"mixturelm generate: warning: {warning}", file=sys.stderr)
     ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)

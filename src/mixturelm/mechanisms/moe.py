@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..layers.moe import MoE, MoEConfig
+from ..layers.routing import ROUTERS
 from .registry import Mechanism, Option, layer_stats, register
 
 
@@ -34,7 +35,7 @@ class MoEMechanism(Mechanism):
     # and the small complementary balance loss of the aux-loss-free sigmoid_bias router 1e-4 (DeepSeek-V3)
     loss_weights = {"balance": 1e-2, "z": 1e-3, "importance": 1e-2, "load": 1e-2, "complementary_balance": 1e-4}
     block_options = {
-        "router": Option("router", str, "MoE router: softmax, noisy, switch, sigmoid_bias, expert_choice"),
+        "router": Option("router", str, f"MoE router: {', '.join(ROUTERS)}"),
         "n_experts": Option("n_experts", int, "MoE experts per layer"),
         "top_k": Option("top_k", int, "MoE experts per token"),
         "d_expert": Option("d_expert", int, "hidden size of each MoE expert"),
@@ -71,6 +72,12 @@ class MoEMechanism(Mechanism):
             assumed = m.experts_per_token()
             extra += block_flops(spec, model, seq_len)["experts"] * (m.top_k * (1.0 - f) / assumed - 1.0)
         return extra
+
+    def sampling_warning(self, module: MoE) -> str | None:
+        if module.router_kind == "expert_choice":
+            return ("expert-choice routing is not causal (an expert picks among all tokens of a call); one token "
+                    "at a time it routes differently from training")
+        return None
 
     def summarize(self, record: dict) -> dict:
         loads = {f"layer{i}.load_max_over_mean": v for i, v in layer_stats(record, "load_max_over_mean").items()}

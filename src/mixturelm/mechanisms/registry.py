@@ -127,6 +127,10 @@ class Mechanism:
         """Re-estimate what evaluation needs from `batches` at the current weights; returns layers set."""
         return 0
 
+    def sampling_warning(self, module: nn.Module) -> str | None:
+        """Why sampling from a model with this module would route differently from training, if it would."""
+        return None
+
     # -- evaluation and summaries ------------------------------------------------------------------
     def eval_accumulate(self, state: dict, name: str, aux: Aux) -> None:
         """Add one evaluation batch's aux of layer `name` to state[name] (tensors only: they are summed
