@@ -30,7 +30,7 @@ def test_files_globs_and_jsonl(corpus_dir, tmp_path):
     assert len(docs) == 4 + 5 and docs[-1].data.startswith(b"record 4")
     jl2 = tmp_path / "other.jsonl"
     jl2.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(UsageError, match="--text-field"):
+    with pytest.raises(UsageError, match="`text_field`"):  # the library names the parameter; the CLI its flag
         corpus.read_documents(corpus.resolve(str(jl2)))
     assert corpus.read_documents(corpus.resolve(str(jl2)), text_field="body")[0].data == b"x"
 

@@ -128,8 +128,14 @@ def load_config(ckpt: Path) -> dict:
         raise UsageError(f"checkpoint {ckpt} has no readable {CONFIG_FILE}; it is incomplete or corrupt") from None
 
 
+# state-dict names of mixturelm before 2026-12: a block's FFN with a layer beside it was one module
+LEGACY_NAMES = ((".ffn.main.", ".ffn."), (".ffn.extra.", ".beside.0."))
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     state = load_file(ckpt / MODEL_FILE)
+    for old, new in LEGACY_NAMES:
+        state = {k.replace(old, new): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UsageError(f"checkpoint {ckpt} does not fit its config (missing {missing[:3]}, unexpected "

@@ -94,7 +94,8 @@ def to_flags(message: str, dests: set[str] = frozenset()) -> str:
     """A library error in the words of the command line: config fields (`TrainConfig.lr`) and parameters
     (`out`, `overwrite=True`, of the command's own options `dests`) become the flags that set them."""
     flags = field_flags()
-    pattern = re.compile("|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True)) + r"(?![\w.])")
+    names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./-])(?:{names})(?![\w./])")  # whole names, not inside a path
     message = pattern.sub(lambda m: flags[m.group(0)], message)
 
     def parameter(m: re.Match) -> str:

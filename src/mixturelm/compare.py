@@ -173,7 +173,7 @@ def check_same_corpus(out: Path, key: str | None) -> None:
     if saved is not None and key is not None and saved != key:
         raise UsageError(f"the corpus changed since the compare in `out` {out} started (files added, removed or "
                          "modified), so its runs would not see the same data; restore it, or add `overwrite=True` to "
-                         "start the compare again, or use another --out")
+                         "start the compare again, or use another `out`")
 
 
 def clear_compare(out: Path) -> None:
@@ -245,7 +245,13 @@ NOT_RESULTS = ("ckpt_every", "keep_ckpts")
 
 
 def same_run(saved: dict, planned: dict) -> bool:
+    """Whether a saved run config is the planned one, whichever version of mixturelm wrote it (both are read
+    back through RunConfig, which takes the older formats)."""
     def strip(cfg: dict) -> dict:
+        try:
+            cfg = RunConfig.from_dict(cfg).to_dict()
+        except (UsageError, KeyError, TypeError):
+            return {"unreadable": cfg}
         return cfg | {"train": {k: v for k, v in cfg.get("train", {}).items() if k not in NOT_RESULTS}}
     return strip(saved) == strip(planned)
 
@@ -258,11 +264,11 @@ def finished_run(r: RunPlan, run_dir: Path) -> dict | None:
     if not config_file.is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise UsageError(f"{run_dir} is damaged (files but no {checkpoint.CONFIG_FILE}); delete it to train that "
-                             "run again, or add --overwrite to start the compare again")
+                             "run again, or add `overwrite=True` to start the compare again")
         return None
     if not same_run(_read_json(config_file), r.config.to_dict()):
         raise UsageError(f"{run_dir} was trained with other settings than this compare gives it (another "
-                         "mixturelm version?); add --overwrite to start the compare again, or use another --out")
+                         "mixturelm version?); add `overwrite=True` to start the compare again, or use another `out`")
     finished = _read_json(results_file) if results_file.is_file() else None
     return finished if finished is not None and finished.get("steps") == r.steps else None
 
@@ -291,7 +297,7 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         raise UsageError(f"{path} is unreadable; delete its run folder to train that run again, or add "
-                         "--overwrite to start the compare again") from None
+                         "`overwrite=True` to start the compare again") from None
 
 
 def _outer_bar(progress: bool, total: int, initial: int):

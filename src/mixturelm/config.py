@@ -42,9 +42,9 @@ class BlockSpec:
         _check_kind("ffn", ffn, "ffn")
         for kind in self.beside:
             _check_kind("beside", kind, "ffn")
-        if ffn in self.beside:
-            raise UsageError(f"BlockSpec.beside names {ffn!r}, which is already the FFN; it would be there twice, "
-                             "set one of them")
+        if ffn in self.beside or len(set(self.beside)) < len(self.beside):
+            raise UsageError(f"BlockSpec.beside={list(self.beside)} names a mechanism twice (the FFN is {ffn!r}); a "
+                             "block uses each mechanism once, with one config")
         if wrapper != NO_WRAPPER:
             _check_kind("wrapper", wrapper, "wrapper")
         used = [k for k in (ffn, *self.beside, wrapper) if k != NO_WRAPPER]
@@ -74,6 +74,15 @@ class BlockSpec:
         if name in registry.kinds():
             return self.configs.get(name)
         raise AttributeError(f"BlockSpec has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """spec.<kind> = config replaces the config of a mechanism the block uses (checked as in __init__)."""
+        if name in registry.kinds() and "configs" in self.__dict__:
+            if name not in self.kinds() or registry.get(name).config_class is None:
+                raise UsageError(f"BlockSpec.{name} is not used by this block; name it in ffn, beside or wrapper")
+            self.configs[name] = registry.get(name).new_config(value)
+        else:
+            super().__setattr__(name, value)
 
     def kinds(self) -> list[str]:
         """Every mechanism kind the block uses: its FFN, those beside it, its wrapper."""
@@ -246,12 +255,18 @@ class TrainConfig:
         options = {kind: dict(v) if isinstance(v, dict) else dataclasses.asdict(v)
                    for kind, v in d.pop("mechanisms", {}).items()}
         names = {f.name for f in dataclasses.fields(cls)}
+        flat: dict[str, dict] = {}
         for key in [k for k in d if k not in names]:
             found = registry.train_flag(key)
             if found is None:
                 raise UsageError(f"TrainConfig has no field {key}")
             mechanism, option = found
-            options.setdefault(mechanism.kind, {})[option] = d.pop(key)
+            flat.setdefault(mechanism.kind, {})[option] = d.pop(key)
+        for kind, given in flat.items():
+            # configs saved before 2026-12 held every mechanism's options flat, at their defaults when unused
+            defaults = dataclasses.asdict(registry.get(kind).train_options_class())
+            if kind in options or any(defaults.get(k) != v for k, v in given.items()):
+                options[kind] = options.get(kind, {}) | given
         return cls(**d, mechanisms=options)
 
 

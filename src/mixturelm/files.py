@@ -34,7 +34,7 @@ def write_json_atomic(path: Path, obj, *, sync: bool = True) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1), sync=sync)
 
 
-def output_folder(path: str | Path, option: str = "--out") -> Path:
+def output_folder(path: str | Path, option: str = "`out`") -> Path:
     """A folder to write into: it may not exist yet, but it may not be a file. Checked before any work."""
     path = Path(path)
     if path.exists() and not path.is_dir():

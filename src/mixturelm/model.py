@@ -104,21 +104,17 @@ class ModelOutput:
     aux: list[tuple[int, Aux]] = field(default_factory=list)  # (block index, what one of its layers returned)
 
     def named_aux(self) -> list[tuple[str, Aux]]:
-        """Every layer's Aux with a name: "layer3", and "layer3_2", ... for further ones of one kind in a block."""
-        named, seen = [], {}
-        for i, a in self.aux:
-            n = seen[(i, a.kind)] = seen.get((i, a.kind), 0) + 1
-            named.append((f"layer{i}" if n == 1 else f"layer{i}_{n}", a))
-        return named
+        """Every layer's Aux with the name of its block, "layer3" (a block uses each mechanism once)."""
+        return [(f"layer{i}", a) for i, a in self.aux]
 
     @property
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Every auxiliary loss by layer and name: "layer3.balance" -> value."""
-        return {f"{name}.{k}": v for name, a in self.named_aux() for k, v in a.losses.items()}
+        return _by_name((name, a.kind, a.losses) for name, a in self.named_aux())
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Every layer's scalar statistics by layer and name: "layer3.load_max_over_mean" -> value."""
-        return {f"{name}.{k}": v for name, a in self.named_aux() for k, v in a.scalars().items()}
+        return _by_name((name, a.kind, a.scalars()) for name, a in self.named_aux())
 
 
 class MixtureLM(nn.Module):
@@ -181,6 +177,17 @@ class MixtureLM(nn.Module):
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self, batch, capacity)
+
+
+def _by_name(items) -> dict[str, torch.Tensor]:
+    """"layer{i}.{name}" for each value; where two mechanisms of one block use a name, the later one's is
+    "layer{i}.{kind}.{name}"."""
+    out: dict[str, torch.Tensor] = {}
+    for layer, kind, values in items:
+        for k, v in values.items():
+            key = f"{layer}.{k}"
+            out[f"{layer}.{kind}.{k}" if key in out else key] = v
+    return out
 
 
 def _resets_itself(module: nn.Module) -> bool:

@@ -128,7 +128,7 @@ def _jsonl_documents(path: Path, name: str, text_field: str) -> list[Document]:
                 raise UsageError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix the line or remove it") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise UsageError(f"{path}:{lineno} has no string field {text_field!r}; "
-                                 "name the field with --text-field")
+                                 "name the field with `text_field`")
             docs.append(Document(f"{name}:{lineno}", record[text_field].encode("utf-8", "surrogatepass")))
     return docs
 
@@ -142,10 +142,10 @@ def _hf_documents(src: Source, text_field: str) -> list[Document]:
     except Exception as e:  # no network, unknown name, missing config: all end here
         first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UsageError(f"could not load Hugging Face dataset {src.spec!r} ({first_line}); "
-                         "check the name and the network, or give local files with --data PATH") from None
+                         "check the name and the network, or give local files as `data`") from None
     if text_field not in ds.column_names:
         raise UsageError(f"{src.spec} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
-                         "name it with --text-field")
+                         "name it with `text_field`")
     return [Document(f"{src.spec}#{i}", t.encode("utf-8")) for i, t in enumerate(ds[text_field]) if t]
 
 

@@ -133,7 +133,7 @@ def _load_cache(token_dir: Path, tokenizer) -> TokenData:
 def check_length(split: TokenSplit, seq_len: int, what: str) -> None:
     if len(split.tokens) < seq_len + 1:
         raise UsageError(f"the {what} split has {len(split.tokens)} tokens, fewer than one sequence of "
-                         f"{seq_len + 1}; give more data or a shorter --seq-len")
+                         f"{seq_len + 1}; give more data or a shorter `seq_len`")
 
 
 def train_rows(split: TokenSplit, step: int, seed: int, rows: int, seq_len: int) -> torch.Tensor:

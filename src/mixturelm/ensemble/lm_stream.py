@@ -58,7 +58,7 @@ def load_experts(paths: list[str], device: str):
     if len(set(fp)) > 1:
         raise UsageError("the experts do not share a tokenizer (" + ", ".join(
             f"{n}: {t.name}" for n, (_, _, t) in zip(names, experts)) + "); mixing next-token distributions "
-            "needs one vocabulary: train them with the same --tokenizer (bytes, or the same BPE file)")
+            "needs one vocabulary: train them with the same `tokenizer` (bytes, or the same BPE file)")
     return experts, names
 
 
@@ -85,8 +85,8 @@ def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fractio
         count = len(range(s, n_segments, len(sources)))
         if len(toks) < count * (segment_len + 1):
             raise UsageError(f"source {sources[s]!r} has {len(toks):,} held-out tokens, fewer than the "
-                             f"{count} segments of {segment_len} + 1 it must give; lower --segments or "
-                             "--segment-len, or give more text")
+                             f"{count} segments of {segment_len} + 1 it must give; lower `segments` or "
+                             "`segment_len`, or give more text")
         # spread evenly over the held-out text, so that the stream is not just its first documents
         starts.append(np.linspace(0, len(toks) - segment_len - 1, max(count, 1)).astype(int))
     segs = []

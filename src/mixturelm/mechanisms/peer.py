@@ -150,9 +150,8 @@ class PEERMechanism(Mechanism):
         return len(norms)
 
     # -- evaluation and summaries ------------------------------------------------------------------
-    def eval_accumulate(self, state: dict, name: str, aux: PEERAux) -> None:
-        scores = aux.expert_scores.double()
-        state[name] = state[name] + scores if name in state else scores
+    def eval_value(self, aux: PEERAux) -> torch.Tensor:
+        return aux.expert_scores.double()
 
     def eval_metrics(self, name: str, total: torch.Tensor) -> dict[str, float]:
         """Expert usage over the evaluation tokens (the paper's Table 2)."""

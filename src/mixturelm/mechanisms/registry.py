@@ -15,6 +15,7 @@ Roles:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -132,12 +133,12 @@ class Mechanism:
         return None
 
     # -- evaluation and summaries ------------------------------------------------------------------
-    def eval_accumulate(self, state: dict, name: str, aux: Aux) -> None:
-        """Add one evaluation batch's aux of layer `name` to state[name] (tensors only: they are summed
-        over processes)."""
+    def eval_value(self, aux: Aux) -> torch.Tensor | None:
+        """What to sum over the evaluation batches (and processes) from one batch's aux, or None."""
+        return None
 
     def eval_metrics(self, name: str, total: torch.Tensor) -> dict[str, float]:
-        """Metrics of layer `name` from its accumulated evaluation state."""
+        """Metrics of layer `name` ("layer3") from the sum of its eval_value over the evaluation."""
         return {}
 
     def summarize(self, record: dict) -> dict:
@@ -223,9 +224,9 @@ def layer_stats(record: dict, name: str, prefix: str = "stat") -> dict[int, floa
     """{layer: value} of one statistic in a metrics record (stat_key's names)."""
     found = {}
     for key, value in record.items():
-        head, _, stat = key.partition(".")
-        if stat == name and head.startswith(f"{prefix}/layer"):
-            found[int(head.removeprefix(f"{prefix}/layer"))] = value
+        m = re.fullmatch(rf"{prefix}/layer(\d+)\.{re.escape(name)}", key)
+        if m:
+            found[int(m.group(1))] = value
     return found
 
 

@@ -27,15 +27,15 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: 
     A model with a mechanism whose training routing looks ahead (Mixture-of-Depths' top-k over the
     sequence) is also evaluated with causal routing (val_loss_causal): the token-by-token decisions of
     sampling. Each mechanism adds what it measures over the tokens of the first pass
-    (Mechanism.eval_accumulate / eval_metrics: PEER's expert usage, "layer{i}.peer_usage")."""
+    (Mechanism.eval_value, summed over batches and processes, then eval_metrics: PEER's expert usage,
+    "layer{i}.peer_usage")."""
     was_training = model.training
     model.eval()
     present = registry.present(model)
     windows = val_windows(data.val, seq_len, max_tokens)[d.rank::d.world]
     routings = [False, True] if any(m.causal_eval for m in present) else [False]
     total = torch.zeros(len(routings), 2, dtype=torch.float64)
-    state: dict[str, torch.Tensor] = {}  # per layer, what its mechanism accumulates
-    kinds: dict[str, registry.Mechanism] = {}
+    totals: dict[tuple[str, str], torch.Tensor] = {}  # (layer, kind) -> what the mechanism sums over batches
     for i in range(0, len(windows), batch):
         w = windows[i:i + batch].to(device)
         for j, causal in enumerate(routings):
@@ -43,19 +43,21 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: 
                 out = model(w[:, :-1], w[:, 1:], causal_routing=causal)
             if j == 0:
                 for name, aux in out.named_aux():
-                    kinds[name] = registry.of_aux(aux)
-                    kinds[name].eval_accumulate(state, name, aux)
+                    value = registry.of_aux(aux).eval_value(aux)
+                    if value is not None:
+                        key = (name, aux.kind)
+                        totals[key] = totals[key] + value if key in totals else value
             total[j] += torch.tensor([out.loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
     d.sum_in_place(total)
-    for v in state.values():
+    for v in totals.values():
         d.sum_in_place(v)
     model.train(was_training)
     loss = (total[0, 0] / total[0, 1]).item()
     res = loss_metrics(loss, data.val.bytes_per_token) | {"val_tokens": int(total[0, 1])}
     if len(routings) > 1:
         res["val_loss_causal"] = (total[1, 0] / total[1, 1]).item()
-    for name in sorted(state):
-        res.update(kinds[name].eval_metrics(name, state[name]))
+    for name, kind in sorted(totals):
+        res.update(registry.get(kind).eval_metrics(name, totals[name, kind]))
     return res
 
 

@@ -146,8 +146,11 @@ class Optimizers:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.sparse_opt is not None:
-            if "sparse_optimizer" not in state:
-                raise UsageError("the checkpoint holds no state of the sparse-row optimizer (written by an older "
-                                 "mixturelm); start a new run")
-            self.sparse_opt.load_state_dict(state["sparse_optimizer"])
-            self.sparse_sched.load_state_dict(state["sparse_scheduler"])
+            # checkpoints of mixturelm before 2026-12 named the sparse-row optimizer after its only user
+            old = {"sparse_optimizer": "peer_optimizer", "sparse_scheduler": "peer_scheduler"}
+            opt, sched = (state.get(k, state.get(old[k])) for k in ("sparse_optimizer", "sparse_scheduler"))
+            if opt is None or sched is None:
+                raise UsageError("the checkpoint holds no state of the sparse-row optimizer; it cannot be resumed, "
+                                 "start a new run")
+            self.sparse_opt.load_state_dict(opt)
+            self.sparse_sched.load_state_dict(sched)

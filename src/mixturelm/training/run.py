@@ -91,7 +91,7 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
     if preset is not None and preset != saved.preset:
         raise UsageError(f"preset {preset} differs from the run's preset {saved.preset}; "
                          "leave the preset out or start a new run in another folder")
-    given = [("TrainConfig", k, _train_value(saved.train, k), v) for k, v in train_overrides.items()]
+    given = [(*_train_field(saved.train, k), v) for k, v in train_overrides.items()]
     given += [("ModelConfig", k, getattr(saved.model, k), v) for k, v in (model_overrides or {}).items()]
     for kind, overrides in (block_overrides or {}).items():
         if overrides:  # the same error as a new run when the run has no such blocks
@@ -105,12 +105,12 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
     return saved
 
 
-def _train_value(train: TrainConfig, key: str):
-    """A TrainConfig field, or a mechanism's training option by its train flag."""
+def _train_field(train: TrainConfig, key: str) -> tuple[str, str, object]:
+    """(owner, field, value) of a TrainConfig field, or of a mechanism's training option by its train flag."""
     if key in {f.name for f in dataclasses.fields(train)}:
-        return getattr(train, key)
+        return "TrainConfig", key, getattr(train, key)
     mechanism, option = registry.train_flag(key)
-    return getattr(mechanism.train_options(train), option)
+    return mechanism.train_options_class.__name__, option, getattr(mechanism.train_options(train), option)
 
 
 def steps_in_budget(cfg: RunConfig) -> int:
@@ -127,7 +127,7 @@ def steps_in_budget(cfg: RunConfig) -> int:
         unit, per_step = "TrainConfig.max_flops", f"{flops_per_step:.3g} FLOPs"
     if steps < 1:
         raise UsageError(f"{unit} is smaller than one step ({per_step} per step); raise the budget "
-                         "or lower TrainConfig.batch_size / seq_len")
+                         "or lower TrainConfig.batch_size or TrainConfig.seq_len")
     return steps
 
 
@@ -139,7 +139,7 @@ def train_flops_per_step(cfg: RunConfig) -> float:
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to write into a non-empty folder unless told to resume or overwrite (and then only a run)."""
-    output_folder(out_dir, "out_dir")
+    output_folder(out_dir, "`out_dir`")
     if resume or not has_content(out_dir):
         return
     if not overwrite:
