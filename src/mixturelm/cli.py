@@ -409,7 +409,7 @@ def _add_compare(sub) -> None:
                         "mark each one's isoFLOP-optimal size")
     p.add_argument("--flops", default=",".join(f"{b:g}" for b in d.budgets),
                    help="training-FLOP budget of every run; comma-separated for several budgets (default %(default)s, "
-                        "about 8 minutes for the five architectures on 2 CPU cores)")
+                        "8 to 14 minutes for the five architectures on 2 CPU cores)")
     p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="bytes (default) or bpe:VOCAB")
     p.add_argument("--text-field", default=d.text_field, help="field of .jsonl records that holds the text")

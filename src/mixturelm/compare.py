@@ -41,8 +41,9 @@ from .training.run import train_flops_per_step
 
 DEFAULT_SIZE = "tiny"
 SWEEP_SIZES = ("debug", "tiny", "small")
-# The default budget: 7 min 48 s for the five default architectures on 2 quiet CPU cores (peer-tiny's 1024^2
-# experts take the most time), dense-tiny's 222 steps of 16 x 256 tokens, where the curves have separated.
+# The default budget: 7 min 48 s (Intel Xeon) to 13 min 53 s (AMD EPYC) for the five default architectures on
+# 2 quiet CPU cores (benchmarks/compare; peer-tiny's 1024^2 experts take the most time), dense-tiny's 222 steps
+# of 16 x 256 tokens, where the curves have separated.
 DEFAULT_FLOPS = 6e12
 
 FAIR_RULE = (

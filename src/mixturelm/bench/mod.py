@@ -18,7 +18,7 @@ from ..flops import flop_counter, forward_flops_per_token
 from ..layers.mod import MoD, MoDConfig
 from ..model import MixtureLM
 from ..runtime import steady_allocator
-from .timing import check_config, prepare, save_results, time_alternating, train_step_fn
+from .timing import check_config, machine_line, prepare, save_results, time_alternating, train_step_fn
 
 MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 1024, 2
@@ -161,7 +161,7 @@ def bench_mod(cfg: MoDBenchConfig, command: str = "") -> dict:
 
 def print_mod(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
+    print(machine_line(m))
     print(f"shape: {r['shape']}")
     print(f"{'':<44}{'dense':>12}{'MoD':>12}{'MoD speed-up':>14}")
     for name, row in r["rows"].items():

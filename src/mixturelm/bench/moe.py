@@ -14,8 +14,18 @@ from ..files import machine
 from ..layers.ffn import SwiGLU
 from ..layers.moe import MoE
 from ..runtime import steady_allocator
-from .timing import (check_config, fwd_bwd, in_fresh_process, peak_rss_bytes, prepare, reset_peak_rss, rss_bytes,
-                     save_results, time_alternating)
+from .timing import (
+    check_config,
+    fwd_bwd,
+    in_fresh_process,
+    machine_line,
+    peak_rss_bytes,
+    prepare,
+    reset_peak_rss,
+    rss_bytes,
+    save_results,
+    time_alternating,
+)
 
 MOE_SHAPES = {"8x top-2": (8, 2, 1408), "64x top-8 (fine-grained)": (64, 8, 352)}  # experts, k, expert hidden
 D_MODEL = 512
@@ -129,7 +139,7 @@ def bench_moe(cfg: MoEBenchConfig, command: str = "") -> dict:
 
 def print_moe(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; {r['tokens']} tokens, d_model "
+    print(machine_line(m) + f"; {r['tokens']} tokens, d_model "
           f"{r['d_model']}, fp32, forward + backward")
     for shape, s in r["shapes"].items():
         print(f"\n{shape}: {s['n_experts']} experts, top-{s['top_k']}, expert hidden {s['d_expert']}")

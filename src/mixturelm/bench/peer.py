@@ -14,8 +14,19 @@ from ..errors import UsageError
 from ..files import machine
 from ..layers.peer import PEER
 from ..runtime import steady_allocator
-from .timing import (check_config, copy_bandwidth, fwd_bwd, in_fresh_process, peak_rss_bytes, prepare,
-                     reset_peak_rss, rss_bytes, save_results, time_alternating)
+from .timing import (
+    check_config,
+    copy_bandwidth,
+    fwd_bwd,
+    in_fresh_process,
+    machine_line,
+    peak_rss_bytes,
+    prepare,
+    reset_peak_rss,
+    rss_bytes,
+    save_results,
+    time_alternating,
+)
 
 DEFAULT_TOKENS = 2048
 
@@ -140,7 +151,7 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
 
 def print_peer(r: dict) -> None:
     m, s, e = r["machine"], r["shape"], r["expert_rows"]
-    print(f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
+    print(machine_line(m))
     print(f"PEER: N={s['n_experts']:,} experts, d_model {s['d_model']}, {s['heads']} heads x top-{s['top_k']}, "
           f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, forward + backward")
     print(f"  {'':<18}{'fwd+bwd s':>10}{'params MB':>11}{'peak RSS MB':>13}{'peak above params MB':>22}")

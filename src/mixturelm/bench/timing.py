@@ -138,3 +138,8 @@ def save_results(out: Path | None, result: dict) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "results.json", result)
+
+
+def machine_line(m: dict) -> str:
+    """The machine of a benchmark record, in one line for the terminal."""
+    return f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"

@@ -14,7 +14,7 @@ from ..files import machine
 from ..flops import measure_matmul_flops, train_flops_per_token
 from ..model import MixtureLM
 from ..runtime import steady_allocator
-from .timing import check_config, prepare, save_results, time_alternating, train_step_fn
+from .timing import check_config, machine_line, prepare, save_results, time_alternating, train_step_fn
 
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 256, 16
 
@@ -84,7 +84,7 @@ def bench_train(cfg: TrainBenchConfig, command: str = "") -> dict:
 
 def print_train(r: dict) -> None:
     m = r["machine"]
-    print(f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}")
+    print(machine_line(m))
     print(f"shape: {r['shape']}; params ours {r['params']['mixturelm']:,}, "
           f"peer {r['params']['transformers Llama']:,}")
     print(f"large-matmul peak: {r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
