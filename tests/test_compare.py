@@ -317,3 +317,19 @@ def test_the_command_line_defaults_are_compare_configs():
     from mixturelm.cli import build_parser, compare_config
 
     assert compare_config(build_parser().parse_args(["compare", "--out", "x"])) == CompareConfig()
+
+
+@pytest.mark.parametrize("low, high", [(1.2e6, 4.4e6), (2.1e5, 2.3e6), (3e11, 2e13)])
+def test_log_axis_tick_labels_do_not_overlap(low, high):
+    from mixturelm.plotting import pyplot
+    from mixturelm.report import log_x
+
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.8))
+    ax.plot([low, high], [1, 2], "o")
+    log_x(ax)
+    fig.canvas.draw()
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+                    if t.get_text() and t.get_visible() and low <= t.get_position()[0] <= high), key=lambda b: b.x0)
+    pyplot().close(fig)
+    assert len(boxes) >= 2
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))

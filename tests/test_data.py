@@ -128,6 +128,68 @@ def test_cache_is_reused_and_invalidated(corpus_dir, tmp_path):
     assert any("tokenising" in m for m in logs)
 
 
+def _tokenised(folder, spec="bytes", **kw) -> tuple[list[str], object]:
+    logs = []
+    data = prepare(str(folder), spec, 0.3, log=logs.append, **kw)
+    return logs, data
+
+
+def _old_naming(self, f):
+    """Names as mixturelm named documents before names were made relative: the absolute path."""
+    return str(f)
+
+
+def _every_third(name: str, val_fraction: float) -> bool:
+    return len(name) % 3 == 0
+
+
+@pytest.mark.parametrize("change", ["reader version", "naming rule", "split rule"])
+def test_the_cache_key_covers_the_rules_that_decide_the_split(tmp_path, monkeypatch, change):
+    """A cache written under other reading, naming or split rules is not read as current: it is missed, with
+    a line saying so, and the split made again (under the old naming the split itself differs)."""
+    for i in range(12):
+        (tmp_path / f"f{i}.txt").write_text(f"text number {i} " * 50)
+    _, before = _tokenised(tmp_path)
+    assert _tokenised(tmp_path)[0] == []  # a hit
+    if change == "reader version":
+        monkeypatch.setattr(corpus, "READER_VERSION", corpus.READER_VERSION + 1)
+    elif change == "naming rule":
+        monkeypatch.setattr(corpus.Source, "name_of", _old_naming)
+    else:
+        monkeypatch.setattr(corpus, "is_validation", _every_third)
+    logs, after = _tokenised(tmp_path)
+    assert any("another version of mixturelm's corpus reader" in m for m in logs)
+    assert any("tokenising" in m for m in logs)
+    assert after.stats["cache_key"] != before.stats["cache_key"]
+    if change != "reader version":  # the split's content changed, and its fingerprint with it
+        assert after.stats["fingerprint"] != before.stats["fingerprint"]
+    else:
+        assert after.stats["fingerprint"] == before.stats["fingerprint"]
+
+
+def test_the_cache_key_covers_the_tokenizer_and_the_options(tmp_path):
+    for i in range(12):
+        (tmp_path / f"f{i}.txt").write_text(f"word{i} and more words " * 80)
+    keys = {_tokenised(tmp_path)[1].stats["cache_key"], _tokenised(tmp_path, "bpe:300")[1].stats["cache_key"]}
+    keys.add(prepare(str(tmp_path), "bytes", 0.5, **quiet).stats["cache_key"])
+    assert len(keys) == 3
+    bpe = _tokenised(tmp_path, "bpe:300")[1]
+    assert bpe.stats["fingerprint"] == _tokenised(tmp_path)[1].stats["fingerprint"]  # same text, other tokens
+
+
+def test_same_split_tells_records_apart(tmp_path):
+    from mixturelm.data.tokens import same_split
+
+    for i in range(12):
+        (tmp_path / f"f{i}.txt").write_text(f"text number {i} " * 50)
+    stats = _tokenised(tmp_path)[1].stats
+    assert same_split(stats, stats)
+    assert not same_split(stats | {"fingerprint": "0" * 20}, stats)
+    old = {k: v for k, v in stats.items() if k != "fingerprint"}  # a record from before fingerprints
+    assert same_split(old, stats)
+    assert not same_split(old | {"val": old["val"] | {"docs": old["val"]["docs"] + 1}}, stats)
+
+
 def test_batches_are_a_function_of_seed_and_step(corpus_dir):
     data = prepare(str(corpus_dir), "bytes", 0.1, **quiet)
     a, b = train_rows(data.train, 5, 0, 8, 32), train_rows(data.train, 5, 0, 8, 32)

@@ -412,3 +412,30 @@ def test_predictor_gradient_takes_no_share_of_the_model_clipping(tmp_path, corpu
     for grads in seen:  # and the predictor's, apart, to the same limit
         pred = [g for n, g in grads.items() if ".predictor." in n]
         assert torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in pred])) <= 0.05 * 1.001
+
+
+def test_evaluation_reports_the_share_the_causal_rule_lets_in(corpus_dir):
+    """layer{i}.mod_val_causal_fraction equals a direct count of causal_enter over the validation windows."""
+    from mixturelm.data import prepare
+    from mixturelm.data.tokens import val_windows
+    from mixturelm.presets import get_preset
+    from mixturelm.training.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = MixtureLM(ModelConfig(**get_preset("mod-debug").model)).eval()
+    mods = {i: b for i, b in enumerate(model.blocks) if isinstance(b, MoD)}
+    for m in mods.values():
+        m.threshold.fill_(0.0)  # scores at init lie around 0: some in, some out
+    data = prepare(str(corpus_dir), "bytes", 0.1, log=lambda m: None)
+    res = evaluate(model, data, 32, 32 * 7, 3, "cpu")
+    entered = {i: [] for i in mods}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: entered[i].append(
+        mod.causal_enter(args[0], mod.router_weights(args[0])))) for i, m in mods.items()]
+    with torch.no_grad():
+        w = val_windows(data.val, 32, 32 * 7)
+        model(w[:, :-1], causal_routing=True)
+    for h in hooks:
+        h.remove()
+    for i in mods:
+        want = torch.cat([e.flatten() for e in entered[i]]).double().mean().item()
+        assert 0 < want < 1 and res[f"layer{i}.mod_val_causal_fraction"] == pytest.approx(want, abs=1e-12)

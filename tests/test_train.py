@@ -16,6 +16,7 @@ import torch
 
 from mixturelm import MixtureLM, ModelConfig, UsageError
 from mixturelm.training import Trainer, lr_factor, new_run_config, param_groups, steps_in_budget
+from conftest import run_cli, tree_digest
 
 GOLDEN = Path(__file__).parent / "assets"  # golden_<preset>.json: per-step training losses
 
@@ -139,3 +140,16 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(corpus_dir, tmp_p
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-6), f"step {step}"
     assert losses(tmp_path / "killed", "eval", "val_loss") == pytest.approx(losses(tmp_path / "full", "eval", "val_loss"))
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "--preset", "dense-debug", "--data", str(corpus_dir), "--max-steps", "3", "--no-progress",
+              "--out", str(out)]
+    run_cli(*common, check=True)
+    before = tree_digest(out)
+    again = run_cli(*common, "--resume", check=True)
+    assert "is finished (3 of 3 steps): nothing to train" in again.stderr
+    assert "val loss" not in again.stderr  # not evaluated again
+    assert again.stdout.startswith("already trained dense-debug for 3 steps")
+    assert tree_digest(out) == before

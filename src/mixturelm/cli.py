@@ -172,7 +172,7 @@ def cmd_train(args) -> None:
     summary = trainer.run()
     distributed = finish_distributed()
     if trainer.dist.main:
-        print(f"trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
+        print(f"{'already ' if trainer.was_finished else ''}trained {summary['preset']} for {summary['steps']} steps ({summary['tokens']:,} tokens, "
               f"{summary['train_flops']:.3g} FLOPs) in {summary['wall_s']:.0f}s: val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.3f}, {summary['val_bpb']:.4f} bits/byte; checkpoint in {out}/checkpoints")
     if distributed:

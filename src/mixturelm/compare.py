@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .data.tokens import same_split
 from .errors import UsageError
 from .files import has_content, machine, output_folder, write_json_atomic
 from .flops import TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, realized_flops_correction
@@ -167,14 +168,17 @@ def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
     return True
 
 
-def check_same_corpus(out: Path, key: str | None) -> None:
-    """The runs already in --out were trained on this corpus: files added, removed or changed since would give
-    the architectures different data."""
-    saved = json.loads((out / "compare.json").read_text()).get("corpus_key")
-    if saved is not None and key is not None and saved != key:
+def check_same_corpus(out: Path, stats: dict) -> None:
+    """The runs already in --out were trained on this corpus: files added, removed or changed since (or a
+    version of mixturelm that splits it otherwise) would give the architectures different data."""
+    saved = json.loads((out / "compare.json").read_text())
+    recorded = saved.get("corpus")
+    if recorded is None:  # written before compare.json kept the corpus: the first run's record of it
+        recorded = next((json.loads(f.read_text()) for f in sorted(out.glob("runs/*/data.json"))), None)
+    if recorded is not None and not same_split(recorded, stats):
         raise UsageError(f"the corpus changed since the compare in `out` {out} started (files added, removed or "
-                         "modified), so its runs would not see the same data; restore it, or add `overwrite=True` to "
-                         "start the compare again, or use another `out`")
+                         "modified, or split by another version), so its runs would not see the same data; restore "
+                         "it, or add `overwrite=True` to start the compare again, or use another `out`")
 
 
 def clear_compare(out: Path) -> None:
@@ -200,7 +204,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     check_length(data.train, cc.seq_len, "training")
     check_length(data.val, cc.seq_len, "validation")
     if resume:
-        check_same_corpus(out, data.stats.get("cache_key"))
+        check_same_corpus(out, data.stats)
     runs = plan_runs(cc, data.tokenizer.vocab_size)
     if resume:  # every run folder checked before any run trains
         for r in runs:
@@ -210,7 +214,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
-                                                            "corpus_key": data.stats.get("cache_key")})
+                                                 "corpus": data.stats})
     done_steps = {r.name: _finished_steps(out / "runs" / r.name) for r in runs}
     bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.name], r.steps) for r in runs))
     rows = []

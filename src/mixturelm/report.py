@@ -41,9 +41,26 @@ def _axes():
     return pyplot().subplots(figsize=(7.5, 4.8))
 
 
+def _log_ticks(v: float, _pos=None) -> str:
+    """2e6, 3e5, 1.5e13: short labels that do not run into each other."""
+    exponent = int(f"{v:e}".split("e")[1])
+    return f"{v / 10 ** exponent:g}e{exponent}"
+
+
+def log_x(ax) -> None:
+    """A log-scale x with labelled ticks at 1, 2, 3 and 5 of each decade: matplotlib's default labels its
+    minor ticks too when a plot spans less than a decade, and they ran into each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0), numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(_log_ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
     """Log-scale x, labels, grid, legend; written as PNG and closed."""
-    ax.set_xscale("log")
+    log_x(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -70,14 +87,19 @@ def plot_loss_vs_flops(runs: list[dict], path: Path) -> None:
 def plot_loss_vs_forward_flops(runs: list[dict], path: Path) -> None:
     """Final validation loss against forward FLOPs per token: what each architecture costs to run."""
     colors = _colors([r["arch"] for r in runs])
+    budgets = sorted({r.get("budget_flops") for r in runs}, key=lambda b: b or 0)
+    styles = dict(zip(budgets, ["-", "--", ":", "-."] * 4))
     fig, ax = _axes()
     for arch in dict.fromkeys(r["arch"] for r in runs):
-        group = sorted((r for r in runs if r["arch"] == arch), key=lambda r: r["forward_flops_per_token"])
-        ax.plot([r["forward_flops_per_token"] for r in group], [r["val_loss"] for r in group], "o-",
-                color=colors[arch], label=arch)
-        for r in group:
-            ax.annotate(r["name"], (r["forward_flops_per_token"], r["val_loss"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+        for b in budgets:  # a line joins the sizes of one architecture at one budget
+            group = sorted((r for r in runs if r["arch"] == arch and r.get("budget_flops") == b),
+                           key=lambda r: r["forward_flops_per_token"])
+            if group:
+                ax.plot([r["forward_flops_per_token"] for r in group], [r["val_loss"] for r in group], styles[b],
+                        marker="o", color=colors[arch], label=arch if len(budgets) == 1 else f"{arch}, {b:.3g} FLOPs")
+    for r in runs:
+        ax.annotate(r["name"], (r["forward_flops_per_token"], r["val_loss"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
     _save(fig, ax, path, "forward FLOPs per token", "final validation loss (nats/token)", "Final loss against cost per token (same training FLOPs)")
 
 
@@ -158,7 +180,11 @@ def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str
         "<h2>Plots</h2>", *(_img(out / p, p) for p in plots),
         "<h2>Routing views</h2>",
         "<p>What each run's routers did on the same text (the start of the held-out split unless --text was "
-        "given).</p>",
+        "given). The line above each run's views is measured on other tokens: the last training batch and "
+        "the whole validation split, as it says. Shares measured on one text differ from those: MoD's top-k "
+        "takes exactly its capacity of every window, but its causal rule (what sampling does) lets a token in "
+        "when its score passes a threshold set during training, so it takes more of some texts and less of "
+        "others; PEER's usage grows with the number of tokens it sees.</p>",
         *(f'<section class="run"><h3>{e(name)}</h3><p>{e(routing_statistics(runs_by_name[name]))}</p>{fragment}'
           "</section>" for name, fragment in views.items()),
         "<h2>Command and machine</h2>", f"<pre>{e(results['command'])}</pre>",

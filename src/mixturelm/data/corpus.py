@@ -18,6 +18,9 @@ from pathlib import Path
 from ..errors import UsageError
 
 DEFAULT_CORPUS = "stdlib"
+# Bump when how documents are read, named or split changes in a way the source hash below cannot see
+# (a dependency's behaviour, say). reader_fingerprint() also hashes the rules' own source.
+READER_VERSION = 2
 # Suffixes read as text inside folders; anything else in a folder is skipped (binaries, images).
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ".csv", ".toml",
                  ".yaml", ".yml", ".js", ".ts", ".rs", ".go", ".java", ".cpp", ".sh", ".ini", ".cfg"}
@@ -171,6 +174,32 @@ def split(docs: list[Document], val_fraction: float) -> tuple[list[Document], li
         train.append(Document(d.name, d.data[:cut]))
         val.append(Document(d.name, d.data[cut:]))
     return train, val, "by position (too few documents to split by document)"
+
+
+def reader_fingerprint() -> str:
+    """What decides the documents and the split besides the files: this reader's version and the source of
+    its naming, reading and split rules. Part of every token cache key, so a cache written under other
+    rules is never read as current."""
+    import inspect
+
+    rules = [Source.name_of, stdlib_files, resolve, _files_of, read_documents, _jsonl_documents, _hf_documents,
+             is_validation, split]
+    h = hashlib.sha256(str(READER_VERSION).encode())
+    for rule in rules:
+        h.update(inspect.getsource(rule).encode())
+    return h.hexdigest()[:12]
+
+
+def content_fingerprint(train: list[Document], val: list[Document]) -> str:
+    """A hash of the split itself (every document's name and bytes, on each side): equal on two machines
+    exactly when they train and evaluate on the same text, wherever the files lie."""
+    h = hashlib.sha256()
+    for side, docs in (("train", train), ("val", val)):
+        h.update(f"{side}|{len(docs)}".encode())
+        for d in docs:
+            h.update(f"|{d.name}|{len(d.data)}|".encode("utf-8", "surrogatepass"))
+            h.update(hashlib.sha256(d.data).digest())
+    return h.hexdigest()[:20]
 
 
 def count_non_utf8(data: bytes) -> int:

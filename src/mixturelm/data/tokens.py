@@ -1,7 +1,10 @@
 """Token streams: a corpus tokenised once and cached on disk, and the batches drawn from it.
 
-The cache lives in $MIXTURELM_CACHE (default ~/.cache/mixturelm), keyed by the corpus fingerprint
-(file names, sizes, modification times), the split and the tokenizer. Training batches are random
+The cache lives in $MIXTURELM_CACHE (default ~/.cache/mixturelm), keyed by everything that decides the
+tokens: the files (names, sizes, modification times), the validation fraction and text field, the reader
+(its version and the source of its naming and split rules: corpus.reader_fingerprint) and the tokenizer.
+Each cache also records a hash of the split's content, which results carry so that two runs can be told
+apart when they saw different text. Training batches are random
 windows chosen by a generator seeded with (seed, step): the data position of a run is its step,
 so resuming and data parallelism see exactly the batches an uninterrupted single process sees.
 """
@@ -56,8 +59,8 @@ def prepare(data: str | None, tokenizer_spec: str, val_fraction: float, text_fie
     made from `tokenizer_spec`, BPE being trained on the training split and cached too.
     """
     sources = corpus.resolve(data)
-    key = hashlib.sha256("|".join([s.fingerprint() for s in sources] + [str(val_fraction), text_field]).encode())
-    corpus_key = key.hexdigest()[:20]
+    files_key = hashlib.sha256("|".join([s.fingerprint() for s in sources] + [str(val_fraction), text_field]).encode())
+    corpus_key = f"{files_key.hexdigest()[:20]}-r{corpus.reader_fingerprint()}"
     docs = None
 
     def documents():
@@ -71,17 +74,27 @@ def prepare(data: str | None, tokenizer_spec: str, val_fraction: float, text_fie
         tokenizer = _tokenizer(tokenizer_spec, corpus_key, documents, log)
     token_dir = cache_root() / f"tokens-{corpus_key}-{tokenizer.fingerprint()}"
     if not (token_dir / "meta.json").is_file():
+        _say_if_other_reader(files_key.hexdigest()[:20], tokenizer.fingerprint(), log)
         train_docs, val_docs, how = documents()
         log(f"tokenising {len(train_docs)} + {len(val_docs)} documents with {tokenizer.name} ...")
         _write_cache(token_dir, tokenizer, train_docs, val_docs, how)
     return _load_cache(token_dir, tokenizer)
 
 
+def _say_if_other_reader(files_key: str, tokenizer_fp: str, log) -> None:
+    """A cache of the same files and tokenizer written under other reading or split rules (another version
+    of mixturelm) is left alone, and said so: its split is not this version's."""
+    others = sorted(cache_root().glob(f"tokens-{files_key}-*{tokenizer_fp}"))
+    if others:
+        log(f"the token cache {others[-1].name} was written by another version of mixturelm's corpus reader "
+            "(other naming or split rules): not used; tokenising again")
+
+
 def _tokenizer(spec: str, corpus_key: str, documents, log):
     kind, vocab = parse_spec(spec)
     if kind == "bytes":
         return ByteTokenizer()
-    path = cache_root() / f"bpe-{corpus_key}-{vocab}.json"
+    path = cache_root() / f"bpe-{corpus_key}-{vocab}.json"  # trained on the split: keyed like it
     if path.is_file():
         return BPETokenizer.load(path)
     train_docs = documents()[0]
@@ -107,7 +120,8 @@ def _write_cache(token_dir: Path, tokenizer, train_docs, val_docs, how: str) -> 
     token_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=token_dir.parent, prefix=".tmp-tokens-"))
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "split": how}
+    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "split": how,
+            "reader": corpus.reader_fingerprint(), "fingerprint": corpus.content_fingerprint(train_docs, val_docs)}
     for name, docs in (("train", train_docs), ("val", val_docs)):
         tokens = _encode(tokenizer, docs).astype(dtype)
         tokens.tofile(tmp / f"{name}.bin")
@@ -126,8 +140,17 @@ def _load_cache(token_dir: Path, tokenizer) -> TokenData:
     for name in ("train", "val"):
         tokens = np.memmap(token_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
         splits[name] = TokenSplit(tokens, meta[name]["bytes"], meta[name]["docs"])
-    stats = {k: meta[k] for k in ("train", "val", "split")} | {"cache_key": token_dir.name}
+    stats = {k: meta[k] for k in ("train", "val", "split", "fingerprint")} | {"cache_key": token_dir.name}
     return TokenData(splits["train"], splits["val"], tokenizer, stats)
+
+
+def same_split(recorded: dict, stats: dict) -> bool:
+    """Whether a run's recorded corpus (its data.json, results.json's `corpus`) is the text of `stats`: the
+    content fingerprint where both have one; for records written before it existed, the tokens, bytes and
+    documents of each side (a split made by other rules differs in them)."""
+    if recorded.get("fingerprint") and stats.get("fingerprint"):
+        return recorded["fingerprint"] == stats["fingerprint"]
+    return all(recorded.get(side) == stats.get(side) for side in ("train", "val"))
 
 
 def check_length(split: TokenSplit, seq_len: int, what: str) -> None:

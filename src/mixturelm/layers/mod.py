@@ -87,6 +87,7 @@ class MoDAux(Aux):
     causal_accuracy: torch.Tensor | None = None  # training: agreement of the causal rule with top-k
     causal_recall: torch.Tensor | None = None  # training: share of top-k members the causal rule lets in
     threshold: torch.Tensor | None = None  # training: the sampling threshold in use
+    causal_counts: torch.Tensor | None = None  # causal routing: (tokens let in, tokens), float64, for sums
 
     def scalars(self) -> dict[str, torch.Tensor]:
         named = {"mod_causal_accuracy": self.causal_accuracy, "mod_causal_recall": self.causal_recall,
@@ -210,7 +211,8 @@ class MoD(nn.Module):
         B, T, D = x_BTD.shape
         enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
-        mine = MoDAux(causal_fraction=enter_BT.float().mean().detach())
+        mine = MoDAux(causal_fraction=enter_BT.float().mean().detach(),
+                      causal_counts=torch.stack([enter_BT.sum(), torch.tensor(enter_BT.numel())]).double())
         rows_R = count_B.nonzero().squeeze(1)
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, [mine]

@@ -66,6 +66,13 @@ class MoDMechanism(Mechanism):
         with the predictor, step 20: by 14 %; benchmarks/mod/predictor_clip_share.py) for no gain."""
         return OptimizerNeeds(side=[p for m in modules if m.predictor is not None for p in m.predictor.parameters()])
 
+    def eval_value(self, aux) -> torch.Tensor | None:
+        return aux.causal_counts  # set in the causal pass only
+
+    def eval_metrics(self, name: str, total: torch.Tensor) -> dict[str, float]:
+        """The share of the validation tokens the causal rule let in: what sampling would process."""
+        return {f"{name}.mod_val_causal_fraction": (total[0] / total[1].clamp_min(1)).item()}
+
     def summarize(self, record: dict) -> dict:
         accuracy = layer_stats(record, "mod_causal_accuracy")
         fraction = layer_stats(record, "mod_causal_fraction")
@@ -73,14 +80,24 @@ class MoDMechanism(Mechanism):
         for i in accuracy:
             causal[f"layer{i}.mod_causal_accuracy"] = accuracy[i]
             causal[f"layer{i}.mod_causal_fraction"] = fraction[i]
+        for key, value in record.items():
+            if key.endswith(".mod_val_causal_fraction"):
+                causal[key] = value
         return {"mod_causal": causal} if causal else {}
 
     def describe(self, summary: dict) -> list[str]:
         causal = summary.get("mod_causal", {})
         layers = sorted({k.split(".")[0] for k in causal}, key=lambda name: int(name.removeprefix("layer")))
-        return [f"{n} MoD (last training step): the causal rule of sampling lets in "
-                f"{causal[n + '.mod_causal_fraction']:.1%} of tokens and agrees with top-k on "
-                f"{causal[n + '.mod_causal_accuracy']:.1%}" for n in layers]
+        lines = []
+        for n in layers:
+            parts = []
+            if n + ".mod_causal_fraction" in causal:
+                parts.append(f"lets in {causal[n + '.mod_causal_fraction']:.1%} of the tokens of the last training "
+                             f"batch (agreeing with top-k on {causal[n + '.mod_causal_accuracy']:.1%})")
+            if n + ".mod_val_causal_fraction" in causal:
+                parts.append(f"{causal[n + '.mod_val_causal_fraction']:.1%} of the validation tokens")
+            lines.append(f"{n} MoD: the causal rule of sampling " + " and ".join(parts))
+        return lines
 
     def view(self):
         return MOD_VIEW
@@ -161,8 +178,10 @@ class MoDView:
                 return (f"{P}-on" if enter[i] else "", "",
                         f"{name} = {score[i]:.4f} · {'processed' if enter[i] else 'skipped'}")
 
-            parts.append(f'<p class="{P}-note">{esc(label)}: {s[mode + "_fraction"]:.1%} of tokens processed '
-                         f'(<span class="{P}-t {P}-on">highlighted</span>).</p>')
+            share = ("exactly its capacity of each window" if mode == "topk" else
+                     "a threshold set on training batches, so the share differs from text to text")
+            parts.append(f'<p class="{P}-note">{esc(label)}: {s[mode + "_fraction"]:.1%} of this text\'s tokens '
+                         f'processed ({share}; <span class="{P}-t {P}-on">highlighted</span>).</p>')
             parts.append(text_view(text.pieces, text.window, spans))
             parts.append(f'<p class="{P}-note">processed most: ' + ", ".join(
                 f"<code>{esc(repr(piece))}</code> {n} of {seen}" for piece, n, seen in s[mode + "_favourites"])

@@ -41,12 +41,13 @@ def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: 
         for j, causal in enumerate(routings):
             with autocast():
                 out = model(w[:, :-1], w[:, 1:], causal_routing=causal)
-            if j == 0:
-                for name, aux in out.named_aux():
-                    value = registry.of_aux(aux).eval_value(aux)
-                    if value is not None:
-                        key = (name, aux.kind)
-                        totals[key] = totals[key] + value if key in totals else value
+            for name, aux in out.named_aux():
+                mechanism = registry.of_aux(aux)
+                # the first pass for every mechanism; the causal pass for those whose routing it changes
+                value = mechanism.eval_value(aux) if j == 0 or mechanism.causal_eval else None
+                if value is not None:
+                    key = (name, aux.kind)
+                    totals[key] = totals[key] + value if key in totals else value
             total[j] += torch.tensor([out.loss.item() * w[:, 1:].numel(), w[:, 1:].numel()], dtype=torch.float64)
     d.sum_in_place(total)
     for v in totals.values():

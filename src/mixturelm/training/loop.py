@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoint
 from ..data.tokenizer import load_from_dir
-from ..data.tokens import TokenData, check_length, prepare, train_rows
+from ..data.tokens import TokenData, check_length, prepare, same_split, train_rows
 from ..errors import UsageError
 from ..files import write_json_atomic
 from ..flops import measure_matmul_flops
@@ -28,7 +28,7 @@ from ..model import MixtureLM
 from ..runtime import steady_allocator
 from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
-from .metrics import Metrics, last_record
+from .metrics import METRICS_FILE, Metrics, last_record, truncate_records
 from .optim import Optimizers
 from .run import RunConfig, clear_out_dir, prepare_out_dir, steps_in_budget, train_flops_per_step
 from .summary import describe_summary, run_summary
@@ -108,7 +108,7 @@ class Trainer:
             write_json_atomic(self.out_dir / checkpoint.CONFIG_FILE, self.cfg.to_dict())
             write_json_atomic(data_file, self.data.stats)
             self.data.tokenizer.save(self.out_dir)
-        elif data_file.is_file() and json.loads(data_file.read_text()).get("cache_key") != self.data.stats["cache_key"]:
+        elif data_file.is_file() and not same_split(json.loads(data_file.read_text()), self.data.stats):
             self.log(f"warning: the data of {self.out_dir} changed since the run started (files added, removed "
                      "or modified); the resumed run will not repeat the original exactly")
 
@@ -154,8 +154,26 @@ class Trainer:
         return record
 
     # -- the loop ------------------------------------------------------------------------------
+    def finished_results(self) -> dict | None:
+        """When resuming a run whose last checkpoint is its last step and whose results are written: those
+        results (there is nothing to train)."""
+        results = self.out_dir / "results.json"
+        ckpt = checkpoint.latest(self.out_dir) if self.resume else None
+        if ckpt is None or not results.is_file():
+            return None
+        step = checkpoint.verify(ckpt).get("step", 0)  # a damaged last checkpoint is said, not passed over
+        return json.loads(results.read_text()) if step >= self.total_steps else None
+
     def run(self) -> dict:
         t = self.cfg.train
+        finished = self.finished_results()
+        self.was_finished = finished is not None
+        if finished is not None:
+            if self.dist.main:
+                truncate_records(self.out_dir / METRICS_FILE, self.total_steps)  # a line half written by a kill
+            self.log(f"the run in {self.out_dir} is finished ({self.total_steps} of {self.total_steps} steps): "
+                     "nothing to train; its results are in results.json")
+            return finished
         if self.device == "cpu":
             steady_allocator()  # no page-fault storm every step
         self._write_run_files()

@@ -31,6 +31,14 @@ def last_record(run_dir: Path, kind: str = "train") -> dict:
     return next((r for r in reversed(metric_records(run_dir)) if r.get("kind") == kind), {})
 
 
+def truncate_records(path: Path, step: int) -> None:
+    """On resume, drop the records of steps the run is about to redo, and a line half written by a kill."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if step_of(line) is not None and step_of(line) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 class Metrics:
     """metrics.jsonl and TensorBoard, written by the main process only."""
 
@@ -40,21 +48,13 @@ class Metrics:
         self.tb = None
         if not enabled:
             return
-        self._truncate_after(start_step)
+        truncate_records(self.path, start_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         except ImportError:
             self.tb = None
-
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop the records of steps the run is about to redo."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if step_of(line) is not None
-                and step_of(line) <= step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
