@@ -53,8 +53,9 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300, **kw) -> subp
 
 
 def tree_digest(path: Path) -> dict[str, str]:
-    """Every file under path with the hash of its content: to prove nothing was changed."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+    """Every file under path with the hash of its content: to prove nothing was changed. The lock file's
+    content (the pid of the last process that held it) is left out; that it exists is not."""
+    return {str(p.relative_to(path)): "" if p.name == ".mixturelm-lock" else hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 

@@ -76,7 +76,7 @@ def test_too_little_data_for_one_sequence(tmp_path):
 def test_non_empty_out_is_not_overwritten(run_copy, corpus_dir):
     before = tree_digest(run_copy)
     proc = run_cli("train", "--preset", "dense-debug", "--data", str(corpus_dir), "--out", str(run_copy))
-    assert_usage_error(proc, "is not empty; continue the run there (--resume)")
+    assert_usage_error(proc, "holds a training run already; continue it (--resume), replace it (--overwrite)")
     assert tree_digest(run_copy) == before
 
 
@@ -84,7 +84,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, corpus_dir):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
     proc = run_cli("train", "--data", str(corpus_dir), "--out", str(tmp_path / "precious"), "--overwrite")
-    assert_usage_error(proc, "not a mixturelm run directory")
+    assert_usage_error(proc, "holds files that are not a training run of mixturelm; it is left alone")
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "years of work"
 
 
@@ -97,8 +97,8 @@ def test_overwrite_replaces_a_run(run_copy, corpus_dir):
 
 def test_resume_with_a_different_config(run_copy):
     before = tree_digest(run_copy)
-    assert_usage_error(run_cli("train", "--out", str(run_copy), "--resume", "--lr", "0.5"),
-                       "--lr 0.5 differs from the run's")
+    assert_usage_error(run_cli("train", "--out", str(run_copy), "--resume", "--seq-len", "16"),
+                       "--seq-len 16 differs from the run's")
     assert_usage_error(run_cli("train", "--out", str(run_copy), "--resume", "--preset", "dense-tiny"),
                        "differs from the run's preset")
     assert tree_digest(run_copy) == before

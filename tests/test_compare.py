@@ -196,7 +196,7 @@ def test_out_that_is_not_a_compare_is_left_alone(corpus_dir, tmp_path):
     for extra in ([], ["--overwrite"]):
         proc = run_cli("compare", "--data", str(corpus_dir), "--out", str(out), "--archs", "dense", "--size",
                        "debug", *extra)
-        assert proc.returncode == 2 and "holds no compare" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "holds files that are not a compare of mixturelm" in proc.stderr, proc.stderr
     assert tree_digest(out) == before
 
 

@@ -90,14 +90,6 @@ def test_a_mechanism_is_named_in_code_only_in_its_home(kind):
         assert not found, f"{path.relative_to(ROOT)} names {found}"
 
 
-def _default_corpus_fingerprint(val_fraction: float, text_field: str) -> str:
-    from mixturelm.data import corpus
-
-    docs = corpus.read_documents(corpus.resolve(None), text_field)
-    train, val, _ = corpus.split(docs, val_fraction)
-    return corpus.content_fingerprint(train, val)
-
-
 def recorded_results() -> list[Path]:
     """Every results.json a README or doc cites that trained on a corpus (compare records)."""
     return sorted(p for p in (ROOT / "benchmarks").rglob("results.json")
@@ -106,17 +98,20 @@ def recorded_results() -> list[Path]:
 
 @pytest.mark.parametrize("record", recorded_results(), ids=lambda p: str(p.parent.relative_to(ROOT)))
 def test_recorded_results_are_on_todays_corpus(record):
-    """A recorded comparison on the default corpus is cited as current only while its text is today's split:
-    one made on another split (other naming or split rules, another Python's library) fails here and must
-    be rerun from its command or removed."""
+    """A recorded comparison on the default corpus is cited as current only while its text is today's split
+    (the content fingerprint, or for records made before fingerprints the tokens, bytes and documents of each
+    side): one made on another split (other naming or split rules, another Python's library) fails here and
+    must be rerun from its command or removed."""
+    from mixturelm.data import prepare
+    from mixturelm.data.tokens import same_split
+
     results = json.loads(record.read_text())
     settings = results["settings"]
-    if settings.get("data") not in (None, "stdlib"):
-        pytest.skip("trained on a corpus of its own, not the default")
+    if settings.get("data") not in (None, "stdlib") or settings.get("tokenizer", "bytes") != "bytes":
+        pytest.skip("trained on a corpus or tokenizer of its own, not the default")
     if results["machine"]["python"] != platform.python_version():
         pytest.skip(f"the default corpus is Python {results['machine']['python']}'s library; this is "
                     f"{platform.python_version()}")
-    fingerprint = results["corpus"].get("fingerprint")
-    assert fingerprint, f"{record} records no corpus fingerprint: rerun its command or remove it"
-    assert fingerprint == _default_corpus_fingerprint(settings["val_fraction"], settings["text_field"]), (
+    today = prepare(None, "bytes", settings["val_fraction"], settings["text_field"], log=lambda m: None).stats
+    assert same_split(results["corpus"], today), (
         f"{record} was measured on another split of the default corpus: rerun its command or remove it")

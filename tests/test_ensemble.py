@@ -244,11 +244,13 @@ def _edit(path, fn):
 def test_cli_nifty_bad_input(tmp_path, damage, message):
     root, f = _copy_pool(tmp_path)
     _edit(f, damage)
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # an earlier report, to be replaced: the bad input is found before it is touched
     out.mkdir()
-    (out / "results.json").write_text('{"earlier": 1}')
+    (out / "results.json").write_text('{"benchmark": "nifty", "rows": []}')
+    (out / "report.md").write_text("# an earlier report\n")
     before = tree_digest(out)
-    proc = run_cli("ensemble", "nifty", "--data", str(root), "--seeds", "13", "--pools", "all", "--out", str(out))
+    proc = run_cli("ensemble", "nifty", "--data", str(root), "--seeds", "13", "--pools", "all", "--out", str(out),
+                   "--overwrite")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert tree_digest(out) == before

@@ -319,8 +319,8 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_touch_nothing(run_dir, tmp_path
         (["--ckpt", str(run_dir), "--text-file", str(bad_utf8), "--out", str(tmp_path / "o")], "is not UTF-8"),
         (["--ckpt", str(run_dir), "--text", "", "--out", str(tmp_path / "o")], "the text is empty"),
         ([*ok, "--out", str(tmp_path / "o"), "--max-tokens", "0"], "--max-tokens must be >= 1"),
-        ([*ok, "--out", str(existing)], "is not empty; add --overwrite"),
-        ([*ok, "--out", str(existing), "--overwrite"], "holds no inspect output"),
+        ([*ok, "--out", str(existing)], "holds files that are not an inspect output of mixturelm"),
+        ([*ok, "--out", str(existing), "--overwrite"], "it is left alone"),
         ([*ok, "--out", str(existing / "notes.txt")], "is a file, not a folder"),
     ]
     for args, needle in cases:

@@ -13,6 +13,7 @@ A run killed at any instant leaves either the old or the new checkpoint, never h
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,21 +42,19 @@ def _sha256(path: Path) -> str:
 def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tokenizer,
          train_state: dict | None, keep: int = 2) -> Path:
     ckpts = Path(run_dir) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     tmp = ckpts / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
-    tokenizer.save(tmp)
-    for f in tmp.iterdir():  # on disk before the renames make them visible
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / META_FILE, {"step": step, "files": files})
+    try:
+        ckpts.mkdir(parents=True, exist_ok=True)
+        _write(tmp, step, model, run_config, tokenizer, train_state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _nearly_full(ckpts)
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder would hold the space a resume needs
+        if full:
+            raise UsageError(f"no space left on the device while writing checkpoint {name} into {ckpts}; the "
+                             "earlier checkpoints are intact: free some space, then resume the run "
+                             "(`resume=True`)") from None
+        raise
     final = ckpts / name
     if final.exists():  # the same step again after a resume: replace the old copy
         old = ckpts / f".old-{name}-{os.getpid()}"
@@ -70,11 +69,77 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tok
     return final
 
 
+def _nearly_full(folder: Path) -> bool:
+    """Whether a failed write met a full device (under 16 MiB left), whatever error type reported it."""
+    try:
+        return shutil.disk_usage(folder).free < 16 << 20
+    except OSError:
+        return False
+
+
+def _write(tmp: Path, step: int, model: torch.nn.Module, run_config: dict, tokenizer, train_state) -> None:
+    """Every file of a checkpoint into tmp, on disk, its manifest (meta.json) last."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
+    tokenizer.save(tmp)
+    for f in tmp.iterdir():  # on disk before the renames make them visible
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    write_json_atomic(tmp / META_FILE, {"step": step, "files": files})
+
+
 def _prune(ckpts: Path, keep: int, newest: str) -> None:
+    """Remove all but the newest `keep` checkpoints. Each leaves the series by a rename before it is deleted,
+    so a kill at any moment leaves only complete step_* folders (and a .old-* folder cleared next time)."""
     done = sorted(p for p in ckpts.glob("step_*") if p.is_dir())
     for p in done[:-keep]:
         if p.name != newest:
-            shutil.rmtree(p, ignore_errors=True)
+            trash = ckpts / f".old-{p.name}-{os.getpid()}"
+            os.rename(p, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def clear_leftovers(run_dir: Path) -> list[str]:
+    """Delete what a killed or failed checkpoint write or rotation left (.tmp-* and .old-* folders); called
+    when a run starts or resumes, holding its folder's lock. Returns their names."""
+    ckpts = Path(run_dir) / "checkpoints"
+    found = sorted(p for pattern in (".tmp-*", ".old-*") for p in ckpts.glob(pattern)) if ckpts.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    return [p.name for p in found]
+
+
+def resumable(run_dir: Path, warn) -> Path | None:
+    """The checkpoint to resume from: the newest one that verifies. One that is damaged or half deleted is
+    passed over with a warning (warn(message)); an error when there are checkpoints and none verifies."""
+    ckpts = Path(run_dir) / "checkpoints"
+    pointer = latest_pointer(run_dir)
+    candidates = sorted((p for p in ckpts.glob("step_*") if p.is_dir()), reverse=True) if ckpts.is_dir() else []
+    if pointer is not None:  # the folder `latest` names first (it is the newest unless a rename was cut short)
+        named = ckpts / pointer.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    first_error = None
+    for ckpt in candidates:
+        try:
+            verify(ckpt)
+            return ckpt
+        except UsageError as e:
+            first_error = first_error or e
+            warn(f"warning: {e}; passing over it")
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def latest_pointer(run_dir: Path) -> Path | None:
+    """The checkpoints/latest file of a run directory, None when the run has written no checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    return pointer if pointer.is_file() else None
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -104,6 +169,8 @@ def resolve(path: str | Path) -> Path:
 
 def verify(ckpt: Path) -> dict:
     """Check every file against meta.json; a truncated or altered checkpoint is refused, not loaded."""
+    if not ckpt.is_dir():
+        raise UsageError(f"checkpoint {ckpt} is missing; the run directory is damaged")
     try:
         meta = json.loads((ckpt / META_FILE).read_text())
         files = meta["files"]
@@ -128,15 +195,33 @@ def load_config(ckpt: Path) -> dict:
         raise UsageError(f"checkpoint {ckpt} has no readable {CONFIG_FILE}; it is incomplete or corrupt") from None
 
 
+def model_config(run_config: dict, ckpt: Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config, its values checked as any config's are."""
+    try:
+        return ModelConfig.from_dict(run_config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint {ckpt}: its {CONFIG_FILE} is not a mixturelm model config ({e}); it is "
+                         "damaged") from None
+
+
 # state-dict names of mixturelm before 2026-12: a block's FFN with a layer beside it was one module
 LEGACY_NAMES = ((".ffn.main.", ".ffn."), (".ffn.extra.", ".beside.0."))
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    state = load_file(ckpt / MODEL_FILE)
+    try:
+        state = load_file(ckpt / MODEL_FILE)
+    except Exception as e:  # safetensors' own error type: a file whose manifest was rewritten to match
+        raise UsageError(f"checkpoint {ckpt}: {MODEL_FILE} cannot be read ({str(e)[:120]}); it is damaged, "
+                         "use an earlier checkpoint") from None
     for old, new in LEGACY_NAMES:
         state = {k.replace(old, new): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ from the config's
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:160])
+        raise UsageError(f"checkpoint {ckpt} does not fit its config ({first[:200]}); its config.json was changed "
+                         "or it was written by another version of mixturelm") from None
     if missing or unexpected:
         raise UsageError(f"checkpoint {ckpt} does not fit its config (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); it was written by another version of mixturelm")
@@ -149,7 +234,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = resolve(path)
     verify(ckpt)
     run_config = load_config(ckpt)
-    model = MixtureLM(ModelConfig.from_dict(run_config["model"]))
+    model = MixtureLM(model_config(run_config, ckpt))
     load_weights(model, ckpt)
     tokenizer = load_from_dir(ckpt, run_config["train"]["tokenizer"])
     return model.to(device).eval(), run_config, tokenizer, ckpt
@@ -158,4 +243,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 def load_train_state(ckpt: Path) -> dict:
     if not (ckpt / STATE_FILE).is_file():
         raise UsageError(f"checkpoint {ckpt} has no training state; it cannot be resumed")
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as e:  # pickle, zip or EOF errors of a file whose manifest was rewritten to match
+        raise UsageError(f"checkpoint {ckpt}: {STATE_FILE} cannot be read ({type(e).__name__}); it is damaged, "
+                         "resume from an earlier checkpoint") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import TrainingDiverged, UsageError
 from .mechanisms import registry
 
 # Options of `train` that set TrainConfig fields (flag name -> type, help); given ones override the preset.
@@ -103,6 +104,14 @@ def to_flags(message: str, dests: set[str] = frozenset()) -> str:
         return _flag(name) if name in dests else m.group(0)
 
     return re.sub(r"`(\w+)(?:=True)?`", parameter, message)
+
+
+# errors of the system, not of mixturelm, that the user fixes: one line each, with what to do
+SYSTEM_ERRORS = {errno.ENOSPC: "free some space (earlier checkpoints and results are intact)",
+                 errno.EDQUOT: "free some space (earlier checkpoints and results are intact)",
+                 errno.EROFS: "the file system is read-only; write to another folder",
+                 errno.EACCES: "no permission; write to another folder or fix its permissions",
+                 errno.EPERM: "no permission; write to another folder or fix its permissions"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -197,21 +206,22 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens to evaluate (default: the run's eval_tokens)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--out", help="also write results.json there")
+    p.add_argument("--out", help="also write results.json into this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
 
 
 def cmd_eval(args) -> None:
-    from .files import output_folder, write_json_atomic
+    from .files import OutputFolder, claim, results_only, write_json_atomic
     from .training import resolve_device
     from .training.evaluation import describe_evaluation, evaluate_checkpoint
 
-    out = output_folder(args.out) if args.out else None
+    out = OutputFolder(args.out, "evaluation", overwrite=args.overwrite, legacy=results_only("checkpoint", "val_loss"),
+                       exists_hint="add `overwrite=True` to replace it, or choose another `out`").check() if args.out else None
     res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.max_tokens, args.batch_size,
                               resolve_device(args.device), log=lambda m: print(m, file=sys.stderr))
     print("\n".join(describe_evaluation(res)))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", res)
+        write_json_atomic(claim(out) / "results.json", res)
 
 
 def _add_generate(sub) -> None:
@@ -234,7 +244,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from . import checkpoint
-    from .generate import check_sampling, generate
+    from .generate import check_cache_fits, check_sampling, generate
     from .training import resolve_device
 
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
@@ -245,7 +255,10 @@ def cmd_generate(args) -> None:
     warnings = {w for m in model.modules() if (mech := registry.of_module(m)) and (w := mech.sampling_warning(m))}
     for warning in sorted(warnings):
         print(f"mixturelm generate: warning: {warning}", file=sys.stderr)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
+    # the prompt's own bytes, also those that are not UTF-8 (the shell hands them over as surrogates)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8", "surrogateescape")), dtype=torch.long,
+                          device=device)
+    check_cache_fits(model, args.num_samples, len(ids) + args.max_new_tokens, device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     routing: dict = {}
@@ -278,8 +291,9 @@ def cmd_flops(args) -> None:
 
     if args.ckpt:
         ckpt = checkpoint.resolve(args.ckpt)
+        checkpoint.verify(ckpt)
         run_cfg = checkpoint.load_config(ckpt)
-        cfg, seq_len, name = ModelConfig.from_dict(run_cfg["model"]), run_cfg["train"]["seq_len"], str(ckpt)
+        cfg, seq_len, name = checkpoint.model_config(run_cfg, ckpt), run_cfg["train"]["seq_len"], str(ckpt)
     else:
         p = get_preset(args.preset or "dense-tiny")
         vocab = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
@@ -318,7 +332,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--top-k", type=int, default=16, help="peer: experts per head")
     p.add_argument("--d-key", type=int, default=128, help="peer: query / key size")
     p.add_argument("--no-peer", action="store_true", help="peer: time ours alone (no PEER-pytorch)")
-    p.add_argument("--out", help="also write results.json there")
+    p.add_argument("--out", help="also write results.json into this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier benchmark's results in --out")
 
 
 def cmd_bench(args) -> None:
@@ -340,6 +355,7 @@ def _add_ensemble(sub) -> None:
                         description="Every aggregator, expert and the paper's MoE-F output on the NIFTY test days, "
                                     "with weighted/macro F1, accuracy and MCC and bootstrap 95 percent intervals.")
     n.add_argument("--out", required=True, help="folder for results.json, report.md and weight heatmaps")
+    n.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
     n.add_argument("--data", help="the nifty-moe-f folder (default: the copy inside the package)")
     n.add_argument("--seeds", default="0,13,42", help="comma-separated seeds (default 0,13,42)")
     n.add_argument("--pools", default="all,llama2-7b,llama3-8b",
@@ -354,6 +370,7 @@ def _add_ensemble(sub) -> None:
     m.add_argument("--data", required=True, help="sources, comma-separated (file, folder or glob each); segments "
                                                  "are drawn from them in turn, from their held-out documents")
     m.add_argument("--out", required=True, help="folder for results.json, report.md and weights.png")
+    m.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
     m.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
     m.add_argument("--segments", type=int, default=12, help="segments in the stream (default 12)")
     m.add_argument("--val-fraction", type=float, default=None,
@@ -366,7 +383,7 @@ def _add_ensemble(sub) -> None:
 def cmd_ensemble(args) -> None:
     from .ensemble.report import check_out
 
-    out = check_out(args.out)
+    out = check_out(args.out, args.overwrite)
     if args.resamples < 10:
         raise UsageError(f"--resamples must be >= 10, got {args.resamples}")
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
@@ -409,7 +426,7 @@ def _add_compare(sub) -> None:
                         "mark each one's isoFLOP-optimal size")
     p.add_argument("--flops", default=",".join(f"{b:g}" for b in d.budgets),
                    help="training-FLOP budget of every run; comma-separated for several budgets (default %(default)s, "
-                        "8 to 14 minutes for the five architectures on 2 CPU cores)")
+                        "9 to 14 minutes for the five architectures on 2 CPU cores)")
     p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="bytes (default) or bpe:VOCAB")
     p.add_argument("--text-field", default=d.text_field, help="field of .jsonl records that holds the text")
@@ -512,7 +529,7 @@ def cmd_inspect(args) -> None:
     print(f"routed {s['n_tokens']:,} tokens{more} through {s['checkpoint']}")
     for line in describe(s):
         print(f"  {line}")
-    print(f"views in {out / 'inspect.html'} (summary: inspect.json, {len(views.figures)} PNG)")
+    print(f"views in {out.path / 'inspect.html'} (summary: inspect.json, {len(views.figures)} PNG)")
 
 
 def build_parser() -> Parser:
@@ -551,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except UsageError as e:
         print(f"mixturelm {args.command}: error: {to_flags(str(e), _dests(parser, args))}", file=sys.stderr)
+        return 3 if isinstance(e, TrainingDiverged) else 2
+    except OSError as e:
+        if e.errno not in SYSTEM_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mixturelm {args.command}: error: {e.strerror or e}{where}; {SYSTEM_ERRORS[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixturelm {args.command}: interrupted", file=sys.stderr)

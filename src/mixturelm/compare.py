@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from . import checkpoint
 from .data.tokens import same_split
 from .errors import UsageError
-from .files import has_content, machine, output_folder, write_json_atomic
+from .files import OutputFolder, has_content, machine, write_json_atomic
 from .flops import TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, realized_flops_correction
 from .mechanisms import registry
 from .model import MixtureLM
@@ -145,19 +144,21 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
     return runs
 
 
-def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
-    """True when --out holds this compare already (resume); errors for anything we must not touch."""
-    output_folder(out)
-    if not has_content(out):
-        return False
+COMPARE_KIND = "compare"
+
+
+def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> tuple[OutputFolder, bool]:
+    """--out checked, nothing written: the folder, and True when it holds this compare already (resume).
+    Errors for anything we must not touch."""
+    folder = OutputFolder(out, COMPARE_KIND, overwrite=overwrite, legacy=lambda p: (p / "compare.json").is_file(),
+                          exists_hint="give the same settings to resume it, add `overwrite=True` to replace it, or "
+                                      "choose another `out`")
+    if overwrite or not has_content(out) or not folder.is_own_kind():
+        return folder.check(), False
     marker = out / "compare.json"
-    if not marker.is_file():
-        raise UsageError(f"`out` {out} is not empty and holds no compare (no compare.json); choose another `out`")
-    if overwrite:
-        return False
     try:
         saved = json.loads(marker.read_text())["shared"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{marker} is unreadable; the compare is damaged, add `overwrite=True` to start it "
                          "again") from None
     diff = [k for k in SHARED_FIELDS if saved.get(k) != cc.shared()[k]]
@@ -165,7 +166,8 @@ def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> bool:
         k = diff[0]
         raise UsageError(f"`out` {out} holds a compare with {k} {saved.get(k)!r}, not {cc.shared()[k]!r}; give the "
                          "same settings to resume it, `overwrite=True` to replace it, or another `out`")
-    return True
+    folder.resume = True
+    return folder.check(), True
 
 
 def check_same_corpus(out: Path, stats: dict) -> None:
@@ -181,12 +183,6 @@ def check_same_corpus(out: Path, stats: dict) -> None:
                          "it, or add `overwrite=True` to start the compare again, or use another `out`")
 
 
-def clear_compare(out: Path) -> None:
-    """Empty --out (checked to hold a compare) without following links: --out itself may be a link."""
-    for p in out.iterdir():
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
 # ----------------------------------------------------------------------------------------------
 # Running
 
@@ -199,7 +195,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     log = log or (lambda msg: print(msg, file=sys.stderr))
     resolve_device(device)  # a bad --device is refused before --out is touched
     plan_runs(cc, vocab_size=1)  # unknown architectures and budgets too small even so, before reading the corpus
-    resume = check_out_dir(out, cc, overwrite)
+    folder, resume = check_out_dir(out, cc, overwrite)
     data = prepare(cc.data, cc.tokenizer, cc.val_fraction, cc.text_field, log=log)
     check_length(data.train, cc.seq_len, "training")
     check_length(data.val, cc.seq_len, "validation")
@@ -209,9 +205,7 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     if resume:  # every run folder checked before any run trains
         for r in runs:
             finished_run(r, out / "runs" / r.name)
-    if overwrite and out.exists():
-        clear_compare(out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder.claim()  # every value checked: lock, empty when replacing, mark
     if not resume:
         write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
                                                  "corpus": data.stats})
@@ -223,14 +217,17 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
             run_dir = out / "runs" / r.name
             _say(bar, log, f"[{i + 1}/{len(runs)}] {r.name}: {r.steps} steps in {r.budget:.3g} FLOPs")
             rows.append(_run_one(r, run_dir, device, progress, bar, log))
+        if bar is not None:
+            bar.close()
+        results = collect(cc, out, runs, rows, data, command)
+        write_json_atomic(out / "results.json", results)
+        from .report import write_report
+
+        write_report(out, results, runs, data, cc, log=log)
     finally:
         if bar is not None:
             bar.close()
-    results = collect(cc, out, runs, rows, data, command)
-    write_json_atomic(out / "results.json", results)
-    from .report import write_report
-
-    write_report(out, results, runs, data, cc, log=log)
+        folder.release()
     return results
 
 

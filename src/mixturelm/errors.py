@@ -11,6 +11,11 @@ class UsageError(ValueError):
     """
 
 
+class TrainingDiverged(UsageError):
+    """A non-finite loss or gradient: training stopped before writing anything of the bad step. The
+    command line exits with 3."""
+
+
 def positive_ints(obj, *names: str) -> None:
     """Each named field of a config is a positive int, or a UsageError naming the field and the value."""
     for name in names:

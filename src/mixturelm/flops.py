@@ -147,7 +147,7 @@ def realized_flops_correction(cfg: ModelConfig, seq_len: int, record: dict) -> f
 def flops_report(cfg: ModelConfig, seq_len: int) -> dict:
     """Forward FLOPs per token by component, their total, and training FLOPs per token (`mixturelm flops`)."""
     if seq_len < 1:
-        raise UsageError(f"seq_len must be positive, got {seq_len}")
+        raise UsageError(f"`seq_len` must be positive, got {seq_len}")
     parts = forward_flops_breakdown(cfg, seq_len)
     return {"seq_len": seq_len, "forward_per_token": parts, "forward_total": sum(parts.values()),
             "train_per_token": train_flops_per_token(cfg, seq_len),

@@ -6,6 +6,8 @@ smallest set whose probability reaches p. Filters apply in that order, then samp
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import UsageError
@@ -27,14 +29,24 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int | None = None, top_p: floa
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise UsageError(f"`temperature` must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses NaN
+        raise UsageError(f"`temperature` must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UsageError(f"`top_k` must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses NaN
         raise UsageError(f"`top_p` must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise UsageError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}")
+
+
+def check_cache_fits(model, batch: int, length: int, device) -> None:
+    """The KV cache of `batch` sequences of `length` tokens, and their logits, must fit in memory."""
+    from .runtime import check_fits
+
+    c = model.config
+    per_token = c.n_layers * 2 * (c.n_kv_heads or c.n_heads) * c.head_dim * 4 + c.vocab_size * 4
+    check_fits(float(batch) * length * per_token, f"sampling {batch:,} x {length:,} tokens (prompt and new tokens)",
+               "sample fewer or shorter sequences (`num_samples`, `max_new_tokens`)", str(device))
 
 
 @torch.no_grad()
@@ -48,6 +60,7 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if prompt_BT.shape[1] == 0:
         raise UsageError("the prompt is empty; give at least one token (one byte) of `prompt`")
+    check_cache_fits(model, prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens, prompt_BT.device)
     model.eval()
     cache = model.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens)
     out = [prompt_BT]

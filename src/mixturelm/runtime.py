@@ -21,3 +21,28 @@ def steady_allocator() -> bool:
         return all(libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) for option, value in settings)
     except (OSError, AttributeError):
         return False
+
+
+def memory_bytes(device: str = "cpu") -> int:
+    """The memory a run can use on device: the machine's RAM, or the GPU's."""
+    import os
+
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(needed: float, what: str, fix: str, device: str = "cpu") -> None:
+    """Refuse, before allocating anything, what cannot fit in memory on device."""
+    from .errors import UsageError
+
+    have = memory_bytes(device)
+    if needed > have:
+        raise UsageError(f"{what} needs about {_gb(needed)} of memory, more than the {_gb(have)} of this "
+                         f"{'GPU' if str(device).startswith('cuda') else 'machine'}; {fix}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GB" if n < 2**60 else f"{n:.2g} bytes"

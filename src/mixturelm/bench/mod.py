@@ -34,6 +34,7 @@ class MoDBenchConfig:
     decode_tokens: int = 64  # tokens decoded per round, batch 1 and 8
     threads: int | None = None  # torch threads; None: all cores
     out: str | None = None  # also write results.json there
+    overwrite: bool = False  # replace an earlier benchmark's results in out
 
     def __post_init__(self) -> None:
         check_config(self, positive=("steps", "rounds", "decode_tokens"),

@@ -40,6 +40,7 @@ class MoEBenchConfig:
     no_memory: bool = False  # skip the peak-memory measurement
     threads: int | None = None  # torch threads; None: all cores
     out: str | None = None  # also write results.json there
+    overwrite: bool = False  # replace an earlier benchmark's results in out
 
     def __post_init__(self) -> None:
         if self.tokens is None:

@@ -45,6 +45,7 @@ class PEERBenchConfig:
     no_peer: bool = False  # time ours alone (no PEER-pytorch)
     threads: int | None = None  # torch threads; None: all cores
     out: str | None = None  # also write results.json there
+    overwrite: bool = False  # replace an earlier benchmark's results in out
 
     def __post_init__(self) -> None:
         if self.tokens is None:

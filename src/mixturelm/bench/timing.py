@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError, positive_ints
-from ..files import output_folder, write_json_atomic
+from ..files import OutputFolder, claim, results_only, write_json_atomic
 
 __all__ = ["check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
            "reset_peak_rss", "rss_bytes", "save_results", "time_alternating", "train_step_fn"]
@@ -125,19 +125,24 @@ def check_config(cfg, positive: tuple[str, ...] = ("steps", "rounds"),
         raise UsageError(f"{type(cfg).__name__}.out must be a folder path or None, got {out!r}")
 
 
-def prepare(cfg) -> Path | None:
-    """Before any work: the output folder checked (it may not be a file), the torch threads set."""
-    out = output_folder(cfg.out, f"{type(cfg).__name__}.out") if cfg.out else None
-    if cfg.threads:
+def prepare(cfg) -> OutputFolder | None:
+    """Before any work: the output folder checked (new, empty, or with `overwrite` an earlier benchmark's),
+    the torch threads set."""
+    out = None
+    if cfg.out:
+        out = OutputFolder(cfg.out, "benchmark", option=f"{type(cfg).__name__}.out", overwrite=cfg.overwrite,
+                           legacy=results_only("machine", "command"),
+                           exists_hint=f"add {type(cfg).__name__}.overwrite to replace it, or choose another "
+                                       f"{type(cfg).__name__}.out").check()
+    if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return out
 
 
-def save_results(out: Path | None, result: dict) -> None:
-    """results.json in out (created if need be), written atomically; nothing when out is None."""
+def save_results(out: OutputFolder | None, result: dict) -> None:
+    """results.json in out, written atomically once the folder is claimed; nothing when out is None."""
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", result)
+        write_json_atomic(claim(out) / "results.json", result)
 
 
 def machine_line(m: dict) -> str:

@@ -27,6 +27,7 @@ class TrainBenchConfig:
     seq_len: int | None = None  # None: 256
     threads: int | None = None  # torch threads; None: all cores
     out: str | None = None  # also write results.json there
+    overwrite: bool = False  # replace an earlier benchmark's results in out
 
     def __post_init__(self) -> None:
         check_config(self, optional_positive=("batch_size", "seq_len", "threads"))

@@ -210,7 +210,7 @@ def plot_weights(path: Path, names: list[str], sources: list[str], segs: list[Se
 
 def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_segments: int,
            val_fraction: float | None, text_field: str, device: str, resamples: int = 1000, log=print) -> dict:
-    from .report import ci, markdown_table, print_table, write_json, write_text_atomic
+    from .report import ci, claim, markdown_table, print_table, write_json, write_text_atomic
 
     sources = [s.strip() for s in data.split(",") if s.strip()]
     experts, names = load_experts(expert_paths, device)
@@ -256,7 +256,7 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
         if r["kind"] == "aggregator":
             r["difference"] = {k: bpb_with_ci(per_segment(mixed_of[r["name"]]), seg_bytes, resamples, minus=v)
                                for k, v in ref.items()}
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(out)  # every input checked and the work done: lock, empty when replacing, mark
     plot_weights(out / "weights.png", names, sources, segs, paths)
     header = (["kind", "name", "bits/byte [95% CI over segments]"] + [f"on {Path(s).name}" for s in sources]
               + [f"minus best expert ({best})", "minus fixed-share"])

@@ -53,10 +53,12 @@ def _label_id(value: str, path: Path, line: int, column: str) -> int:
 def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(dates, realised label ids, predicted label ids) of one df_*.csv, columns read by header name."""
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as e:
         raise UsageError(f"cannot read {path} ({e.strerror}); check the `data` folder") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path} is not a UTF-8 CSV file ({str(e)[:80]}); give the released prediction files") from None
     need = {"date", "label", "predicted_label"}
     if not rows or not need <= set(rows[0]):
         raise UsageError(f"{path} has no rows with columns {', '.join(sorted(need))}; it is not a NIFTY prediction file")
@@ -265,7 +267,7 @@ def summary_table(rows: list[dict]) -> str:
 
 def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int, history: bool,
                   out: Path, log=print) -> dict:
-    from .report import markdown_table, print_table, write_json, write_text_atomic
+    from .report import claim, markdown_table, print_table, write_json, write_text_atomic
 
     loaded = [load_pool(root, p, s) for p in pools for s in seeds]  # every input checked before any work
     results, md = [], ["# MoE-F on NIFTY: experts, baselines, aggregators",
@@ -286,7 +288,7 @@ def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int
             figures.append((pool, res["paths"], members, fig))
             md += [f"![weights]({fig.name})", ""]
     md[4:4] = ["## Summary: weighted F1 [95 % CI] per pool and seed", "", summary_table(results), ""]
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(out)  # every input checked and the work done: lock, empty when replacing, mark
     for pool, paths, members, fig in figures:
         plot_weights(fig, pool, paths, members)
     summary = {"benchmark": "nifty", "labels": list(LABELS), "seeds": seeds, "pools": pools,

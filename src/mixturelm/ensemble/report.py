@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import output_folder, write_json_atomic, write_text_atomic
+from ..files import OutputFolder, claim, results_only, write_json_atomic, write_text_atomic
 from ..plotting import pyplot
 
-__all__ = ["check_out", "ci", "markdown_table", "print_table", "pyplot", "write_json", "write_text_atomic"]
+__all__ = ["check_out", "ci", "claim", "markdown_table", "print_table", "pyplot", "write_json", "write_text_atomic"]
 
 
-def check_out(out: str | Path) -> Path:
-    """--out must be a folder (or not exist yet); checked before any work so that a bad path costs nothing."""
-    return output_folder(out)
+ENSEMBLE_KIND = "ensemble report"
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> OutputFolder:
+    """--out: new, empty or (overwrite) an earlier ensemble report; checked before any work so that a bad path
+    costs nothing, claimed when the results are written."""
+    return OutputFolder(out, ENSEMBLE_KIND, overwrite=overwrite,
+                        legacy=lambda p: (p / "report.md").is_file() and results_only("benchmark", "rows")(p)).check()
 
 
 def write_json(path: Path, obj) -> None:

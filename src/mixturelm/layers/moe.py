@@ -67,6 +67,13 @@ class MoEConfig:
         if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
             raise UsageError(f"MoEConfig.capacity_factor must be a finite number > 0 (or None for dropless), "
                              f"got {self.capacity_factor}")
+        if self.capacity_factor is not None and self.capacity_factor > self.n_experts:
+            raise UsageError(f"MoEConfig.capacity_factor={self.capacity_factor:g} exceeds n_experts={self.n_experts}: "
+                             "at n_experts an expert may take every token already; use None for dropless")
+        if not 0 < self.route_scale < math.inf:
+            raise UsageError(f"MoEConfig.route_scale must be a finite number > 0, got {self.route_scale}")
+        if not 0 <= self.bias_rate < math.inf:
+            raise UsageError(f"MoEConfig.bias_rate must be a finite number >= 0, got {self.bias_rate}")
         if self.router == "switch" and self.top_k != 1:
             raise UsageError("MoEConfig.router='switch' is top-1; set top_k=1")
 

@@ -88,6 +88,9 @@ def evaluate_checkpoint(ckpt, data: str | None = None, split: str = "val", max_t
 
     if split not in ("val", "all"):
         raise UsageError(f"split={split!r} is unknown; choose val or all")
+    for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"`{name}` must be a positive integer (or None for the run's own), got {value!r}")
     model, run_cfg, tokenizer, ckpt_dir = checkpoint.load_model(ckpt, device)
     t = run_cfg["train"]
     tokens = prepare(data if data else t["data"], t["tokenizer"], t["val_fraction"], t["text_field"], tokenizer,
@@ -96,7 +99,12 @@ def evaluate_checkpoint(ckpt, data: str | None = None, split: str = "val", max_t
         tokens.val = TokenSplit(np.concatenate([tokens.train.tokens, tokens.val.tokens]),
                                 tokens.train.n_bytes + tokens.val.n_bytes, tokens.train.n_docs + tokens.val.n_docs)
     check_length(tokens.val, t["seq_len"], split)
-    res = evaluate(model, tokens, t["seq_len"], max_tokens or t["eval_tokens"], batch_size or t["batch_size"], device)
+    top = int(tokens.val.tokens.max()) if len(tokens.val.tokens) else 0
+    if top >= model.config.vocab_size:
+        raise UsageError(f"the {split} tokens reach id {top}, beyond the checkpoint's vocabulary of "
+                         f"{model.config.vocab_size}; its tokenizer.json does not belong to it (restore the run's own)")
+    res = evaluate(model, tokens, t["seq_len"], t["eval_tokens"] if max_tokens is None else max_tokens,
+                   t["batch_size"] if batch_size is None else batch_size, device)
     return res | {"checkpoint": str(ckpt_dir), "data": data or t["data"] or "stdlib", "split": split}
 
 

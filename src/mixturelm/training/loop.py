@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 from .. import checkpoint
 from ..data.tokenizer import load_from_dir
 from ..data.tokens import TokenData, check_length, prepare, same_split, train_rows
-from ..errors import UsageError
+from ..errors import TrainingDiverged, UsageError
 from ..files import write_json_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
@@ -30,7 +31,7 @@ from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
 from .metrics import METRICS_FILE, Metrics, last_record, truncate_records
 from .optim import Optimizers
-from .run import RunConfig, clear_out_dir, prepare_out_dir, steps_in_budget, train_flops_per_step
+from .run import RESUME_CHANGES, RunConfig, check_memory, run_folder, steps_in_budget, train_flops_per_step
 from .summary import describe_summary, run_summary
 
 
@@ -51,8 +52,9 @@ class Trainer:
         if t.batch_size % (self.dist.world * t.grad_accum):
             raise UsageError(f"TrainConfig.batch_size={t.batch_size} is not divisible by processes x grad_accum "
                              f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
-        prepare_out_dir(self.out_dir, resume, overwrite)
+        self.folder = run_folder(self.out_dir, resume, overwrite)
         steps_in_budget(self.cfg)  # fail fast, before reading data; counted again once the vocabulary is known
+        check_memory(self.cfg, self.dist.world, self.device)
         self.data = self._prepare_data()
         check_length(self.data.train, t.seq_len, "training")
         check_length(self.data.val, t.seq_len, "validation")
@@ -82,9 +84,8 @@ class Trainer:
         self.optim = Optimizers(self.model, t, self.total_steps)
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
-        ckpt = checkpoint.latest(self.out_dir) if self.resume else None
+        ckpt = checkpoint.resumable(self.out_dir, self.log) if self.resume else None
         if ckpt is not None:
-            checkpoint.verify(ckpt)
             checkpoint.load_weights(self.model, ckpt)
             state = checkpoint.load_train_state(ckpt)
             self.optim.load_state_dict(state)
@@ -97,20 +98,56 @@ class Trainer:
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
         return start
 
+    def _claim_folder(self) -> None:
+        """The main process takes the run directory (its lock; emptied when replacing; marked), now that every
+        value is checked; every process learns whether it could."""
+        error = None
+        if self.dist.main:
+            try:
+                self.folder.claim()
+            except UsageError as e:
+                error = e
+        failed = self.dist.total(torch.tensor(float(error is not None)))
+        if error is not None:
+            raise error
+        if failed.item():
+            raise UsageError("the main process could not take `out_dir`; see its message")
+
     def _write_run_files(self) -> None:
         if not self.dist.main:
             return
-        if self.overwrite and not self.resume and self.out_dir.exists():
-            clear_out_dir(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        left = checkpoint.clear_leftovers(self.out_dir)
+        if left:
+            self.log(f"removed what an interrupted checkpoint write left: {', '.join(left)}")
         data_file = self.out_dir / "data.json"
         if not self.resume:
             write_json_atomic(self.out_dir / checkpoint.CONFIG_FILE, self.cfg.to_dict())
             write_json_atomic(data_file, self.data.stats)
             self.data.tokenizer.save(self.out_dir)
-        elif data_file.is_file() and not same_split(json.loads(data_file.read_text()), self.data.stats):
+        else:
+            self._record_changes()
+        if self.resume and data_file.is_file() and not same_split(json.loads(data_file.read_text()), self.data.stats):
             self.log(f"warning: the data of {self.out_dir} changed since the run started (files added, removed "
                      "or modified); the resumed run will not repeat the original exactly")
+
+    def _record_changes(self) -> None:
+        """A resumed run given another learning rate (say, after a divergence) or cadence: said, and written
+        into its config so that the next resume agrees."""
+        path = self.out_dir / checkpoint.CONFIG_FILE
+        saved = json.loads(path.read_text())["train"]
+        now = self.cfg.train.to_dict()
+        changed = {k: (saved.get(k), now[k]) for k in RESUME_CHANGES if saved.get(k) != now[k]}
+        if changed:
+            self.log("the resumed run changes " + ", ".join(f"TrainConfig.{k} {a} -> {b}" for k, (a, b) in changed.items()))
+            write_json_atomic(path, self.cfg.to_dict())
+
+    def _diverged(self, step: int, record: dict) -> TrainingDiverged:
+        ckpt = checkpoint.latest(self.out_dir)
+        where = (f"the last good checkpoint is {ckpt} (nothing after it was kept): resume from it with other "
+                 "settings, e.g. a lower TrainConfig.lr (`resume=True`)" if ckpt is not None else
+                 "no checkpoint was written yet: start the run again with other settings, e.g. a lower TrainConfig.lr")
+        return TrainingDiverged(f"training diverged at step {step} (loss {record['loss']:.4g}, gradient norm "
+                                f"{record['grad_norm']:.4g}); {where}")
 
     def _autocast(self):
         if self.cfg.train.dtype == "bf16":
@@ -158,14 +195,22 @@ class Trainer:
         """When resuming a run whose last checkpoint is its last step and whose results are written: those
         results (there is nothing to train)."""
         results = self.out_dir / "results.json"
-        ckpt = checkpoint.latest(self.out_dir) if self.resume else None
+        ckpt = checkpoint.resumable(self.out_dir, lambda m: None) if self.resume else None
         if ckpt is None or not results.is_file():
             return None
-        step = checkpoint.verify(ckpt).get("step", 0)  # a damaged last checkpoint is said, not passed over
+        step = checkpoint.verify(ckpt).get("step", 0)
         return json.loads(results.read_text()) if step >= self.total_steps else None
 
     def run(self) -> dict:
+        """Train to the budget (or say the run is finished), holding the run directory's lock meanwhile."""
+        try:
+            return self._run()
+        finally:
+            self.folder.release()
+
+    def _run(self) -> dict:
         t = self.cfg.train
+        self._claim_folder()
         finished = self.finished_results()
         self.was_finished = finished is not None
         if finished is not None:
@@ -189,6 +234,11 @@ class Trainer:
         for step in range(start, self.total_steps):
             t0 = time.perf_counter()
             record = self._train_step(step)
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):
+                if bar is not None:
+                    bar.close()
+                metrics.close()
+                raise self._diverged(step + 1, record)
             dt = time.perf_counter() - t0
             self.elapsed += dt
             self.tokens_seen += tokens_per_step

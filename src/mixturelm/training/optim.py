@@ -143,8 +143,12 @@ class Optimizers:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved moments and step; the learning rates of this config (equal to the saved ones unless a
+        resumed run changed TrainConfig.lr)."""
+        base = list(self.sched.base_lrs)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        _set_base_lrs(self.sched, base)
         if self.sparse_opt is not None:
             # checkpoints of mixturelm before 2026-12 named the sparse-row optimizer after its only user
             old = {"sparse_optimizer": "peer_optimizer", "sparse_scheduler": "peer_scheduler"}
@@ -152,5 +156,15 @@ class Optimizers:
             if opt is None or sched is None:
                 raise UsageError("the checkpoint holds no state of the sparse-row optimizer; it cannot be resumed, "
                                  "start a new run")
+            base = list(self.sparse_sched.base_lrs)
             self.sparse_opt.load_state_dict(opt)
             self.sparse_sched.load_state_dict(sched)
+            _set_base_lrs(self.sparse_sched, base)
+
+
+def _set_base_lrs(sched, base: list[float]) -> None:
+    """A LambdaLR's base rates, and each group's rate at its current step, as LambdaLR computes it."""
+    sched.base_lrs = base
+    for group, lr, factor in zip(sched.optimizer.param_groups, base, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched.last_epoch)

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import checkpoint
 from ..config import ModelConfig, TrainConfig
 from ..errors import UsageError
-from ..files import has_content, output_folder
+from ..files import OutputFolder
 from ..flops import train_flops_per_token
 from ..mechanisms import registry
 from ..presets import get_preset
 
 DEFAULT_PRESET = "dense-tiny"
 DEFAULT_MAX_STEPS = 200
+MAX_STEPS = 10**9
+# what a resumed run may change: the step size (to go on after a divergence) and how often it logs,
+# evaluates and checkpoints; anything else would make it another run
+RESUME_CHANGES = ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts")  # a budget beyond this is a typo (years of steps), not a plan
 
 
 @dataclass
@@ -98,11 +101,17 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
             _override_blocks(saved.model.to_dict(), kind, overrides, saved.preset)
             block = next(b.configs[kind] for b in saved.model.blocks if kind in b.configs)
             given += [(f"BlockSpec.{kind}", k, getattr(block, k), v) for k, v in overrides.items()]
+    changes = {}
     for owner, key, saved_value, value in given:
-        if saved_value != value:
-            raise UsageError(f"{owner}.{key} {value} differs from the run's {saved_value}; "
-                             "leave it out to resume, or start a new run in another folder")
-    return saved
+        if saved_value == value:
+            continue
+        if owner == "TrainConfig" and key in RESUME_CHANGES:
+            changes[key] = value
+            continue
+        raise UsageError(f"{owner}.{key} {value} differs from the run's {saved_value}; leave it out to resume "
+                         f"(only {', '.join(f'TrainConfig.{k}' for k in RESUME_CHANGES)} may change), or start a "
+                         "new run in another folder")
+    return replace(saved, train=replace(saved.train, **changes)) if changes else saved
 
 
 def _train_field(train: TrainConfig, key: str) -> tuple[str, str, object]:
@@ -117,6 +126,9 @@ def steps_in_budget(cfg: RunConfig) -> int:
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
     if t.max_steps is not None:
+        if t.max_steps > MAX_STEPS:
+            raise UsageError(f"TrainConfig.max_steps {t.max_steps:.3g} is more than {MAX_STEPS:,} steps; give a "
+                             "smaller budget")
         return t.max_steps
     if t.max_tokens is not None:
         steps = t.max_tokens // tokens_per_step
@@ -128,6 +140,9 @@ def steps_in_budget(cfg: RunConfig) -> int:
     if steps < 1:
         raise UsageError(f"{unit} is smaller than one step ({per_step} per step); raise the budget "
                          "or lower TrainConfig.batch_size or TrainConfig.seq_len")
+    if steps > MAX_STEPS:
+        raise UsageError(f"{unit} gives {steps:.3g} steps, more than {MAX_STEPS:,} ({per_step} per step); "
+                         "give a smaller budget")
     return steps
 
 
@@ -137,19 +152,38 @@ def train_flops_per_step(cfg: RunConfig) -> float:
     return train_flops_per_token(cfg.model, t.seq_len) * t.batch_size * t.seq_len
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder unless told to resume or overwrite (and then only a run)."""
-    output_folder(out_dir, "`out_dir`")
-    if resume or not has_content(out_dir):
-        return
-    if not overwrite:
-        raise UsageError(f"{out_dir} is not empty; continue the run there (`resume=True`), replace it "
-                         "(`overwrite=True`), or choose another folder")
-    if not (out_dir / checkpoint.CONFIG_FILE).is_file():
-        raise UsageError(f"{out_dir} is not a mixturelm run directory (no config.json); refusing to delete it, "
-                         "choose another folder")
+RUN_KIND = "training run"
 
 
-def clear_out_dir(out_dir: Path) -> None:
-    for p in out_dir.iterdir():
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+def run_folder(out_dir: Path, resume: bool, overwrite: bool) -> OutputFolder:
+    """The run directory, checked (nothing written): new or empty, the run to resume, or (overwrite) a run
+    to replace; a run that stopped before its first checkpoint is started again without asking."""
+    return OutputFolder(out_dir, RUN_KIND, option="`out_dir`", resume=resume, overwrite=overwrite,
+                        legacy=is_legacy_run, restartable=lambda p: checkpoint.latest_pointer(p) is None,
+                        exists_hint="continue it (`resume=True`), replace it (`overwrite=True`), or choose "
+                                    "another folder").check()
+
+
+def is_legacy_run(path: Path) -> bool:
+    """A run directory written before output folders were marked: its config and its checkpoints or metrics."""
+    return (path / checkpoint.CONFIG_FILE).is_file() and ((path / "checkpoints").is_dir()
+                                                          or (path / "metrics.jsonl").is_file())
+
+
+def check_memory(cfg: RunConfig, processes: int = 1, device: str = "cpu") -> None:
+    """Refuse a model or batch that cannot fit in memory, before allocating it: parameters with their
+    gradients and AdamW moments (16 bytes each, counted on the meta device), and a rough bound of one
+    micro-batch's activations (the residual stream kept per layer, about 16 copies, and the logits)."""
+    import torch
+
+    from ..model import MixtureLM
+    from ..runtime import check_fits
+
+    with torch.device("meta"):
+        params = MixtureLM(cfg.model).num_params()
+    t, m = cfg.train, cfg.model
+    rows = t.batch_size // (processes * t.grad_accum)
+    activations = 4.0 * rows * t.seq_len * (16 * m.d_model * m.n_layers + 3 * m.vocab_size)
+    check_fits(16.0 * params + activations, f"this run ({params:,} parameters, micro-batches of {rows:,} x "
+               f"{t.seq_len:,} tokens)", "choose a smaller model (fewer experts, a smaller d_model) or lower "
+               "TrainConfig.batch_size (or raise TrainConfig.grad_accum) or TrainConfig.seq_len", device)

@@ -8,24 +8,22 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..files import has_content, output_folder, write_bytes_atomic, write_text_atomic
+from ..files import OutputFolder, write_bytes_atomic, write_text_atomic
 from .html import page
 from .routing import FORMAT, RoutingViews, routing_views
 
 DEFAULT_MAX_TOKENS = 1024
 
 
-def check_out(out_dir: str | Path, overwrite: bool) -> Path:
+INSPECT_KIND = "inspect output"
+
+
+def check_out(out_dir: str | Path, overwrite: bool) -> OutputFolder:
     """out_dir must be new, empty, or (with overwrite) an earlier inspect output: nothing else is touched."""
-    out = output_folder(out_dir)
-    if has_content(out):
-        if not overwrite:
-            raise UsageError(f"`out` {out} is not empty; add `overwrite=True` to replace an earlier inspect "
-                             "output there, or choose another `out`")
-        if _previous_files(out) is None:
-            raise UsageError(f"`out` {out} is not empty and holds no inspect output (no inspect.json of "
-                             "`mixturelm inspect`); `overwrite=True` only replaces one, choose another `out`")
-    return out
+    if isinstance(out_dir, OutputFolder):
+        return out_dir
+    return OutputFolder(out_dir, INSPECT_KIND, overwrite=overwrite, legacy=lambda p: _previous_files(p) is not None,
+                        exists_hint="add `overwrite=True` to replace it, or choose another `out`").check()
 
 
 def _previous_files(out: Path) -> list[str] | None:
@@ -51,7 +49,8 @@ def run_inspect(ckpt: str | Path, text: str, out_dir: Path, max_tokens: int = DE
         raise UsageError(f"`max_tokens` must be >= 1, got {max_tokens}")
     out = check_out(out_dir, overwrite)
     model, run_cfg, tokenizer, ckpt_dir = checkpoint.load_model(ckpt, device)
-    all_ids = torch.as_tensor(tokenizer.encode(text.encode("utf-8")), dtype=torch.long)
+    # surrogateescape: bytes of a command line that are not UTF-8 are routed as the bytes they are
+    all_ids = torch.as_tensor(tokenizer.encode(text.encode("utf-8", "surrogateescape")), dtype=torch.long)
     if all_ids.numel() == 0:
         raise UsageError("the text gives no tokens; give some `text`")
     ids = all_ids[:max_tokens]
@@ -60,10 +59,7 @@ def run_inspect(ckpt: str | Path, text: str, out_dir: Path, max_tokens: int = DE
     views = routing_views(model, tokenizer, ids, title, window=window)
     views.summary.update(checkpoint=str(ckpt_dir), text_tokens=int(all_ids.numel()),
                          truncated=bool(all_ids.numel() > ids.numel()), files=sorted(views.figures))
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _previous_files(out) or []:  # an earlier inspect output's figures (only those)
-        if name not in views.figures:
-            (out / name).unlink(missing_ok=True)
+    out = out.claim().path  # every input checked: lock, empty when replacing, mark
     for name, png in views.figures.items():
         write_bytes_atomic(out / name, png)
     write_text_atomic(out / "inspect.html", page(views.html, f"mixturelm inspect: {title}"))
