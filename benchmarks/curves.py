@@ -16,9 +16,10 @@ def evals(run: Path) -> dict[int, float]:
 def main(runs: list[str]) -> None:
     curves = {Path(r).name: evals(Path(r)) for r in runs}
     steps = sorted(set().union(*curves.values()))
-    print(f"{'step':>6}" + "".join(f"{name:>22}" for name in curves))
+    width = max(12, *(len(name) + 2 for name in curves))  # long names stay apart
+    print(f"{'step':>6}" + "".join(f"{name:>{width}}" for name in curves))
     for s in steps:
-        print(f"{s:>6}" + "".join(f"{c.get(s, float('nan')):>22.4f}" for c in curves.values()))
+        print(f"{s:>6}" + "".join(f"{c.get(s, float('nan')):>{width}.4f}" for c in curves.values()))
     for name, run in zip(curves, runs):
         res = json.loads((Path(run) / "results.json").read_text())
         print(f"{name}: {res['params']:,} params, {res['forward_flops_per_token']:.3g} forward FLOPs/token, "

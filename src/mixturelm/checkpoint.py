@@ -104,14 +104,55 @@ def _prune(ckpts: Path, keep: int, newest: str) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def clear_leftovers(run_dir: Path) -> list[str]:
-    """Delete what a killed or failed checkpoint write or rotation left (.tmp-* and .old-* folders); called
-    when a run starts or resumes, holding its folder's lock. Returns their names."""
+def drop_from(run_dir: Path, step: int) -> list[str]:
+    """Take the checkpoints of `step` and later out of the series (each renamed, then deleted), and point
+    `latest` at the newest one left (or remove it). Used when training diverged: a checkpoint written after
+    the last step whose loss was finite holds the weights that diverged. Returns the names dropped."""
     ckpts = Path(run_dir) / "checkpoints"
-    found = sorted(p for pattern in (".tmp-*", ".old-*") for p in ckpts.glob(pattern)) if ckpts.is_dir() else []
-    for p in found:
+    dropped = [p for p in sorted(ckpts.glob("step_*")) if p.is_dir() and _step_of(p) is not None and _step_of(p) >= step]
+    for p in dropped:
+        trash = ckpts / f".old-{p.name}-{os.getpid()}"
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    left = sorted(p for p in ckpts.glob("step_*") if p.is_dir())
+    pointer = ckpts / "latest"
+    if left:
+        write_text_atomic(pointer, left[-1].name)
+    else:
+        pointer.unlink(missing_ok=True)
+    return [p.name for p in dropped]
+
+
+def _step_of(ckpt: Path) -> int | None:
+    try:
+        return int(ckpt.name.removeprefix("step_"))
+    except ValueError:
+        return None
+
+
+def clear_leftovers(run_dir: Path) -> list[str]:
+    """Delete what a killed or failed write left (.tmp-* and .old-* folders of checkpoints, temporary files
+    of atomic writes); called when a run starts or resumes, holding its folder's lock. A checkpoint renamed
+    aside to be replaced by a copy that never arrived is put back first. Returns what was removed."""
+    run_dir = Path(run_dir)
+    ckpts = run_dir / "checkpoints"
+    pointer = latest_pointer(run_dir)
+    named = pointer.read_text().strip() if pointer is not None else None
+    for old in sorted(ckpts.glob(".old-step_*")) if ckpts.is_dir() else []:
+        name = old.name.removeprefix(".old-").rsplit("-", 1)[0]
+        if name == named and not (ckpts / name).exists():  # `latest` names it: put it back
+            try:
+                verify(old)
+                os.rename(old, ckpts / name)
+            except UsageError:
+                pass
+    found = []
+    if ckpts.is_dir():
+        found += [p for pattern in (".tmp-*", ".old-*", ".*.tmp[0-9]*") for p in ckpts.glob(pattern)]
+    found += list(run_dir.glob(".*.tmp[0-9]*"))
+    for p in sorted(set(found)):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-    return [p.name for p in found]
+    return sorted({p.name for p in found})
 
 
 def resumable(run_dir: Path, warn) -> Path | None:

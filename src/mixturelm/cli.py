@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .errors import TrainingDiverged, UsageError
+from .files import abandon_unclaimed
 from .mechanisms import registry
 
 # Options of `train` that set TrainConfig fields (flag name -> type, help); given ones override the preset.
@@ -110,8 +111,8 @@ def to_flags(message: str, dests: set[str] = frozenset()) -> str:
 SYSTEM_ERRORS = {errno.ENOSPC: "free some space (earlier checkpoints and results are intact)",
                  errno.EDQUOT: "free some space (earlier checkpoints and results are intact)",
                  errno.EROFS: "the file system is read-only; write to another folder",
-                 errno.EACCES: "no permission; write to another folder or fix its permissions",
-                 errno.EPERM: "no permission; write to another folder or fix its permissions"}
+                 errno.EACCES: "no permission for it; fix its permissions or choose another path",
+                 errno.EPERM: "no permission for it; fix its permissions or choose another path"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -216,7 +217,7 @@ def cmd_eval(args) -> None:
     from .training.evaluation import describe_evaluation, evaluate_checkpoint
 
     out = OutputFolder(args.out, "evaluation", overwrite=args.overwrite, legacy=results_only("checkpoint", "val_loss"),
-                       exists_hint="add `overwrite=True` to replace it, or choose another `out`").check() if args.out else None
+                       exists_hint="add `overwrite=True` to replace it, or choose another `out`").check().lock() if args.out else None
     res = evaluate_checkpoint(args.ckpt, args.data, args.split, args.max_tokens, args.batch_size,
                               resolve_device(args.device), log=lambda m: print(m, file=sys.stderr))
     print("\n".join(describe_evaluation(res)))
@@ -258,7 +259,7 @@ def cmd_generate(args) -> None:
     # the prompt's own bytes, also those that are not UTF-8 (the shell hands them over as surrogates)
     ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8", "surrogateescape")), dtype=torch.long,
                           device=device)
-    check_cache_fits(model, args.num_samples, len(ids) + args.max_new_tokens, device)
+    check_cache_fits(model, args.num_samples, len(ids), args.max_new_tokens, device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     routing: dict = {}
@@ -565,7 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the exact command, for reports
     try:
-        COMMANDS[args.command](args)
+        try:
+            COMMANDS[args.command](args)
+        except BaseException:
+            abandon_unclaimed()  # an --out locked but not yet written is left as it was found
+            raise
     except UsageError as e:
         print(f"mixturelm {args.command}: error: {to_flags(str(e), _dests(parser, args))}", file=sys.stderr)
         return 3 if isinstance(e, TrainingDiverged) else 2

@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint
 from .data.tokens import same_split
-from .errors import UsageError
+from .errors import TrainingDiverged, UsageError
 from .files import OutputFolder, has_content, machine, write_json_atomic
 from .flops import TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_token, realized_flops_correction
 from .mechanisms import registry
@@ -233,11 +233,11 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
 
 def _finished_steps(run_dir: Path) -> int:
     """Steps already trained in a run directory (its newest checkpoint), 0 if none."""
-    ckpt = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    if ckpt is None:
+    pointer = checkpoint.latest_pointer(run_dir) if run_dir.is_dir() else None
+    if pointer is None:
         return 0
-    try:
-        return int(json.loads((ckpt / "meta.json").read_text())["step"])
+    try:  # for the progress bar only: not verified here (the resume verifies it)
+        return int(json.loads((pointer.parent / pointer.read_text().strip() / "meta.json").read_text())["step"])
     except (OSError, ValueError, KeyError):
         return 0
 
@@ -264,7 +264,7 @@ def finished_run(r: RunPlan, run_dir: Path) -> dict | None:
     results_file = run_dir / "results.json"
     config_file = run_dir / checkpoint.CONFIG_FILE
     if not config_file.is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        if has_content(run_dir):  # its own lock and marker are not content
             raise UsageError(f"{run_dir} is damaged (files but no {checkpoint.CONFIG_FILE}); delete it to train that "
                              "run again, or add `overwrite=True` to start the compare again")
         return None
@@ -282,13 +282,19 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
         log(f"  {r.name}: finished earlier, skipped")
         return finished | {"skipped": True}
     started = (run_dir / checkpoint.CONFIG_FILE).is_file()
-    resume = started and checkpoint.latest(run_dir) is not None
+    resume = started and checkpoint.latest_pointer(run_dir) is not None
     load_before = os.getloadavg()[0]
     trainer = Trainer(replace(r.config), run_dir, resume=resume, overwrite=not resume and run_dir.exists(),
                       device=device, progress=progress, log=lambda m: _say(bar, log, "  " + m),
                       on_step=(lambda done: bar.update(1)) if bar is not None else None,
                       bar_position=1 if bar is not None else 0)
-    summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+    try:
+        summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
+    except TrainingDiverged as e:  # compare sets every run's settings: the fix is not a resume with other ones
+        step = str(e).split(" (", 1)[0].removeprefix("training diverged at ")
+        raise TrainingDiverged(f"{r.name} diverged at {step} (its loss stopped being finite); a resumed compare "
+                               "would repeat it: start the compare again with `overwrite=True` and another `seed` "
+                               "or `batch_size`, or leave that architecture out of `archs`") from None
     if trainer.dist.main:  # kept with the run, so a resumed compare still reports it
         write_json_atomic(run_dir / "results.json", summary)
     return summary

@@ -18,12 +18,16 @@ def write_bytes_atomic(path: Path, data: bytes, *, sync: bool = False) -> None:
     """data to path by a temporary file and a rename; sync: on disk before the rename (checkpoints)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: no half-written temporary file left behind (a kill leaves one,
+        tmp.unlink(missing_ok=True)  # which the next run of a training run clears)
+        raise
 
 
 def write_text_atomic(path: Path, text: str, *, sync: bool = False) -> None:
@@ -111,6 +115,7 @@ class OutputFolder:
         self.exists_hint = exists_hint or f"add `overwrite=True` to replace it, or choose another {option}"
         self.replace = False  # set by check(): the folder's old content goes when claimed
         self._lock = None
+        self._created = self._made_lock = self._claimed = False
 
     def __truediv__(self, name: str) -> Path:  # paths inside it, as with a Path
         return self.path / name
@@ -150,15 +155,16 @@ class OutputFolder:
             return self
         raise UsageError(f"{option} {p} holds {_a(self.kind)} already; {self.exists_hint}")
 
-    def claim(self) -> OutputFolder:
-        """Create, lock, check again (another process may have written meanwhile), empty when replacing,
-        mark. Idempotent."""
+    def lock(self) -> OutputFolder:
+        """Create the folder if need be and take its lock (a second process is refused), then check again:
+        another process may have written meanwhile. Nothing is changed yet. Idempotent."""
         if self._lock is not None:
             return self
         import fcntl
 
-        created = not self.path.exists()
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        self._made_lock = not (self.path / LOCK).exists()
         fh = open(self.path / LOCK, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -168,29 +174,64 @@ class OutputFolder:
             fh.close()
             raise UsageError(f"{self.option} {self.path} is being written by another mixturelm process (pid "
                              f"{holder}); wait for it to finish, or choose another {self.option}") from None
+        self._lock = fh
+        _LOCKED.append(self)
         try:
             self.check()
         except UsageError:
-            fh.close()
-            if created:  # leave nothing behind
-                (self.path / LOCK).unlink(missing_ok=True)
-                self.path.rmdir()
+            self.abandon()
             raise
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
-        self._lock = fh
+        return self
+
+    def claim(self) -> OutputFolder:
+        """Locked (see lock), emptied when replacing (once every value has been checked: call it only then),
+        and marked. Idempotent."""
+        self.lock()
+        self._claimed = True
         if self.replace:
             clear_folder(self.path)
+            self.replace = False
         if marked_kind(self.path) != self.kind:
             write_json_atomic(self.path / MARKER, {"kind": self.kind}, sync=False)
         return self
+
+    def abandon(self) -> None:
+        """After a failure before anything was written: leave the folder as it was found (remove it if this
+        command created it and it holds nothing; remove the lock file if this command made it)."""
+        if self._lock is None:
+            return
+        if self._made_lock:
+            (self.path / LOCK).unlink(missing_ok=True)
+        self.release()
+        if self._created and not has_content(self.path):
+            (self.path / MARKER).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass
 
     def release(self) -> None:
         if self._lock is not None:
             self._lock.close()  # closing the file drops the lock (as a process's exit does)
             self._lock = None
+
+
+
+# Folders this process locked: a command that fails before writing leaves each as it was found
+_LOCKED: list[OutputFolder] = []
+
+
+def abandon_unclaimed() -> None:
+    """After a failure: every folder locked but not yet written (claimed) is left as it was found."""
+    while _LOCKED:
+        folder = _LOCKED.pop()
+        if not folder._claimed:
+            folder.abandon()
+        folder.release()
 
 
 def _a(noun: str) -> str:
@@ -211,8 +252,12 @@ def clear_folder(path: Path) -> None:
 
 
 def results_only(*keys: str):
-    """A legacy test for outputs written before markers: a folder whose results.json has these keys."""
+    """A legacy test for outputs written before markers: a folder holding nothing but a results.json with
+    these keys, a report.md and PNG figures (so a compare or a run, which hold more, never passes)."""
     def test(path: Path) -> bool:
+        if {p.name for p in path.iterdir() if not _own(p)} - {"results.json", "report.md"} - {
+                p.name for p in path.glob("*.png")}:
+            return False
         try:
             results = json.loads((path / "results.json").read_text())
         except (OSError, ValueError):

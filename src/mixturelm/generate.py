@@ -39,13 +39,16 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise UsageError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}")
 
 
-def check_cache_fits(model, batch: int, length: int, device) -> None:
-    """The KV cache of `batch` sequences of `length` tokens, and their logits, must fit in memory."""
+def check_cache_fits(model, batch: int, prompt_len: int, new_tokens: int, device) -> None:
+    """What sampling allocates must fit in memory: the KV cache of every position (4-byte keys and values
+    per layer), a bound of the prompt pass's activations (8 residual-stream copies; it keeps the logits of
+    the last position only) and the logits of each step."""
     from .runtime import check_fits
 
     c = model.config
-    per_token = c.n_layers * 2 * (c.n_kv_heads or c.n_heads) * c.head_dim * 4 + c.vocab_size * 4
-    check_fits(float(batch) * length * per_token, f"sampling {batch:,} x {length:,} tokens (prompt and new tokens)",
+    cache = float(batch) * (prompt_len + new_tokens) * c.n_layers * 2 * (c.n_kv_heads or c.n_heads) * c.head_dim * 4
+    logits = float(batch) * (prompt_len * c.d_model * 8 + c.vocab_size) * 4
+    check_fits(cache + logits, f"sampling {batch:,} x {prompt_len + new_tokens:,} tokens (prompt and new tokens)",
                "sample fewer or shorter sequences (`num_samples`, `max_new_tokens`)", str(device))
 
 
@@ -60,7 +63,7 @@ def generate(model, prompt_BT: torch.Tensor, max_new_tokens: int, temperature: f
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if prompt_BT.shape[1] == 0:
         raise UsageError("the prompt is empty; give at least one token (one byte) of `prompt`")
-    check_cache_fits(model, prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens, prompt_BT.device)
+    check_cache_fits(model, prompt_BT.shape[0], prompt_BT.shape[1], max_new_tokens, prompt_BT.device)
     model.eval()
     cache = model.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + max_new_tokens)
     out = [prompt_BT]

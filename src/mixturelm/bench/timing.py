@@ -133,7 +133,7 @@ def prepare(cfg) -> OutputFolder | None:
         out = OutputFolder(cfg.out, "benchmark", option=f"{type(cfg).__name__}.out", overwrite=cfg.overwrite,
                            legacy=results_only("machine", "command"),
                            exists_hint=f"add {type(cfg).__name__}.overwrite to replace it, or choose another "
-                                       f"{type(cfg).__name__}.out").check()
+                                       f"{type(cfg).__name__}.out").check().lock()  # refused now, not after
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return out

@@ -186,7 +186,16 @@ def reader_fingerprint() -> str:
              is_validation, split]
     h = hashlib.sha256(str(READER_VERSION).encode())
     for rule in rules:
-        h.update(inspect.getsource(rule).encode())
+        try:
+            h.update(inspect.getsource(rule).encode())
+        except (OSError, TypeError):  # installed without sources: the package's version stands for them
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                h.update(version("mixturelm").encode())
+            except PackageNotFoundError:
+                pass
+            break
     return h.hexdigest()[:12]
 
 

@@ -17,7 +17,7 @@ def check_out(out: str | Path, overwrite: bool = False) -> OutputFolder:
     """--out: new, empty or (overwrite) an earlier ensemble report; checked before any work so that a bad path
     costs nothing, claimed when the results are written."""
     return OutputFolder(out, ENSEMBLE_KIND, overwrite=overwrite,
-                        legacy=lambda p: (p / "report.md").is_file() and results_only("benchmark", "rows")(p)).check()
+                        legacy=lambda p: (p / "report.md").is_file() and results_only("benchmark", "rows")(p)).check().lock()
 
 
 def write_json(path: Path, obj) -> None:

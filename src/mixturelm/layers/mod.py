@@ -211,8 +211,9 @@ class MoD(nn.Module):
         B, T, D = x_BTD.shape
         enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
+        entered = enter_BT.sum().double()  # counts on the tokens' device (CUDA too), summed by evaluation
         mine = MoDAux(causal_fraction=enter_BT.float().mean().detach(),
-                      causal_counts=torch.stack([enter_BT.sum(), torch.tensor(enter_BT.numel())]).double())
+                      causal_counts=torch.stack([entered, torch.full_like(entered, enter_BT.numel())]))
         rows_R = count_B.nonzero().squeeze(1)
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, [mine]

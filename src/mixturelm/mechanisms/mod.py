@@ -63,7 +63,7 @@ class MoDMechanism(Mechanism):
     def optimizer_needs(self, modules: list[MoD], options) -> OptimizerNeeds:
         """The causal predictor is a side network (trained on its own loss from stop-gradient inputs): it
         is clipped apart, since in one global norm its gradient would shrink the model's update (mod-tiny
-        with the predictor, step 20: by 14 %; benchmarks/mod/predictor_clip_share.py) for no gain."""
+        with the predictor, step 20: by 11 %; benchmarks/mod/predictor_clip_share.py) for no gain."""
         return OptimizerNeeds(side=[p for m in modules if m.predictor is not None for p in m.predictor.parameters()])
 
     def eval_value(self, aux) -> torch.Tensor | None:
@@ -92,11 +92,11 @@ class MoDMechanism(Mechanism):
         for n in layers:
             parts = []
             if n + ".mod_causal_fraction" in causal:
-                parts.append(f"lets in {causal[n + '.mod_causal_fraction']:.1%} of the tokens of the last training "
-                             f"batch (agreeing with top-k on {causal[n + '.mod_causal_accuracy']:.1%})")
+                parts.append(f"{causal[n + '.mod_causal_fraction']:.1%} of the tokens of the last training batch "
+                             f"(agreeing with top-k on {causal[n + '.mod_causal_accuracy']:.1%})")
             if n + ".mod_val_causal_fraction" in causal:
                 parts.append(f"{causal[n + '.mod_val_causal_fraction']:.1%} of the validation tokens")
-            lines.append(f"{n} MoD: the causal rule of sampling " + " and ".join(parts))
+            lines.append(f"{n} MoD: the causal rule of sampling lets in " + " and ".join(parts))
         return lines
 
     def view(self):

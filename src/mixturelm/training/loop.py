@@ -98,20 +98,20 @@ class Trainer:
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
         return start
 
-    def _claim_folder(self) -> None:
-        """The main process takes the run directory (its lock; emptied when replacing; marked), now that every
-        value is checked; every process learns whether it could."""
+    def _on_main(self, write, what: str) -> None:
+        """A write the main process does alone (take the folder, a checkpoint, results.json). Every process
+        learns whether it failed, so that under torchrun none waits forever in the next collective."""
         error = None
         if self.dist.main:
             try:
-                self.folder.claim()
-            except UsageError as e:
+                write()
+            except Exception as e:  # noqa: BLE001 (re-raised below, on this process and as an error on the others)
                 error = e
         failed = self.dist.total(torch.tensor(float(error is not None)))
         if error is not None:
             raise error
         if failed.item():
-            raise UsageError("the main process could not take `out_dir`; see its message")
+            raise UsageError(f"the main process failed to {what} in `out_dir`; see its message")
 
     def _write_run_files(self) -> None:
         if not self.dist.main:
@@ -142,10 +142,17 @@ class Trainer:
             write_json_atomic(path, self.cfg.to_dict())
 
     def _diverged(self, step: int, record: dict) -> TrainingDiverged:
-        ckpt = checkpoint.latest(self.out_dir)
-        where = (f"the last good checkpoint is {ckpt} (nothing after it was kept): resume from it with other "
-                 "settings, e.g. a lower TrainConfig.lr (`resume=True`)" if ckpt is not None else
-                 "no checkpoint was written yet: start the run again with other settings, e.g. a lower TrainConfig.lr")
+        """The error of a non-finite loss or gradient at `step`. The checkpoint of step - 1, if any, holds the
+        weights that gave it (resuming there would repeat it whatever the settings): it leaves the series,
+        and the message names the newest checkpoint before it."""
+        if self.dist.main:
+            checkpoint.drop_from(self.out_dir, step - 1)
+        self.dist.barrier()
+        ckpt = checkpoint.resumable(self.out_dir, lambda m: None)
+        where = (f"the last good checkpoint is {ckpt}: resume from it with other settings, e.g. a lower "
+                 "TrainConfig.lr (`resume=True`)" if ckpt is not None else
+                 "no checkpoint from before it remains: start the run again with other settings, e.g. a lower "
+                 "TrainConfig.lr")
         return TrainingDiverged(f"training diverged at step {step} (loss {record['loss']:.4g}, gradient norm "
                                 f"{record['grad_norm']:.4g}); {where}")
 
@@ -210,19 +217,18 @@ class Trainer:
 
     def _run(self) -> dict:
         t = self.cfg.train
-        self._claim_folder()
+        self._on_main(self.folder.claim, "take the run directory")  # every value checked: lock, replace, mark
         finished = self.finished_results()
         self.was_finished = finished is not None
         if finished is not None:
-            if self.dist.main:
-                truncate_records(self.out_dir / METRICS_FILE, self.total_steps)  # a line half written by a kill
+            # a line half written by a kill
+            self._on_main(lambda: truncate_records(self.out_dir / METRICS_FILE, self.total_steps), "repair metrics")
             self.log(f"the run in {self.out_dir} is finished ({self.total_steps} of {self.total_steps} steps): "
                      "nothing to train; its results are in results.json")
             return finished
         if self.device == "cpu":
             steady_allocator()  # no page-fault storm every step
-        self._write_run_files()
-        self.dist.barrier()
+        self._on_main(self._write_run_files, "write the run's files")
         start = self._build()
         metrics = Metrics(self.out_dir, start, self.dist.main)
         tokens_per_step = t.batch_size * t.seq_len
@@ -258,7 +264,7 @@ class Trainer:
                 self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             if done % t.ckpt_every == 0 or done == self.total_steps:
-                self._save(done)
+                self._on_main(lambda: self._save(done), "write a checkpoint")
             if self.on_step is not None:
                 self.on_step(done)
             if bar is not None:
@@ -297,8 +303,7 @@ class Trainer:
         if "val_loss_causal" in summary:
             self.log(f"val loss with training's routing {summary['val_loss']:.4f}, with causal (sampling) routing "
                      f"{summary['val_loss_causal']:.4f}")
-        if self.dist.main:
-            write_json_atomic(self.out_dir / "results.json", summary)
+        self._on_main(lambda: write_json_atomic(self.out_dir / "results.json", summary), "write results.json")
         return summary
 
     def _say(self, bar, msg: str) -> None:
