@@ -60,7 +60,7 @@ MODEL_OPTIONS: dict[str, tuple[type, str]] = {
 }
 
 # Fields of other library objects, as the flags that set them (for to_flags)
-OTHER_FLAGS = {"CompareConfig.budgets": "--flops", "CompareConfig.archs": "--archs", "CompareConfig.text": "--text",
+OTHER_FLAGS = {"ModelConfig.vocab_size": "--vocab-size", "CompareConfig.budgets": "--flops", "CompareConfig.archs": "--archs", "CompareConfig.text": "--text",
                "CompareConfig.sizes": "--size"}
 
 

@@ -135,7 +135,10 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
                     raise UsageError(f"CompareConfig.budgets: {budget:g} is smaller than one step of {preset} "
                                      f"({per_step:.3g} FLOPs per step); raise it or lower CompareConfig.batch_size / "
                                      "seq_len")
-                steps = steps_in_budget(cfg)
+                try:
+                    steps = steps_in_budget(cfg)
+                except UsageError as e:  # in compare's words: the budget is --flops here
+                    raise UsageError(str(e).replace("TrainConfig.max_flops", f"CompareConfig.budgets {budget:g}")) from None
                 every = max(1, math.ceil(steps / cc.evals))
                 # four checkpoints a run: a resume loses at most a quarter of it (peer-tiny's are 3 GB each)
                 cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every * math.ceil(cc.evals / 4))
