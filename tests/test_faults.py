@@ -257,3 +257,19 @@ def test_a_compare_killed_twice_resumes_to_the_uninterrupted_results(corpus_dir,
     want = {r["name"]: r["val_loss"] for r in json.loads((tmp_path / "full" / "results.json").read_text())["runs"]}
     got = {r["name"]: r["val_loss"] for r in json.loads((out / "results.json").read_text())["runs"]}
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_diverging_compare_run_names_the_run_and_a_fix_compare_accepts(corpus_dir, tmp_path, monkeypatch):
+    from mixturelm.compare import CompareConfig, run_compare
+
+    real = Trainer._train_step
+
+    def step(self, s):
+        record = real(self, s)
+        return record | {"loss": float("inf")} if s == 3 else record
+    monkeypatch.setattr(Trainer, "_train_step", step)
+    cc = CompareConfig(archs=("dense",), sizes=("debug",), budgets=(1e11,), data=str(corpus_dir), evals=2,
+                       eval_tokens=2048, view_tokens=32)
+    with pytest.raises(TrainingDiverged, match=r"dense-debug diverged at step 4 .*`overwrite=True`") as e:
+        run_compare(cc, tmp_path / "cmp", progress=False, log=lambda m: None)
+    assert e.value.step == 4

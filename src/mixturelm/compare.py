@@ -294,10 +294,9 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
     try:
         summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
     except TrainingDiverged as e:  # compare sets every run's settings: the fix is not a resume with other ones
-        step = str(e).split(" (", 1)[0].removeprefix("training diverged at ")
-        raise TrainingDiverged(f"{r.name} diverged at {step} (its loss stopped being finite); a resumed compare "
-                               "would repeat it: start the compare again with `overwrite=True` and another `seed` "
-                               "or `batch_size`, or leave that architecture out of `archs`") from None
+        raise TrainingDiverged(f"{r.name} diverged at step {e.step} (its loss stopped being finite); a resumed "
+                               "compare would repeat it: start the compare again with `overwrite=True` and another "
+                               "`seed` or `batch_size`, or leave that architecture out of `archs`", e.step) from None
     if trainer.dist.main:  # kept with the run, so a resumed compare still reports it
         write_json_atomic(run_dir / "results.json", summary)
     return summary

@@ -15,6 +15,10 @@ class TrainingDiverged(UsageError):
     """A non-finite loss or gradient: training stopped before writing anything of the bad step. The
     command line exits with 3."""
 
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
 
 def positive_ints(obj, *names: str) -> None:
     """Each named field of a config is a positive int, or a UsageError naming the field and the value."""

@@ -218,7 +218,8 @@ class OutputFolder:
         if self._lock is not None:
             self._lock.close()  # closing the file drops the lock (as a process's exit does)
             self._lock = None
-
+        if self in _LOCKED:
+            _LOCKED.remove(self)
 
 
 # Folders this process locked: a command that fails before writing leaves each as it was found

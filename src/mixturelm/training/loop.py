@@ -46,7 +46,8 @@ class Trainer:
         self.device = pick_device(device, self.dist)
         self.progress = progress and self.dist.main
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.dist.main else None)
-        self.resume, self.overwrite = resume, overwrite
+        self.resume = resume  # (overwrite is the run folder's: run_folder below)
+        self.was_finished = False  # set by run(): resumed a run that had nothing left to train
         self.cfg = cfg
         t = cfg.train
         if t.batch_size % (self.dist.world * t.grad_accum):
@@ -77,14 +78,14 @@ class Trainer:
         return data
 
     # -- set-up of model, optimizer and state ------------------------------------------------
-    def _build(self) -> int:
+    def _build(self, ckpt: Path | None = None) -> int:
+        """Model and optimizer, from the checkpoint `ckpt` (already verified) when resuming."""
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
         self.optim = Optimizers(self.model, t, self.total_steps)
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
-        ckpt = checkpoint.resumable(self.out_dir, self.log) if self.resume else None
         if ckpt is not None:
             checkpoint.load_weights(self.model, ckpt)
             state = checkpoint.load_train_state(ckpt)
@@ -154,7 +155,7 @@ class Trainer:
                  "no checkpoint from before it remains: start the run again with other settings, e.g. a lower "
                  "TrainConfig.lr")
         return TrainingDiverged(f"training diverged at step {step} (loss {record['loss']:.4g}, gradient norm "
-                                f"{record['grad_norm']:.4g}); {where}")
+                                f"{record['grad_norm']:.4g}); {where}", step)
 
     def _autocast(self):
         if self.cfg.train.dtype == "bf16":
@@ -198,14 +199,13 @@ class Trainer:
         return record
 
     # -- the loop ------------------------------------------------------------------------------
-    def finished_results(self) -> dict | None:
-        """When resuming a run whose last checkpoint is its last step and whose results are written: those
-        results (there is nothing to train)."""
+    def finished_results(self, ckpt: Path | None) -> dict | None:
+        """When the checkpoint to resume from (verified) is the run's last step and its results are written:
+        those results (there is nothing to train)."""
         results = self.out_dir / "results.json"
-        ckpt = checkpoint.resumable(self.out_dir, lambda m: None) if self.resume else None
         if ckpt is None or not results.is_file():
             return None
-        step = checkpoint.verify(ckpt).get("step", 0)
+        step = json.loads((ckpt / checkpoint.META_FILE).read_text()).get("step", 0)
         return json.loads(results.read_text()) if step >= self.total_steps else None
 
     def run(self) -> dict:
@@ -218,7 +218,9 @@ class Trainer:
     def _run(self) -> dict:
         t = self.cfg.train
         self._on_main(self.folder.claim, "take the run directory")  # every value checked: lock, replace, mark
-        finished = self.finished_results()
+        # the checkpoint to resume from, verified once (a damaged newest one is passed over with a warning)
+        ckpt = checkpoint.resumable(self.out_dir, self.log) if self.resume else None
+        finished = self.finished_results(ckpt)
         self.was_finished = finished is not None
         if finished is not None:
             # a line half written by a kill
@@ -229,7 +231,7 @@ class Trainer:
         if self.device == "cpu":
             steady_allocator()  # no page-fault storm every step
         self._on_main(self._write_run_files, "write the run's files")
-        start = self._build()
+        start = self._build(ckpt)
         metrics = Metrics(self.out_dir, start, self.dist.main)
         tokens_per_step = t.batch_size * t.seq_len
         flops_per_step = train_flops_per_step(self.cfg)
