@@ -367,7 +367,9 @@ def _add_ensemble(sub) -> None:
     m = what.add_parser("lm", help="mix language-model checkpoints on a stream of alternating sources",
                         description="Per-token log loss of each expert, mixed online; bits per byte of each expert, "
                                     "each aggregator and the per-segment oracle; a plot of weights against the source.")
-    m.add_argument("--experts", nargs="+", required=True, help="run directories or checkpoints (same tokenizer)")
+    m.add_argument("--experts", nargs="+", required=True,
+                   help="run directories or checkpoints, or Hugging Face folders of causal LMs (config.json, "
+                        "safetensors, tokenizer.json); all with the same tokenizer")
     m.add_argument("--data", required=True, help="sources, comma-separated (file, folder or glob each); segments "
                                                  "are drawn from them in turn, from their held-out documents")
     m.add_argument("--out", required=True, help="folder for results.json, report.md and weights.png")
@@ -533,18 +535,99 @@ def cmd_inspect(args) -> None:
     print(f"views in {out.path / 'inspect.html'} (summary: inspect.json, {len(views.figures)} PNG)")
 
 
+# ----------------------------------------------------------------------------------------------
+# Hugging Face: import-hf, export-hf, upcycle
+
+def _add_hf(sub) -> None:
+    p = sub.add_parser("import-hf", help="a Hugging Face model folder as a mixturelm run directory",
+                       description="Turn a Hugging Face folder (config.json, safetensors in one file or shards, "
+                                   "tokenizer.json) of Llama, Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE into a run "
+                                   "directory that eval, generate, inspect, ensemble lm and train --resume take.")
+    p.add_argument("hf_dir", help="the Hugging Face model folder")
+    p.add_argument("--out", required=True, help="the run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p = sub.add_parser("export-hf", help="a run as a Hugging Face folder transformers loads",
+                       description="Write a run's model and tokenizer as a Hugging Face folder: dense as Llama, MoE "
+                                   "as the transformers architecture that computes exactly the same function "
+                                   "(Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE); MoD, MoDE and PEER with mixturelm's own "
+                                   "modeling file (load with trust_remote_code=True).")
+    p.add_argument("ckpt", help="run directory or checkpoint folder")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--remote-code", action="store_true",
+                   help="for a MoE no transformers architecture computes exactly: export with mixturelm's own "
+                        "modeling file instead")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p = sub.add_parser("upcycle", help="a dense run made into a MoE, PEER or MoD run to train on",
+                       description="Upcycle a dense run: MoE experts copied from each FFN (the dense function at step "
+                                   "0), PEER beside the FFN (zero output at step 0), or MoD routers. Then: mixturelm "
+                                   "train --resume --out OUT.")
+    p.add_argument("ckpt", help="the dense run directory or checkpoint")
+    p.add_argument("--to", required=True, help="moe, peer, mod, or a preset whose mechanism settings to take "
+                                               "(e.g. moe-tiny, peer-debug, mod-tiny)")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--n-experts", type=int, default=None, help="MoE or PEER experts (default: the preset's)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the preset's)")
+    p.add_argument("--router", default=None, help="MoE router (default: the preset's, softmax)")
+    p.add_argument("--granularity", type=int, default=1,
+                   help="cut each FFN copy into this many fine-grained experts (not function-preserving)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="perturb each expert copy by this fraction of the weights' std (not function-preserving)")
+    p.add_argument("--reinit-share", type=float, default=0.0,
+                   help="re-draw this share of each expert's hidden units (Drop-Upcycling; not function-preserving)")
+    p.add_argument("--capacity", type=float, default=None, help="MoD capacity (default: the preset's, 0.125)")
+    p.add_argument("--layers", default=None, help="comma-separated blocks to change (default: every block for MoE, "
+                                                  "every other for MoD, the middle one for PEER)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new routers and noise (default 0)")
+    p.add_argument("--max-steps", type=int, default=None, help="budget of the continued run (default: the source's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="budget of the continued run in tokens")
+    p.add_argument("--max-flops", type=float, default=None, help="budget of the continued run in training FLOPs")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the continued run (default: the source's)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up of the continued run (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def cmd_import_hf(args) -> None:
+    from .hf import import_hf
+
+    import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+
+
+def cmd_export_hf(args) -> None:
+    from .hf import export_hf
+
+    export_hf(args.ckpt, args.out, overwrite=args.overwrite, remote_code=args.remote_code)
+
+
+def cmd_upcycle(args) -> None:
+    from .hf.upcycle import UpcycleOptions, upcycle
+
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--layers {args.layers!r} is not a comma-separated list of block numbers, e.g. 1,3") from None
+    options = UpcycleOptions(to=args.to, n_experts=args.n_experts, top_k=args.top_k, router=args.router,
+                             granularity=args.granularity, noise=args.noise, reinit_share=args.reinit_share,
+                             capacity=args.capacity, layers=layers, seed=args.seed)
+    train = {k: getattr(args, k) for k in ("max_steps", "max_tokens", "max_flops", "lr", "warmup_steps")
+             if getattr(args, k) is not None}
+    upcycle(args.ckpt, args.out, options, train, overwrite=args.overwrite)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mixturelm", description="Conditional-computation language models: train, measure, "
                                                   "inspect and mix them.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in (_add_train, _add_eval, _add_generate, _add_flops, _add_bench, _add_ensemble, _add_compare,
-                _add_inspect):
+                _add_inspect, _add_hf):
         add(sub)
     return parser
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "flops": cmd_flops, "bench": cmd_bench,
-            "ensemble": cmd_ensemble, "compare": cmd_compare, "inspect": cmd_inspect}
+            "ensemble": cmd_ensemble, "compare": cmd_compare, "inspect": cmd_inspect, "import-hf": cmd_import_hf,
+            "export-hf": cmd_export_hf, "upcycle": cmd_upcycle}
 
 
 def _dests(parser: argparse.ArgumentParser, args) -> set[str]:

@@ -109,6 +109,26 @@ def _check_kind(field_name: str, kind: str, role: str) -> None:
         raise UsageError(f"BlockSpec.{field_name}={kind!r} is unknown; choose one of {', '.join(choices)}")
 
 
+QK_NORMS = ("none", "head", "full")
+ROPE_SCALINGS = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """None, or {"rope_type": one of ROPE_SCALINGS, its numbers} (transformers' rope_parameters form)."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise UsageError(f"ModelConfig.rope_scaling={scaling!r} is not supported; give null or a dict with rope_type "
+                         f"{', '.join(ROPE_SCALINGS)} and its numbers")
+    for name in ROPE_SCALINGS[kind]:
+        v = scaling.get(name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+            raise UsageError(f"ModelConfig.rope_scaling[{name!r}] must be a finite number > 0 for rope_type "
+                             f"{kind}, got {v!r}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A decoder-only LM: pre-norm RMSNorm, RoPE, causal SDPA attention, a per-block spec."""
@@ -124,6 +144,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # options of the attention that imported Hugging Face models use (mixturelm import-hf)
+    d_head: int | None = None  # None: d_model / n_heads; else each head's size (Qwen3: 128 at d_model 2048, 32 heads)
+    qk_norm: str = "none"  # RMSNorm of queries and keys before RoPE: "head" per head (Qwen3), "full" over all heads (OLMoE)
+    qkv_bias: bool = False  # a bias on the query, key and value projections (Qwen2)
+    # RoPE frequency scaling in transformers' rope_parameters form: {"rope_type": "linear", "factor"} or
+    # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
     blocks: list[BlockSpec] = field(default_factory=list)  # empty: every block dense
     # weight of each auxiliary loss (by name, from any routed layer) in the training objective; the
     # defaults are each mechanism's (Mechanism.loss_weights), a loss not named here weighs 1
@@ -131,15 +158,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         positive_ints(self, "vocab_size", "d_model", "n_layers", "n_heads", "d_ffn", "max_seq_len")
-        if self.d_model % self.n_heads:
+        if self.d_head is not None:
+            positive_ints(self, "d_head")
+        elif self.d_model % self.n_heads:
             raise UsageError(
                 f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "pick d_model a multiple of n_heads"
+                "pick d_model a multiple of n_heads (or give d_head)"
             )
-        if (self.d_model // self.n_heads) % 2:
-            raise UsageError(
-                f"head size d_model/n_heads={self.d_model // self.n_heads} is odd; RoPE needs an even head size"
-            )
+        if self.head_dim % 2:
+            raise UsageError(f"head size {self.head_dim} is odd; RoPE needs an even head size")
+        if self.qk_norm not in QK_NORMS:
+            raise UsageError(f"ModelConfig.qk_norm={self.qk_norm!r} is unknown; choose one of {', '.join(QK_NORMS)}")
+        if not isinstance(self.qkv_bias, bool):
+            raise UsageError(f"ModelConfig.qkv_bias must be true or false, got {self.qkv_bias!r}")
+        check_rope_scaling(self.rope_scaling)
         if self.n_kv_heads is not None:
             positive_ints(self, "n_kv_heads")
             if self.n_heads % self.n_kv_heads:
@@ -161,7 +193,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

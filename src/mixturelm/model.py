@@ -51,7 +51,8 @@ class Block(nn.Module):
     def __init__(self, spec: BlockSpec, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias,
+                              cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = build_ffn(spec.ffn, spec, cfg)
         # mechanisms beside the FFN, their outputs added to its own (none: no parameters, no state-dict keys)
@@ -155,7 +156,7 @@ class MixtureLM(nn.Module):
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         positions_T = torch.arange(past, past + T, device=idx_BT.device)
-        rope = rope_angles(positions_T, self.config.head_dim, self.config.rope_theta)
+        rope = rope_angles(positions_T, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
         x = self.embed(idx_BT)
         aux: list[tuple[int, Aux]] = []
         for i, block in enumerate(self.blocks):

@@ -84,10 +84,90 @@ class BPETokenizer:
         return "bpe-" + hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
 
 
+class HFTokenizer(BPETokenizer):
+    """The tokenizer of a Hugging Face model folder (tokenizer.json, and tokenizer_config.json for its
+    special tokens), as imported models and Hugging Face experts use it. Documents are encoded without
+    the special tokens a tokenizer's post-processor adds (a BOS per call): the stream puts its own
+    end-of-document token between documents, as for every other tokenizer."""
+
+    def __init__(self, tok, eos_token: str | None, bos_token: str | None = None) -> None:
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        if self.eos_id is None:  # a stream needs a separator: the tokenizer's own end token, or none at all
+            raise UsageError(f"the tokenizer has no end-of-text token ({eos_token!r} is not in its vocabulary); "
+                             "set eos_token in tokenizer_config.json")
+        self.name = f"hf:{self.vocab_size}"
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> HFTokenizer:
+        """From a folder holding tokenizer.json (and tokenizer_config.json naming eos_token)."""
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise UsageError(f"{directory} has no tokenizer.json; export the tokenizer in the fast format "
+                             "(tokenizer.save_pretrained) beside the model")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise UsageError(f"{path} is not a valid tokenizer file ({str(e)[:100]}); restore it") from None
+        special = _special_tokens(directory)
+        return cls(tok, special.get("eos_token"), special.get("bos_token"))
+
+    def encode(self, data: bytes) -> np.ndarray:
+        return np.asarray(self.tok.encode(data.decode("utf-8", "replace"), add_special_tokens=False).ids,
+                          dtype=np.int64)
+
+    def encode_batch(self, datas: list[bytes]) -> list[np.ndarray]:
+        encs = self.tok.encode_batch([d.decode("utf-8", "replace") for d in datas], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def save(self, directory: Path) -> None:
+        self.tok.save(str(Path(directory) / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+        if self.bos_token:
+            config["bos_token"] = self.bos_token
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+    def fingerprint(self) -> str:
+        return "hf-" + super().fingerprint().removeprefix("bpe-")
+
+
+def _special_tokens(directory: Path) -> dict[str, str]:
+    """eos_token and bos_token of a Hugging Face folder: tokenizer_config.json, else special_tokens_map.json,
+    else the token named by config.json's eos_token_id in tokenizer.json."""
+    found: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            d = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("eos_token", "bos_token"):
+            v = d.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                found[key] = v
+    if "eos_token" not in found:
+        try:
+            eos_id = json.loads((directory / "config.json").read_text()).get("eos_token_id")
+            added = json.loads((directory / "tokenizer.json").read_text()).get("added_tokens", [])
+            eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+            found.update({"eos_token": t["content"] for t in added if t.get("id") == eos_id})
+        except (OSError, ValueError, AttributeError):
+            pass
+    return found
+
+
 def parse_spec(spec: str) -> tuple[str, int | None]:
-    """'bytes' or 'bpe:VOCAB' -> (kind, vocab size)."""
+    """'bytes', 'bpe:VOCAB' or 'hf:VOCAB' (a Hugging Face model's tokenizer, saved with the run) -> (kind, vocab size)."""
     if spec == "bytes":
         return "bytes", None
+    if spec.startswith("hf:") and spec[3:].isdigit():
+        return "hf", int(spec[3:])
     if spec.startswith("bpe:"):
         try:
             vocab = int(spec[4:])
@@ -104,6 +184,8 @@ def load_from_dir(directory: Path, spec: str):
     kind, _ = parse_spec(spec)
     if kind == "bytes":
         return ByteTokenizer()
+    if kind == "hf":
+        return HFTokenizer.from_dir(directory)
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         raise UsageError(f"{directory} uses {spec} but has no tokenizer.json; the checkpoint is incomplete")

@@ -94,6 +94,9 @@ def _tokenizer(spec: str, corpus_key: str, documents, log):
     kind, vocab = parse_spec(spec)
     if kind == "bytes":
         return ByteTokenizer()
+    if kind == "hf":
+        raise UsageError(f"tokenizer {spec} is a Hugging Face model's own: it comes with the run made by "
+                         "`mixturelm import-hf`; train from that run, or choose bytes or bpe:VOCAB")
     path = cache_root() / f"bpe-{corpus_key}-{vocab}.json"  # trained on the split: keyed like it
     if path.is_file():
         return BPETokenizer.load(path)

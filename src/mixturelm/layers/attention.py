@@ -9,16 +9,42 @@ block on a subset of the tokens and must rotate them by their ORIGINAL positions
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, shape positions.shape + (head_dim/2,), in float32."""
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, shape positions.shape + (head_dim/2,), in float32. scaling: None, or
+    transformers' rope_parameters form (ModelConfig.rope_scaling), as long-context Llama checkpoints use."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scaled_inv_freq(inv_freq, scaling)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """"linear": every frequency divided by `factor` (positions interpolated). "llama3" (Llama 3.1): low
+    frequencies (wavelength above original_len / low_freq_factor) divided by `factor`, high ones (below
+    original_len / high_freq_factor) kept, and a smooth blend between the two."""
+    kind = scaling["rope_type"]
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x_BHTK: torch.Tensor, cos_BTk: torch.Tensor, sin_BTk: torch.Tensor) -> torch.Tensor:
@@ -154,19 +180,42 @@ class RaggedRows:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, kv_heads: int) -> None:
+    """qk_norm: "head" normalises each query and key head by its own RMSNorm of size K (Qwen3), "full" the
+    whole query and key projections (OLMoE); both before RoPE. qkv_bias: a bias on the projection (Qwen2)."""
+
+    def __init__(self, d_model: int, n_heads: int, kv_heads: int, head_dim: int | None = None,
+                 qk_norm: str = "none", qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, d_model // n_heads
+        self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim or d_model // n_heads
         # One fused projection for q, k and v: one matmul instead of three.
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
         self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else n_heads * self.head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_heads * self.head_dim, eps=norm_eps)
+
+    def _normalise_qk(self, qkv_BTNK: torch.Tensor) -> torch.Tensor:
+        B, T, _, K = qkv_BTNK.shape
+        H, G = self.n_heads, self.kv_heads
+        q, k, v = qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + G], qkv_BTNK[:, :, H + G:]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            q = self.q_norm(q.reshape(B, T, H * K)).view(B, T, H, K)
+            k = self.k_norm(k.reshape(B, T, G * K)).view(B, T, G, K)
+        return torch.cat((q, k, v), dim=2)
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LayerKVCache | RaggedRows | None = None) -> torch.Tensor:
         """rope: cos and sin of each token's angles, (T, K/2) shared by the batch or (B, T, K/2) per row."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.kv_heads, self.head_dim
-        q, k, v = QKVRope.apply(self.qkv(x_BTD).view(B, T, H + 2 * G, K), *rope, H, G)
+        qkv = self.qkv(x_BTD).view(B, T, H + 2 * G, K)
+        if self.qk_norm != "none":
+            qkv = self._normalise_qk(qkv)
+        q, k, v = QKVRope.apply(qkv, *rope, H, G)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:  # a whole sequence, or the tokens a router chose, in order: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)

@@ -39,6 +39,8 @@ class MoEConfig:
     d_expert: int = 176  # hidden size of each SwiGLU expert
     router: str = "softmax"
     n_shared: int = 0  # always-on shared experts (DeepSeekMoE), each of d_expert
+    d_shared: int | None = None  # hidden size of the shared experts together (None: n_shared x d_expert)
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)
     capacity_factor: float | None = None  # None: dropless; for expert_choice, its capacity (default 2)
     renormalize: bool = True  # softmax router: renormalise the top-k gates to sum to 1
     route_scale: float = 1.0  # sigmoid_bias router: gate scale (DeepSeek-V3 uses 2.5)
@@ -59,6 +61,12 @@ class MoEConfig:
                              f"not {self.router!r}")
         if not isinstance(self.n_shared, int) or self.n_shared < 0:
             raise UsageError(f"MoEConfig.n_shared must be an integer >= 0, got {self.n_shared!r}")
+        if self.d_shared is not None:
+            positive_ints(self, "d_shared")
+            if not self.n_shared:
+                raise UsageError("MoEConfig.d_shared is given but n_shared=0; set n_shared to use shared experts")
+        if self.shared_gate and not self.n_shared:
+            raise UsageError("MoEConfig.shared_gate needs shared experts; set n_shared")
         if self.top_k > self.n_experts + self.n_noop:
             raise UsageError(f"MoEConfig.top_k={self.top_k} exceeds n_experts={self.n_experts}"
                              + (f" + n_noop={self.n_noop}" if self.n_noop else ""))
@@ -76,6 +84,11 @@ class MoEConfig:
             raise UsageError(f"MoEConfig.bias_rate must be a finite number >= 0, got {self.bias_rate}")
         if self.router == "switch" and self.top_k != 1:
             raise UsageError("MoEConfig.router='switch' is top-1; set top_k=1")
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the shared experts' one SwiGLU (0: none)."""
+        return (self.d_shared or self.n_shared * self.d_expert) if self.n_shared else 0
 
     def experts_per_token(self) -> float:
         """Average routed experts a token computes: k, or capacity_factor for expert choice. With no-op
@@ -137,7 +150,9 @@ class MoE(nn.Module):
         # experts as 3-D tensors, laid out for x @ W: one grouped matmul serves them all
         self.w_gate_up = nn.Parameter(torch.empty(c.n_experts, d_model, 2 * c.d_expert))
         self.w_down = nn.Parameter(torch.empty(c.n_experts, c.d_expert, d_model))
-        self.shared = SwiGLU(d_model, c.n_shared * c.d_expert) if c.n_shared else None
+        self.shared = SwiGLU(d_model, c.shared_hidden) if c.n_shared else None
+        # Qwen2-MoE's gate on the shared experts: a scalar per token, sigmoid(x . w)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if c.shared_gate else None
         self.reset_parameters()
 
     own_init = ("router",)  # initialised by reset_parameters, not by the model (MixtureLM.reset_parameters)
@@ -164,7 +179,10 @@ class MoE(nn.Module):
         y_TD = dispatch_swiglu(x_TD, token_A, expert_A, weight_A, self.w_gate_up, self.w_down, self.impl,
                                k_per_token)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)[0]
+            shared_TD = self.shared(x_TD)[0]
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
         return y_TD.reshape(shape), MoEAux(routing.losses, routing, dropped, valid_T, self.n_experts)
 
     def after_optimizer_step(self, reduce=None) -> None:

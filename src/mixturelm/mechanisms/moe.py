@@ -22,7 +22,7 @@ def moe_flops(m: MoEConfig, d_model: int) -> dict[str, float]:
     router = 2.0 * D * (m.n_experts + m.n_noop) * (2 if m.router == "noisy" else 1)
     parts = {"router": router, "experts": m.experts_per_token() * 6.0 * D * m.d_expert}
     if m.n_shared:
-        parts["shared_experts"] = 6.0 * D * m.n_shared * m.d_expert
+        parts["shared_experts"] = 6.0 * D * m.shared_hidden + (2.0 * D if m.shared_gate else 0.0)
     return parts
 
 

@@ -71,6 +71,8 @@ class Trainer:
         if data is None:
             data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=lambda m: None)
         if data.tokenizer.vocab_size != self.cfg.model.vocab_size:
+            if self.resume and data.tokenizer.vocab_size < self.cfg.model.vocab_size and t.tokenizer.startswith("hf:"):
+                return data  # an imported model's embedding is often padded beyond its tokenizer's vocabulary
             if self.resume:
                 raise UsageError(f"the run's tokenizer has {data.tokenizer.vocab_size} tokens but its model "
                                  f"{self.cfg.model.vocab_size}; the run directory is damaged")
@@ -88,11 +90,17 @@ class Trainer:
         start = 0
         if ckpt is not None:
             checkpoint.load_weights(self.model, ckpt)
+            if checkpoint.weights_only(ckpt):  # written by import-hf or upcycle: weights to start training from
+                self.log(f"starting from the weights of {ckpt} at step 0, with a new optimizer")
+                return self._wrap(0)
             state = checkpoint.load_train_state(ckpt)
             self.optim.load_state_dict(state)
             _set_rng_state(state["rng"])
             start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
             self.log(f"resuming from {ckpt} at step {start}")
+        return self._wrap(start)
+
+    def _wrap(self, start: int) -> int:
         self.ddp_model = self.model
         if self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
