@@ -563,7 +563,8 @@ def _add_hf(sub) -> None:
                                    "train --resume --out OUT.")
     p.add_argument("ckpt", help="the dense run directory or checkpoint")
     p.add_argument("--to", required=True, help="moe, peer, mod, or a preset whose mechanism settings to take "
-                                               "(e.g. moe-tiny, peer-debug, mod-tiny)")
+                                               "(e.g. moe-tiny, peer-debug, mod-tiny); dense: the same model with a "
+                                               "new schedule, the control for upcycling")
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--n-experts", type=int, default=None, help="MoE or PEER experts (default: the preset's)")
     p.add_argument("--top-k", type=int, default=None, help="experts per token (default: the preset's)")

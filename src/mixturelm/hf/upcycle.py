@@ -9,11 +9,14 @@
   each slice an expert (fine-grained experts: E / G copies of G slices). These three trade the exact start
   for diversity among experts: what the model computes at step 0 is measured and printed.
 - dense -> PEER beside the FFN: the experts' output vectors start at zero, so the block computes FFN(x) + 0.
+- dense -> dense (`to="dense"`): the same weights under a new schedule, the control that an upcycled run
+  is compared with at equal further compute.
 - dense -> MoD around the chosen blocks: a router is added; at step 0 only the top `capacity` of each
   sequence's tokens enter such a block and its branch is scaled by the router's weight r = w . x, near 0
   with a fresh router, so the routed blocks are nearly skipped: not the dense function (measured, printed).
 
-The new run directory holds the target config, the source's tokenizer and data record, and a step-0
+The continued run draws its batches with the source's seed + 1 (batches are drawn by seed and step: the same
+seed would repeat the source's first batches). The new run directory holds the target config, the source's tokenizer and data record, and a step-0
 checkpoint of weights only; `mixturelm train --resume --out NEW` trains it like any run.
 """
 
@@ -35,6 +38,7 @@ from ..files import OutputFolder, write_json_atomic
 from ..presets import get_preset
 
 KINDS = ("moe", "peer", "mod")
+CONTROL = "dense"  # the same dense model with a new schedule: the control an upcycled run is compared with
 NOTE = "upcycled.json"
 PRESERVING_ROUTERS = ("softmax", "noisy", "sigmoid_bias")  # gates sum to one over the chosen experts
 
@@ -94,6 +98,8 @@ def target_config(source: ModelConfig, source_preset: str, o: UpcycleOptions) ->
     if any(s.kinds() != ["dense"] for s in specs):
         raise UsageError("the run to upcycle is not dense (its blocks use "
                          f"{', '.join(sorted({k for s in specs for k in s.kinds()} - {'dense'}))}); upcycle a dense run")
+    if o.to == CONTROL:
+        return source, source_preset
     preset, template = _template(o.to, source_preset)
     layers = o.layers
     if layers is not None and any(not 0 <= i < source.n_layers for i in layers):
@@ -249,6 +255,9 @@ def upcycle(run_dir: str | Path, out: str | Path, options: UpcycleOptions, train
     if Path(out).resolve() == Path(run_dir).resolve():
         raise UsageError("--out is the run being upcycled; choose another folder (the dense run is kept)")
     train = TrainConfig.from_dict(run_config["train"])
+    # another data seed: with the source's, the continued run would draw the very batches of the source's
+    # first steps again (batches are drawn by seed and step)
+    train = replace(train, seed=train.seed + 1)
     if train_overrides:
         budget = {k: None for k in ("max_steps", "max_tokens", "max_flops")} if any(
             k in train_overrides for k in ("max_steps", "max_tokens", "max_flops")) else {}
@@ -282,7 +291,10 @@ def _with_mechanism_defaults(train, preset: str):
     source run set them."""
     from ..config import TrainConfig
 
-    options = get_preset(preset).train.get("mechanisms", {})
+    try:
+        options = get_preset(preset).train.get("mechanisms", {})
+    except UsageError:  # the control (--to dense) of an imported or upcycled run: no preset
+        return train
     if not options:
         return train
     merged = {k: v for k, v in options.items() if k not in train.mechanisms}
