@@ -377,7 +377,8 @@ def _add_ensemble(sub) -> None:
     m.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
     m.add_argument("--segments", type=int, default=12, help="segments in the stream (default 12)")
     m.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out fraction defining each source's unseen documents (default: the experts' smallest)")
+                   help="held-out fraction defining each source's unseen documents (default: the smallest of the "
+                        "mixturelm experts; required when every expert is a Hugging Face model)")
     m.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
     m.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
     m.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

@@ -127,6 +127,9 @@ def check_rope_scaling(scaling: dict | None) -> None:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
             raise UsageError(f"ModelConfig.rope_scaling[{name!r}] must be a finite number > 0 for rope_type "
                              f"{kind}, got {v!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise UsageError(f"ModelConfig.rope_scaling: llama3 needs high_freq_factor > low_freq_factor, got "
+                         f"{scaling['high_freq_factor']} and {scaling['low_freq_factor']}")
 
 
 @dataclass(kw_only=True)

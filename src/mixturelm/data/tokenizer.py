@@ -133,8 +133,16 @@ class HFTokenizer(BPETokenizer):
             config["bos_token"] = self.bos_token
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
-    def fingerprint(self) -> str:
-        return "hf-" + super().fingerprint().removeprefix("bpe-")
+
+
+def from_hf_folder(directory: Path):
+    """The tokenizer of a Hugging Face folder: mixturelm's byte tokenizer when the folder says it is one
+    (export-hf writes that mark), else the folder's tokenizer.json."""
+    try:
+        mark = json.loads((Path(directory) / "tokenizer_config.json").read_text()).get("mixturelm_tokenizer")
+    except (OSError, ValueError, AttributeError):
+        mark = None
+    return ByteTokenizer() if mark == ByteTokenizer.name else HFTokenizer.from_dir(directory)
 
 
 def _special_tokens(directory: Path) -> dict[str, str]:

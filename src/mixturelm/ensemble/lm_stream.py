@@ -1,16 +1,23 @@
 """Mixing language models online: a stream of segments drawn in turn from different sources (Python code,
-English prose, ...), experts being mixturelm checkpoints; each expert's next-token distribution is mixed
-with weights computed from the log losses of earlier tokens only.
+English prose, ...), experts being mixturelm checkpoints or Hugging Face causal LMs of one tokenizer
+(experts.py); each expert's next-token distribution is mixed with weights computed from the log losses of
+earlier tokens only.
 
 Dimension letters: N experts, L tokens of a segment, V vocabulary, T tokens of the stream.
 
 - Text of each source is its held-out split: the documents that the hash split (corpus.is_validation)
-  puts in validation at the smallest val_fraction of the experts, so no expert trained on them (the
-  validation sets of larger fractions contain it).
+  puts in validation at the smallest val_fraction of the mixturelm experts, so none of them trained on them
+  (the validation sets of larger fractions contain it). With Hugging Face experts alone `val_fraction` must
+  be given: which documents such a model trained on is unknown.
 - Segment k comes from source k mod S: `segment_len` + 1 consecutive tokens of that source's held-out
-  stream, the segments of a source spread evenly over it; the first token is context, the others are scored. Each expert conditions on the segment
-  only, in windows of its max_seq_len that overlap by half (every scored token after the first window
-  sees at least max_seq_len / 2 tokens of context).
+  stream, the segments of a source spread evenly over it; the first token is context, the others are
+  scored. Each expert conditions on the segment only (no BOS is added), in windows of its context that
+  overlap by half (every scored token after the first window sees at least context / 2 tokens of context).
+  The context is max_seq_len for a mixturelm model and the config's max_position_embeddings for a Hugging
+  Face one, capped by the segment.
+- The distribution of an expert over the shared vocabulary V (the tokenizer's ids) is the softmax over all of
+  its logits, restricted to the first V: a model whose embedding is padded beyond its tokenizer keeps the
+  mass it puts on the padding (those ids are never a target), so its loss is the model's own cross-entropy.
 - The mixture's loss at a token is -log sum_i w_i p_i(y) (a mixture of probabilities); its weights are
   updated after the token's losses -log p_i(y) are revealed.
 - Bits per byte = total nats / ln 2 / bytes of the scored tokens. The per-segment oracle takes, in each
@@ -29,7 +36,10 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from . import aggregators as ag
+from .experts import MIXTURELM, Expert, expert_kind, load_experts
 from .losses import LogLoss
+
+__all__ = ["Expert", "Segment", "build_stream", "load_experts", "next_token_logprobs", "run_lm", "segment_losses"]
 
 
 @dataclass
@@ -37,29 +47,6 @@ class Segment:
     source: int
     tokens: np.ndarray  # (L + 1,), the first is context only
     n_bytes: int  # bytes of text of the L scored tokens
-
-
-def load_experts(paths: list[str], device: str):
-    from .. import checkpoint
-
-    if len(paths) < 2:
-        raise UsageError(f"`experts` needs at least two checkpoints to mix, got {len(paths)}")
-    experts, names = [], []
-    for p in paths:
-        if not Path(p).exists():
-            raise UsageError(f"`experts` {p}: no such file or folder; give run directories of `mixturelm train`")
-    for p in paths:
-        model, run_cfg, tok, ckpt = checkpoint.load_model(p, device)
-        experts.append((model, run_cfg, tok))
-        given = Path(p).resolve()
-        name = given.name if given != ckpt.resolve() else f"{ckpt.resolve().parent.parent.name}/{ckpt.name}"
-        names.append(name if name not in names else f"{name}#{len(names)}")
-    fp = [t.fingerprint() for _, _, t in experts]
-    if len(set(fp)) > 1:
-        raise UsageError("the experts do not share a tokenizer (" + ", ".join(
-            f"{n}: {t.name}" for n, (_, _, t) in zip(names, experts)) + "); mixing next-token distributions "
-            "needs one vocabulary: train them with the same `tokenizer` (bytes, or the same BPE file)")
-    return experts, names
 
 
 def _bytes_of(tokenizer, ids: np.ndarray) -> int:
@@ -98,15 +85,22 @@ def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fractio
 
 
 @torch.no_grad()
-def next_token_logprobs(model, x_L1: torch.Tensor, window: int) -> torch.Tensor:
-    """(L, V) log-probabilities of x[1:] given the tokens before them inside the segment."""
+def next_token_logprobs(model, x_L1: torch.Tensor, window: int, vocab: int | None = None) -> torch.Tensor:
+    """(L, V) log-probabilities of x[1:] given the tokens before them inside the segment, V = `vocab` (the
+    tokenizer's ids) or all the model's logits. `model(x_1T).logits` is (1, T, columns)."""
     L = len(x_L1) - 1
     out = None
     done = 0
     while done < L:
         start = max(0, done - window // 2) if done else 0
         end = min(start + window, L)
-        lp = F.log_softmax(model(x_L1[start:end][None]).logits[0].float(), -1)
+        logits = model(x_L1[start:end][None]).logits[0].float()
+        if vocab is not None and logits.shape[-1] < vocab:
+            raise UsageError(f"the model gives {logits.shape[-1]} logits per token, fewer than the {vocab} tokens "
+                             "of its tokenizer; the tokenizer does not belong to it")
+        # the softmax over every column the model has, then the tokenizer's ids only: columns of a padded
+        # embedding are never a target, and the mass the model puts there is its own loss, not renormalised away
+        lp = F.log_softmax(logits, -1)[:, :vocab]
         if out is None:
             out = torch.empty(L, lp.shape[-1])
         out[done:end] = lp[done - start:].cpu()
@@ -114,16 +108,23 @@ def next_token_logprobs(model, x_L1: torch.Tensor, window: int) -> torch.Tensor:
     return out
 
 
-def segment_losses(models: list, seg: Segment, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def segment_losses(experts: list[Expert], seg: Segment, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(L, N) log losses of the experts on the segment's tokens, and MoE-F's signal (L, N, N) x 2."""
     x = torch.as_tensor(seg.tokens, device=device)
-    logp_NLV = torch.stack([next_token_logprobs(m, x, m.config.max_seq_len) for m in models]).double()
+    L, vocab = len(seg.tokens) - 1, experts[0].tokenizer.vocab_size
+    logp_NLV = torch.stack([next_token_logprobs(e, x, e.window(L), vocab) for e in experts])
     y = torch.as_tensor(seg.tokens[1:])
-    losses_LN = -logp_NLV.gather(2, y[None, :, None].expand(len(models), -1, 1))[..., 0].T
-    p_NLV = logp_NLV.exp()
-    # A[n, i] = E_{y ~ p_i} -log p_n(y) (cross-entropy), V[n, i] its variance: losses.LogLoss.signal, batched
-    a_LNN = -torch.einsum("ilv,nlv->lni", p_NLV, logp_NLV)
-    v_LNN = (torch.einsum("ilv,nlv->lni", p_NLV, logp_NLV ** 2) - a_LNN ** 2).clamp_min(0)
+    N, V = len(experts), logp_NLV.shape[-1]
+    losses_LN = -logp_NLV.double().gather(2, y[None, :, None].expand(N, -1, 1))[..., 0].T
+    a_LNN, v_LNN = torch.empty(L, N, N, dtype=torch.float64), torch.empty(L, N, N, dtype=torch.float64)
+    step = max(1, (1 << 24) // (N * V))  # positions at a time: each float64 (N, step, V) tensor under 128 MiB
+    for s in range(0, L, step):
+        lp = logp_NLV[:, s:s + step].double()
+        p = lp.exp()
+        # A[n, i] = E_{y ~ p_i} -log p_n(y) (cross-entropy), V[n, i] its variance: losses.LogLoss.signal, batched
+        a = -torch.einsum("ilv,nlv->lni", p, lp)
+        a_LNN[s:s + step] = a
+        v_LNN[s:s + step] = (torch.einsum("ilv,nlv->lni", p, lp ** 2) - a ** 2).clamp_min(0)
     return losses_LN.numpy(), a_LNN.numpy(), v_LNN.numpy()
 
 
@@ -213,16 +214,22 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
     from .report import ci, claim, markdown_table, print_table, write_json, write_text_atomic
 
     sources = [s.strip() for s in data.split(",") if s.strip()]
+    if val_fraction is None and len(expert_paths) >= 2 and MIXTURELM not in [expert_kind(p) for p in expert_paths]:
+        raise UsageError("`val_fraction` is needed when no expert is a mixturelm run: the stream is made of each "
+                         "source's held-out documents, and a Hugging Face model does not say which ones it did "
+                         "not train on; give it (e.g. 0.1)")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise UsageError(f"`val_fraction` must be in (0, 1), got {val_fraction}")
     experts, names = load_experts(expert_paths, device)
-    models = [m for m, _, _ in experts]
-    run_cfg, tokenizer = experts[0][1], experts[0][2]
-    vf = val_fraction if val_fraction is not None else min(c["train"]["val_fraction"] for _, c, _ in experts)
+    tokenizer = experts[0].tokenizer
+    vf = val_fraction if val_fraction is not None else min(e.val_fraction for e in experts
+                                                           if e.val_fraction is not None)
     if not 0 < vf < 1:
         raise UsageError(f"`val_fraction` must be in (0, 1), got {vf}")
-    segs = build_stream(sources, tokenizer, run_cfg["train"]["tokenizer"], vf, text_field, segment_len,
+    segs = build_stream(sources, tokenizer, experts[0].tokenizer_spec, vf, text_field, segment_len,
                         n_segments, log=log)
-    log(f"{len(segs)} segments of {segment_len} tokens from {len(sources)} sources; scoring {len(models)} experts ...")
-    parts = [segment_losses(models, s, device) for s in segs]
+    log(f"{len(segs)} segments of {segment_len} tokens from {len(sources)} sources; scoring {len(experts)} experts ...")
+    parts = [segment_losses(experts, s, device) for s in segs]
     losses_TN = np.concatenate([p[0] for p in parts])
     a_TNN, v_TNN = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
     seg_id = np.concatenate([np.full(len(s.tokens) - 1, k) for k, s in enumerate(segs)])
@@ -239,7 +246,9 @@ def run_lm(expert_paths: list[str], data: str, out: Path, segment_len: int, n_se
         return {"kind": kind, "name": name, "bits_per_byte": bpb_with_ci(seg_nats, seg_bytes, resamples),
                 "nats_per_token": float(token_nats.mean()), "bits_per_byte_by_source": by_source}
 
-    rows = [row("expert", n, losses_TN[:, i]) | {"checkpoint": p} for i, (n, p) in enumerate(zip(names, expert_paths))]
+    rows = [row("expert", e.name, losses_TN[:, i]) | {"checkpoint": e.path, "format": e.kind,
+                                                        "context": e.window(segment_len)}
+            for i, e in enumerate(experts)]
     seg_NS = np.stack([per_segment(losses_TN[:, i]) for i in range(len(names))])
     oracle_tokens = losses_TN[np.arange(len(seg_id)), seg_NS.argmin(0)[seg_id]]
     rows.append(row("oracle", "per-segment oracle (best expert of each segment, sees the future)", oracle_tokens))

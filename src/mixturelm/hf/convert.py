@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoint
 from ..config import TrainConfig
-from ..data.tokenizer import EOS, BPETokenizer, ByteTokenizer, HFTokenizer
+from ..data.tokenizer import EOS, BPETokenizer, ByteTokenizer, HFTokenizer, from_hf_folder
 from ..errors import UsageError
 from ..files import OutputFolder, write_json_atomic
 from .architectures import architecture, export_architecture, hf_config, model_config, weight_parts
@@ -61,23 +61,12 @@ def read_hf_folder(hf_dir: str | Path):
     except Exception as e:  # transformers' own validation of the config's values
         raise UsageError(f"{folder}/config.json is not a valid {arch.config_class} ({str(e)[:120]}); fix it") from None
     cfg = model_config(hf, arch, str(folder))
-    tokenizer = _read_tokenizer(folder)
+    tokenizer = from_hf_folder(folder)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}; the tokenizer belongs to another model")
     weights = HFWeights(folder)
     return arch, hf, cfg, tokenizer, weights
-
-
-def _read_tokenizer(folder: Path):
-    """The folder's tokenizer; mixturelm's byte tokenizer exported earlier comes back as itself."""
-    try:
-        note = json.loads((folder / "tokenizer_config.json").read_text()).get("mixturelm_tokenizer")
-    except (OSError, ValueError, AttributeError):
-        note = None
-    if note == ByteTokenizer.name:
-        return ByteTokenizer()
-    return HFTokenizer.from_dir(folder)
 
 
 def hf_state_dict(cfg, arch, weights: HFWeights) -> dict[str, torch.Tensor]:

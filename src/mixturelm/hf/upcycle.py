@@ -210,8 +210,10 @@ def _experts(gate_up_FD: torch.Tensor, down_DF: torch.Tensor, n_experts: int, o:
         for e in range(n_experts):
             units = torch.randperm(f)[:n_units]
             cols = torch.cat((units, units + f))
-            w_in[e][:, cols] = torch.normal(gate_up_FD.mean().item(), gate_up_FD.std().item(), (w_in.shape[1], len(cols)))
-            w_out[e][units] = torch.normal(down_DF.mean().item(), down_DF.std().item(), (n_units, w_out.shape[2]))
+            w_in[e][:, cols] = torch.normal(gate_up_FD.mean().item(), gate_up_FD.std().item(),
+                                            (w_in.shape[1], len(cols)), dtype=w_in.dtype)
+            w_out[e][units] = torch.normal(down_DF.mean().item(), down_DF.std().item(), (n_units, w_out.shape[2]),
+                                           dtype=w_out.dtype)
     return w_in, w_out
 
 
