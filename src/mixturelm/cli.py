@@ -257,8 +257,8 @@ def cmd_generate(args) -> None:
     for warning in sorted(warnings):
         print(f"mixturelm generate: warning: {warning}", file=sys.stderr)
     # the prompt's own bytes, also those that are not UTF-8 (the shell hands them over as surrogates)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt.encode("utf-8", "surrogateescape")), dtype=torch.long,
-                          device=device)
+    encode = getattr(tokenizer, "encode_prompt", tokenizer.encode)  # an imported model's tokenizer adds its BOS
+    ids = torch.as_tensor(encode(args.prompt.encode("utf-8", "surrogateescape")), dtype=torch.long, device=device)
     check_cache_fits(model, args.num_samples, len(ids), args.max_new_tokens, device)
     prompt = ids[None].repeat(args.num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -122,6 +122,11 @@ class HFTokenizer(BPETokenizer):
         return np.asarray(self.tok.encode(data.decode("utf-8", "replace"), add_special_tokens=False).ids,
                           dtype=np.int64)
 
+    def encode_prompt(self, data: bytes) -> np.ndarray:
+        """A prompt as the model's own library encodes it: with the special tokens the tokenizer adds (the BOS
+        that Llama-family models expect at the start of a text)."""
+        return np.asarray(self.tok.encode(data.decode("utf-8", "replace")).ids, dtype=np.int64)
+
     def encode_batch(self, datas: list[bytes]) -> list[np.ndarray]:
         encs = self.tok.encode_batch([d.decode("utf-8", "replace") for d in datas], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
