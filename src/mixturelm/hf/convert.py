@@ -81,14 +81,18 @@ def load_into_model(cfg, state: dict[str, torch.Tensor], where: str):
     """A MixtureLM holding `state` exactly (strict: every tensor, every shape)."""
     from ..model import MixtureLM
 
-    model = MixtureLM(cfg)
+    with torch.device("meta"):  # no random initialisation of tensors about to be replaced, no second copy
+        model = MixtureLM(cfg)
+    state = {k: v.float() for k, v in state.items()}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line
                       or "Unexpected" in line), str(e)[:160])
         raise UsageError(f"{where}: the weights do not fit config.json ({first[:200]}); the checkpoint and its "
                          "config do not belong together") from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer that is not in the state dict
+        raise UsageError(f"{where}: this architecture's model holds state the checkpoint does not give")
     return model.eval()
 
 
