@@ -429,3 +429,72 @@ def test_export_of_a_trained_mod_run_generates_the_same_tokens(tmp_path, corpus_
     ours, _, _, _ = checkpoint.load_model(moe)
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-5
+
+
+def test_export_edge_cases_compute_the_same_or_are_refused(tmp_path, capsys):
+    """Top-1 gates (kept as the probability on both sides), one dense size other than d_ffn, and what no
+    native architecture computes: refused before anything is written, also as remote code."""
+    cases = {
+        "qwen3-top1": dict(qk_norm="head", blocks=[{"ffn": "moe", "moe": {"n_experts": 4, "top_k": 1, "d_expert": 16}}] * 2),
+        "olmoe-top1": dict(qk_norm="full", blocks=[{"ffn": "moe", "moe": {"n_experts": 4, "top_k": 1, "d_expert": 16}}] * 2),
+        "llama-ffn": dict(blocks=[{"ffn": "dense", "ffn_hidden": 40}] * 2),
+    }
+    for name, shape in cases.items():
+        torch.manual_seed(0)
+        ours = MixtureLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ffn=24, **shape)).eval()
+        save_run(ours, tmp_path / name)
+        assert main(["export-hf", str(tmp_path / name), "--out", str(tmp_path / f"{name}-hf")]) == 0, name
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-hf").eval()
+        ids = torch.randint(0, VOCAB, (2, 12))
+        with torch.no_grad():
+            assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-5, name
+    refused = {
+        "olmoe-dhead": (dict(qk_norm="full", d_head=16, blocks=[{"ffn": "moe", "moe": {"n_experts": 4, "top_k": 2,
+                                                                                       "d_expert": 16}}] * 2), [], "OLMoE"),
+        "capacity": (dict(blocks=[{"ffn": "moe", "moe": {"n_experts": 4, "top_k": 2, "d_expert": 16,
+                                                         "capacity_factor": 1.0}}] * 2), ["--remote-code"], "capacity"),
+    }
+    capsys.readouterr()
+    for name, (shape, flags, why) in refused.items():
+        save_run(MixtureLM(ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, d_ffn=24, **shape)),
+                 tmp_path / name)
+        assert main(["export-hf", str(tmp_path / name), "--out", str(tmp_path / f"{name}-hf"), *flags]) == 2, name
+        assert why in _one_line(capsys), name
+        assert not (tmp_path / f"{name}-hf").exists(), name
+
+
+def test_import_refuses_quantized_and_foreign_tensors(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    good = save_hf(hf_model("llama"), tmp_path / "good")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for name, damage, why in (
+        ("quantized", lambda f: (f / "config.json").write_text(json.dumps(
+            json.loads((f / "config.json").read_text()) | {"quantization_config": {"quant_method": "fp8"}})), "quantized"),
+        ("int8", lambda f: save_file({k: (v.to(torch.int8) if k.endswith("q_proj.weight") else v)
+                                      for k, v in load_file(f / "model.safetensors").items()},
+                                     f / "model.safetensors"), "int8"),
+        ("extra", lambda f: save_file(load_file(f / "model.safetensors") | {"model.layers.0.mlp.extra.weight":
+                                                                            torch.zeros(2)}, f / "model.safetensors"),
+         "fit no part"),
+    ):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        damage(folder)
+        assert main(["import-hf", str(folder), "--out", str(out)]) == 2, name
+        assert why in _one_line(capsys), name
+        assert not out.exists()
+
+
+def test_upcycle_never_writes_over_its_source(tmp_path, corpus_dir, capsys):
+    dense = tmp_path / "dense"
+    assert main(["train", "--preset", "dense-debug", "--data", str(corpus_dir), "--max-steps", "1", "--out", str(dense)]) == 0
+    before = sorted(p.name for p in (dense / "checkpoints").iterdir())
+    capsys.readouterr()
+    ckpt = dense / "checkpoints" / "step_0000001"
+    assert main(["upcycle", str(ckpt), "--to", "moe", "--out", str(dense), "--overwrite"]) == 2
+    assert "holds the run being upcycled" in _one_line(capsys)
+    assert sorted(p.name for p in (dense / "checkpoints").iterdir()) == before
+    assert main(["upcycle", str(ckpt), "--to", "moe", "--out", str(tmp_path / "up")]) == 0
+    assert (tmp_path / "up" / "data.json").read_text() == (dense / "data.json").read_text()

@@ -11,15 +11,18 @@ BASE=${2:-1.6e13}
 MORE=${3:-8e12}
 ML=${MIXTURELM:-mixturelm}  # the command (MIXTURELM="python -m mixturelm" runs another checkout)
 mkdir -p "$OUT"
-$ML train --preset dense-tiny --max-flops "$BASE" --out "$OUT/dense-base"
-$ML upcycle "$OUT/dense-base" --to dense --max-flops "$MORE" --out "$OUT/a-dense-continued"
-$ML train --resume --out "$OUT/a-dense-continued"
-$ML upcycle "$OUT/dense-base" --to moe --max-flops "$MORE" --out "$OUT/b-upcycled-moe"
-$ML train --resume --out "$OUT/b-upcycled-moe"
+done_() { [ -f "$1/results.json" ]; }  # a stage already finished (rerun with another MORE: copy dense-base over)
+done_ "$OUT/dense-base" || $ML train --preset dense-tiny --max-flops "$BASE" --out "$OUT/dense-base"
+for arm in "a-dense-continued dense" "b-upcycled-moe moe"; do
+  set -- $arm
+  done_ "$OUT/$1" && continue
+  [ -d "$OUT/$1" ] || $ML upcycle "$OUT/dense-base" --to "$2" --max-flops "$MORE" --out "$OUT/$1"
+  $ML train --resume --out "$OUT/$1"
+done
 # the upcycled MoE's shape: moe-tiny's 8 experts top-2, each expert as large as dense-tiny's FFN
 D_FFN=$(python -c "from mixturelm.presets import get_preset; print(get_preset('dense-tiny').model['d_ffn'])")
 TOTAL=$(python -c "print(float('$BASE') + float('$MORE'))")
-$ML train --preset moe-tiny --d-expert "$D_FFN" --max-flops "$TOTAL" --out "$OUT/c-moe-scratch"
+done_ "$OUT/c-moe-scratch" || $ML train --preset moe-tiny --d-expert "$D_FFN" --max-flops "$TOTAL" --out "$OUT/c-moe-scratch"
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -281,7 +281,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), run_config, tokenizer, ckpt
 
 
-def weights_only(ckpt: Path) -> bool:
+def is_weights_only_start(ckpt: Path) -> bool:
     """A checkpoint of step 0 written without training state (import-hf, upcycle): a run starts from its
     weights with a new optimizer. (A checkpoint whose manifest lists a state that is gone fails verify.)"""
     return _step_of(ckpt) == 0 and not (ckpt / STATE_FILE).is_file()

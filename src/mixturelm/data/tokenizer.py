@@ -6,6 +6,7 @@ Each tokenizer appends an end-of-document token between documents in the token s
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,8 +80,6 @@ class BPETokenizer:
         self.tok.save(str(Path(directory) / "tokenizer.json"))
 
     def fingerprint(self) -> str:
-        import hashlib
-
         return "bpe-" + hashlib.sha256(self.tok.to_str().encode()).hexdigest()[:16]
 
 
@@ -131,6 +130,13 @@ class HFTokenizer(BPETokenizer):
         encs = self.tok.encode_batch([d.decode("utf-8", "replace") for d in datas], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
+    def fingerprint(self) -> str:
+        """The tokenizer file and the end-of-text token it puts between documents (two models may share a
+        tokenizer.json and differ in it). The same tokenizer.json trained here (bpe:VOCAB) gets the same
+        fingerprint when its end token is mixturelm's own."""
+        base = super().fingerprint()
+        return base if self.eos_token == EOS else f"{base}-{hashlib.sha256(self.eos_token.encode()).hexdigest()[:8]}"
+
     def save(self, directory: Path) -> None:
         self.tok.save(str(Path(directory) / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
@@ -159,6 +165,8 @@ def _special_tokens(directory: Path) -> dict[str, str]:
             d = json.loads((directory / name).read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(d, dict):
+            raise UsageError(f"{directory / name} is not a JSON object; restore it")
         for key in ("eos_token", "bos_token"):
             v = d.get(key)
             v = v.get("content") if isinstance(v, dict) else v

@@ -70,6 +70,11 @@ def model_config(hf, arch: Architecture, where: str) -> ModelConfig:
         _refuse(where, "attention_bias=true (biases on every attention projection)")
     if g("mlp_bias", False):
         _refuse(where, "mlp_bias=true")
+    if g("quantization_config") is not None:
+        quant = g("quantization_config")
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise UsageError(f"{where}: the checkpoint is quantized ({method}); mixturelm imports float16, bfloat16 and "
+                         "float32 weights: dequantize it with transformers first (or use the unquantized release)")
     if g("clip_qkv") is not None:
         _refuse(where, f"clip_qkv={g('clip_qkv')}")
     if g("use_sliding_window", False) or (arch.model_type == "mixtral" and g("sliding_window") is not None):
@@ -77,8 +82,9 @@ def model_config(hf, arch: Architecture, where: str) -> ModelConfig:
     rope = dict(g("rope_parameters") or {})
     theta = float(rope.pop("rope_theta", g("rope_theta", 10000.0)))
     scaling = rope if rope.get("rope_type", "default") != "default" else None
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0 or g("partial_rotary_factor", 1.0) != 1.0:
+        _refuse(where, "partial rotary embeddings (partial_rotary_factor)")
     if scaling is not None:
-        scaling = {k: v for k, v in scaling.items() if k not in ("partial_rotary_factor",)}
         if scaling.get("rope_type") not in ("linear", "llama3"):
             _refuse(where, f"rope scaling {scaling.get('rope_type')!r} (mixturelm has linear and llama3)")
     d, heads = hf.hidden_size, hf.num_attention_heads
@@ -122,49 +128,79 @@ def _block(hf, arch: Architecture, i: int) -> BlockSpec:
     return BlockSpec("moe", moe=moe)
 
 
+# MoE fields that change what a layer computes (impl, bias_rate, ... do not)
+_MOE_FUNCTION = ("n_experts", "top_k", "d_expert", "router", "renormalize", "n_shared", "d_shared", "shared_gate",
+                 "capacity_factor", "n_noop", "route_scale")
+
+
+class NotNative(Exception):
+    """Why no transformers architecture computes a model exactly."""
+
+
 def export_architecture(cfg: ModelConfig) -> Architecture | str:
     """The native architecture that computes exactly what `cfg` does, or the reason there is none."""
+    try:
+        return _native(cfg)
+    except NotNative as e:
+        return str(e)
+
+
+def _native(cfg: ModelConfig) -> Architecture:
     specs = [cfg.block_spec(i) for i in range(cfg.n_layers)]
-    if any(s.wrapper != "none" or s.beside for s in specs) or any(s.ffn not in ("dense", "moe") for s in specs):
-        kinds = sorted({k for s in specs for k in s.kinds() if k not in ("dense", "moe")})
-        return f"it uses {', '.join(kinds)}, which no transformers architecture has"
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") not in ("linear", "llama3"):
-        return f"its rope scaling {cfg.rope_scaling.get('rope_type')!r}"
+    others = sorted({k for s in specs for k in s.kinds() if k not in ("dense", "moe")})
+    if others or any(s.beside for s in specs):
+        raise NotNative(f"it uses {', '.join(others)}, which no transformers architecture has")
+    dense_sizes = {s.ffn_hidden or cfg.d_ffn for s in specs if s.ffn == "dense"}
+    if len(dense_sizes) > 1:
+        raise NotNative("its dense layers differ in size (transformers' configs have one intermediate_size)")
     moes = [s.moe for s in specs if s.ffn == "moe"]
-    dense_hidden = {s.ffn_hidden or cfg.d_ffn for s in specs if s.ffn == "dense"}
     if not moes:
-        if cfg.qk_norm != "none" or cfg.qkv_bias or len(dense_hidden) > 1:
-            return "Llama has no query/key norm, no qkv bias and one FFN size"
+        if cfg.qk_norm != "none" or cfg.qkv_bias:
+            raise NotNative("Llama has no query/key norm and no qkv bias")
         return ARCHITECTURES["llama"]
     first = moes[0]
-    if any(m != first for m in moes):
-        return "its MoE layers differ from each other"
-    if first.router != "softmax" or first.capacity_factor is not None or first.n_noop:
-        what = (f"router {first.router!r}" if first.router != "softmax" else
-                "token dropping (capacity_factor)" if first.capacity_factor is not None else "no-op experts")
-        return f"its {what}: transformers' MoE models use a softmax top-k router, dropless"
-    if len(dense_hidden) > 1 or any((s.ffn_hidden or cfg.d_ffn) != cfg.d_ffn for s in specs if s.ffn == "dense"):
-        return "its dense layers differ in size"
-    has_dense = bool(dense_hidden)
+    if any(_moe_function(m) != _moe_function(first) for m in moes):
+        raise NotNative("its MoE layers differ from each other")
+    _check_router(first)
+    has_dense = bool(dense_sizes)
     if first.n_shared:
         if not first.shared_gate or cfg.qk_norm != "none" or not cfg.qkv_bias:
-            return ("shared experts exist natively only in Qwen2-MoE, with a sigmoid gate on them and a qkv bias "
-                    "(shared_gate=true, qkv_bias=true)")
+            raise NotNative("shared experts exist natively only in Qwen2-MoE, with a sigmoid gate on them and a qkv "
+                            "bias (shared_gate=true, qkv_bias=true)")
         return ARCHITECTURES["qwen2_moe"]
     if cfg.qkv_bias:
-        return "a qkv bias without shared experts (Qwen2-MoE has both)"
+        raise NotNative("a qkv bias without shared experts (Qwen2-MoE has both)")
     if cfg.qk_norm == "head":
         return ARCHITECTURES["qwen3_moe"]
     if cfg.qk_norm == "full":
-        return "OLMoE keeps every layer MoE" if has_dense else ARCHITECTURES["olmoe"]
-    if not first.renormalize and first.top_k > 1:
-        return ("unnormalised top-k gates without a query/key norm (Mixtral renormalises; Qwen3-MoE and OLMoE "
-                "normalise queries and keys)")
+        if has_dense or cfg.head_dim * cfg.n_heads != cfg.d_model:
+            raise NotNative("OLMoE keeps every layer MoE and sizes its query/key norms by d_model")
+        return ARCHITECTURES["olmoe"]
+    if not first.renormalize or first.top_k == 1:
+        raise NotNative("unnormalised or top-1 gates without a query/key norm (Mixtral renormalises the top-k gates, "
+                        "to 1.0 at top-1; Qwen3-MoE and OLMoE, which do not have to, normalise queries and keys)")
     if has_dense:
-        return "Mixtral keeps every layer MoE"
-    if first.top_k == 1:  # a renormalised top-1 gate is 1.0 in Mixtral; ours with k = 1 keeps the probability
-        return "top-1 routing (Mixtral renormalises the one gate to 1.0, mixturelm keeps its probability)"
+        raise NotNative("Mixtral keeps every layer MoE")
     return ARCHITECTURES["mixtral"]
+
+
+def _moe_function(m: MoEConfig) -> tuple:
+    return tuple(getattr(m, f) for f in _MOE_FUNCTION)
+
+
+def _check_router(m: MoEConfig) -> None:
+    if m.router != "softmax":
+        raise NotNative(f"its router {m.router!r}: transformers' MoE models use a softmax top-k router")
+    if m.capacity_factor is not None:
+        raise NotNative("token dropping (capacity_factor): transformers' MoE models are dropless")
+    if m.n_noop:
+        raise NotNative("no-op experts (integrated MoDE)")
+
+
+def _norm_topk_prob(m: MoEConfig) -> bool:
+    """mixturelm keeps a top-1 gate's probability (a renormalised one would be 1.0 and the router would get
+    no gradient), as transformers does with norm_topk_prob=False."""
+    return m.renormalize and m.top_k > 1
 
 
 def hf_config(cfg: ModelConfig, arch: Architecture, eos_id: int | None, bos_id: int | None):
@@ -174,22 +210,23 @@ def hf_config(cfg: ModelConfig, arch: Architecture, eos_id: int | None, bos_id: 
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    specs = [cfg.block_spec(i) for i in range(cfg.n_layers)]
+    dense_size = next((s.ffn_hidden or cfg.d_ffn for s in specs if s.ffn == "dense"), cfg.d_ffn)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                   num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                  intermediate_size=cfg.d_ffn, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  intermediate_size=dense_size, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                   rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
                   eos_token_id=eos_id, bos_token_id=bos_id, pad_token_id=None, attention_bias=False)
-    specs = [cfg.block_spec(i) for i in range(cfg.n_layers)]
     moe = next((s.moe for s in specs if s.ffn == "moe"), None)
     if moe is not None:
         common |= dict(num_experts_per_tok=moe.top_k, router_aux_loss_coef=cfg.aux_loss_weights.get("balance", 0.0))
     if arch.model_type == "mixtral":
         common |= dict(num_local_experts=moe.n_experts, intermediate_size=moe.d_expert, sliding_window=None)
     elif arch.model_type == "olmoe":
-        common |= dict(num_experts=moe.n_experts, intermediate_size=moe.d_expert, norm_topk_prob=moe.renormalize,
+        common |= dict(num_experts=moe.n_experts, intermediate_size=moe.d_expert, norm_topk_prob=_norm_topk_prob(moe),
                        clip_qkv=None)
     elif arch.model_type in ("qwen3_moe", "qwen2_moe"):
-        common |= dict(num_experts=moe.n_experts, moe_intermediate_size=moe.d_expert, norm_topk_prob=moe.renormalize,
+        common |= dict(num_experts=moe.n_experts, moe_intermediate_size=moe.d_expert, norm_topk_prob=_norm_topk_prob(moe),
                        decoder_sparse_step=1, mlp_only_layers=[i for i, s in enumerate(specs) if s.ffn == "dense"],
                        use_sliding_window=False)
         if arch.model_type == "qwen2_moe":

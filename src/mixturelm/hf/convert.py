@@ -24,7 +24,7 @@ from ..data.tokenizer import EOS, BPETokenizer, ByteTokenizer, HFTokenizer, from
 from ..errors import UsageError
 from ..files import OutputFolder, write_json_atomic
 from .architectures import architecture, export_architecture, hf_config, model_config, weight_parts
-from .weights import HFWeights, join, split
+from .weights import HFWeights, join, split, unused
 
 EXPORT_KIND = "Hugging Face model"
 IMPORT_NOTE = "imported.json"  # where an imported run came from
@@ -69,11 +69,17 @@ def read_hf_folder(hf_dir: str | Path):
     return arch, hf, cfg, tokenizer, weights
 
 
-def hf_state_dict(cfg, arch, weights: HFWeights) -> dict[str, torch.Tensor]:
-    """mixturelm's state dict from the folder's tensors; a tensor missing is one line naming it."""
-    state = {}
+def hf_state_dict(cfg, arch, weights: HFWeights, where: str) -> dict[str, torch.Tensor]:
+    """mixturelm's state dict (float32) from the folder's tensors, each read once. A tensor missing is one
+    line naming it; so is a tensor of the folder that nothing takes (the model would be another one)."""
+    state, used = {}, set()
     for part in weight_parts(cfg, arch):
-        state[part.ours] = join(part, [weights.get(name) for name in part.hf])
+        state[part.ours] = join(part, [weights.get(name) for name in part.hf]).float()
+        used.update(part.hf)
+    left = unused(weights, used)
+    if left:
+        raise UsageError(f"{where}: {len(left)} tensor(s) of the checkpoint fit no part of the model its config.json "
+                         f"describes (first: {left[0]}); the checkpoint and its config do not belong together")
     return state
 
 
@@ -83,7 +89,6 @@ def load_into_model(cfg, state: dict[str, torch.Tensor], where: str):
 
     with torch.device("meta"):  # no random initialisation of tensors about to be replaced, no second copy
         model = MixtureLM(cfg)
-    state = {k: v.float() for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
@@ -102,8 +107,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False, log=
 
     folder = OutputFolder(out, RUN_KIND, option="--out", overwrite=overwrite, legacy=is_legacy_run,
                           exists_hint="add --overwrite to replace it, or choose another --out").check()
+    if _inside(Path(hf_dir), Path(out)):
+        raise UsageError(f"--out {out} holds the Hugging Face folder being imported; choose another folder")
     arch, hf, cfg, tokenizer, weights = read_hf_folder(hf_dir)
-    state = hf_state_dict(cfg, arch, weights)
+    state = hf_state_dict(cfg, arch, weights, str(hf_dir))
     model = load_into_model(cfg, state, str(hf_dir))
     seq_len = min(256, cfg.max_seq_len)
     train = TrainConfig(tokenizer=tokenizer.name, seq_len=seq_len, max_steps=DEFAULT_MAX_STEPS)
@@ -120,6 +127,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False, log=
     return ckpt
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (writing `folder` would destroy it)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 # ----------------------------------------------------------------------------------------------
 # export
 
@@ -134,14 +147,21 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False, rem
     arch = export_architecture(cfg)
     native = not isinstance(arch, str)
     if not native and not remote_code:
-        uses_moe_only = all(k in ("dense", "moe") for i in range(cfg.n_layers) for k in cfg.block_spec(i).kinds())
-        if uses_moe_only:
+        only_dense_and_moe = all(k in ("dense", "moe") for i in range(cfg.n_layers) for k in cfg.block_spec(i).kinds())
+        if only_dense_and_moe:
             raise UsageError(f"{run_dir}: no transformers architecture computes this model exactly ({arch}); export "
                              "it with mixturelm's own modeling code instead: add --remote-code (loaded with "
                              "trust_remote_code=True)")
+    if _inside(ckpt, Path(out)):
+        raise UsageError(f"--out {out} holds the run being exported; choose another folder")
+    eos, bos = tokenizer.eos_id, getattr(tokenizer, "bos_id", None)
+    remote = None
+    if not native:  # every check of the remote export before the folder is touched
+        from .remote import prepare_remote, write_remote
+
+        remote = prepare_remote(model, eos_token_id=eos, bos_token_id=bos)
     folder = OutputFolder(out, EXPORT_KIND, option="--out", overwrite=overwrite).check()
     path = folder.claim().path
-    eos, bos = tokenizer.eos_id, getattr(tokenizer, "bos_id", None)
     if native:
         state = model.state_dict()
         tensors = {}
@@ -154,9 +174,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False, rem
         _generation_config(eos, bos).save_pretrained(str(path))
         what = arch.causal_lm
     else:
-        from .remote import save_remote
-
-        save_remote(model, path, eos_token_id=eos, bos_token_id=bos)
+        write_remote(remote, path)
         what = f"mixturelm's own modeling code ({arch}; load with trust_remote_code=True)"
     export_tokenizer(tokenizer, path, cfg.max_seq_len)
     log(f"exported {ckpt} as {what} into {path}")

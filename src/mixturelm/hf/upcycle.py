@@ -58,6 +58,12 @@ class UpcycleOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("n_experts", "top_k"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UsageError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if self.capacity is not None and not 0 < self.capacity <= 1:
+            raise UsageError(f"`capacity` must be in (0, 1], got {self.capacity}")
         if not isinstance(self.granularity, int) or self.granularity < 1:
             raise UsageError(f"`granularity` must be an integer >= 1, got {self.granularity!r}")
         if not 0 <= self.noise < math.inf:
@@ -131,7 +137,8 @@ def _upcycled_block(block: dict, kind: str, config: dict, source: ModelConfig, o
             raise UsageError(f"`n_experts` {n} is not a multiple of `granularity` {o.granularity} (each copy of the "
                              "FFN is cut into that many experts)")
         config |= {"n_experts": n, "top_k": o.top_k or config.get("top_k", 2), "d_expert": d_ffn // o.granularity,
-                   "n_shared": 0, "n_noop": config.get("n_noop", 0)}
+                   "n_shared": 0, "d_shared": None, "shared_gate": False, "capacity_factor": None,
+                   "n_noop": config.get("n_noop", 0)}
         if o.router:
             config["router"] = o.router
         return block | {"ffn": "moe", "moe": config}
@@ -141,9 +148,11 @@ def _upcycled_block(block: dict, kind: str, config: dict, source: ModelConfig, o
         if o.top_k:
             config["top_k"] = o.top_k
         return block | {"beside": list(block.get("beside", [])) + ["peer"], "peer": config}
-    if o.capacity is not None:
-        config["capacity"] = o.capacity
-    return block | {"wrapper": "mod", "mod": config}
+    if kind == "mod":
+        if o.capacity is not None:
+            config["capacity"] = o.capacity
+        return block | {"wrapper": "mod", "mod": config}
+    raise ValueError(kind)
 
 
 @torch.no_grad()
@@ -154,27 +163,24 @@ def upcycled_model(source_model, cfg: ModelConfig, o: UpcycleOptions):
 
     torch.manual_seed(o.seed)
     model = MixtureLM(cfg)
-    src = source_model.state_dict()
-    state = model.state_dict()
-    for i in range(cfg.n_layers):
-        spec = cfg.block_spec(i)
-        prefix = _block_prefix(model, i)
-        ffn_in, ffn_out = src[f"blocks.{i}.ffn.gate_up.weight"], src[f"blocks.{i}.ffn.down.weight"]
-        if spec.ffn == "moe":
-            gate_up, down = _experts(ffn_in, ffn_out, spec.moe.n_experts, o)
-            state[f"{prefix}ffn.w_gate_up"].copy_(gate_up)
-            state[f"{prefix}ffn.w_down"].copy_(down)
-        for name, value in src.items():
-            if name.startswith(f"blocks.{i}.") and not (spec.ffn == "moe" and ".ffn." in name):
-                state[prefix + name.removeprefix(f"blocks.{i}.")].copy_(value)
-        if "peer" in spec.beside:
-            peer = _module(model, f"{prefix}beside.{spec.beside.index('peer')}")
-            peer.w_up.zero_()  # v_i = 0: the experts add nothing until trained
-            state = model.state_dict()
+    src, dst = source_model.state_dict(), model.state_dict()  # dst aliases the model's tensors: copies land there
     for name in ("embed.weight", "norm.weight", "head.weight"):
         if name in src:
-            state[name].copy_(src[name])
-    model.load_state_dict(state)
+            dst[name].copy_(src[name])
+    for i in range(cfg.n_layers):
+        spec = cfg.block_spec(i)
+        prefix = _block_prefix(model, i)  # block i's own Block, one level down inside a MoD wrapper
+        for name, value in src.items():
+            rest = name.removeprefix(f"blocks.{i}.")
+            if rest != name and not (spec.ffn == "moe" and rest.startswith("ffn.")):
+                dst[prefix + rest].copy_(value)
+        if spec.ffn == "moe":
+            gate_up, down = _experts(src[f"blocks.{i}.ffn.gate_up.weight"], src[f"blocks.{i}.ffn.down.weight"],
+                                     spec.moe.n_experts, o)
+            dst[f"{prefix}ffn.w_gate_up"].copy_(gate_up)
+            dst[f"{prefix}ffn.w_down"].copy_(down)
+        if "peer" in spec.beside:  # v_i = 0: the experts add nothing until trained
+            dst[f"{prefix}beside.{spec.beside.index('peer')}.w_up"].zero_()
     return model.eval()
 
 
@@ -182,13 +188,6 @@ def _block_prefix(model, i: int) -> str:
     """The state-dict prefix of block i's own Block (inside a MoD wrapper it is one level down)."""
     names = [n for n in model.state_dict() if n.startswith(f"blocks.{i}.") and n.endswith("attn.qkv.weight")]
     return names[0].removesuffix("attn.qkv.weight")
-
-
-def _module(model, dotted: str):
-    m = model
-    for part in dotted.strip(".").split("."):
-        m = getattr(m, part) if not part.isdigit() else m[int(part)]
-    return m
 
 
 def _experts(gate_up_FD: torch.Tensor, down_DF: torch.Tensor, n_experts: int, o: UpcycleOptions):
@@ -251,11 +250,14 @@ def upcycle(run_dir: str | Path, out: str | Path, options: UpcycleOptions, train
     from ..training.run import RUN_KIND, RunConfig, is_legacy_run
 
     source_model, run_config, tokenizer, ckpt = checkpoint.load_model(run_dir)
+    source_dir = ckpt.parent.parent  # the run directory the checkpoint belongs to
+    if any(p.resolve() == Path(out).resolve() or Path(out).resolve() in p.resolve().parents
+           for p in (ckpt, source_dir)):
+        raise UsageError("--out holds the run being upcycled; choose another folder (the dense run is kept)")
     cfg, preset = target_config(source_model.config, run_config.get("preset", ""), options)
     folder = OutputFolder(out, RUN_KIND, option="--out", overwrite=overwrite, legacy=is_legacy_run,
                           exists_hint="add --overwrite to replace it, or choose another --out").check()
-    if Path(out).resolve() == Path(run_dir).resolve():
-        raise UsageError("--out is the run being upcycled; choose another folder (the dense run is kept)")
+    source_step = json.loads((ckpt / checkpoint.META_FILE).read_text())["step"]
     train = TrainConfig.from_dict(run_config["train"])
     # another data seed: with the source's, the continued run would draw the very batches of the source's
     # first steps again (batches are drawn by seed and step)
@@ -272,10 +274,9 @@ def upcycle(run_dir: str | Path, out: str | Path, options: UpcycleOptions, train
     path = folder.claim().path
     write_json_atomic(path / checkpoint.CONFIG_FILE, run.to_dict())
     tokenizer.save(path)
-    source_dir = Path(run_dir) if (Path(run_dir) / checkpoint.CONFIG_FILE).is_file() else ckpt.parent.parent
     if (source_dir / "data.json").is_file():
         shutil.copyfile(source_dir / "data.json", path / "data.json")
-    note = {"from": str(ckpt.resolve()), "source_step": json.loads((ckpt / checkpoint.META_FILE).read_text())["step"],
+    note = {"from": str(ckpt.resolve()), "source_step": source_step,
             "to": preset, "options": dataclasses.asdict(options), "preserves_function": preserved,
             "probe_max_abs_logit_difference": diff,
             "parameters": {"source": source_model.num_params(), "upcycled": model.num_params()}}

@@ -17,6 +17,9 @@ INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 # transformers 5 keeps a layer's experts fused; a folder saved in that form names them so
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
 _GATE, _UP = ("gate_proj", "w1"), ("up_proj", "w3")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# tensors a checkpoint may carry that are computed, not learned
+DERIVED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 class HFWeights:
@@ -29,9 +32,11 @@ class HFWeights:
         if (folder / INDEX).is_file():
             try:
                 weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
+                files = sorted(set(weight_map.values()))
+                if not all(isinstance(f, str) for f in files):
+                    raise TypeError
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 raise UsageError(f"{folder / INDEX} is not a readable safetensors index; restore it") from None
-            files = sorted(set(weight_map.values()))
         elif (folder / SINGLE).is_file():
             files, weight_map = [SINGLE], None
         else:
@@ -50,6 +55,7 @@ class HFWeights:
                 raise UsageError(f"{folder}: shard {name} cannot be read ({str(e)[:100]}); it is truncated or "
                                  "damaged, copy it again") from None
         self.where = {k: f for f, h in self.files.items() for k in h.keys()}
+        self._last: tuple[str, torch.Tensor] | None = None  # the fused tensor read last (read once, sliced E times)
         if weight_map is not None:
             lost = sorted(k for k, f in weight_map.items() if self.where.get(k) != f)
             if lost:
@@ -61,11 +67,19 @@ class HFWeights:
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.where:
+            if self._last is not None and self._last[0] == name:
+                return self._last[1]
             try:
-                return self.files[self.where[name]].get_tensor(name)
+                tensor = self.files[self.where[name]].get_tensor(name)
             except Exception as e:
                 raise UsageError(f"{self.folder}: tensor {name} cannot be read ({str(e)[:100]}); its shard "
                                  f"{self.where[name]} is damaged") from None
+            if tensor.dtype not in FLOATS:
+                raise UsageError(f"{self.folder}: tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; "
+                                 "mixturelm imports float16, bfloat16 and float32 weights (dequantize the model first)")
+            if name.endswith(("gate_up_proj", "down_proj")) and ".experts." in name:
+                self._last = (name, tensor)
+            return tensor
         fused = self._fused(name)
         if fused is None:
             raise UsageError(f"{self.folder}: tensor {name} is missing; the checkpoint is incomplete or of "
@@ -88,6 +102,22 @@ class HFWeights:
         if which in ("down_proj", "w2") and down in self.where:
             return lambda: self.get(down)[e]
         return None
+
+
+def unused(weights: HFWeights, used: set[str]) -> list[str]:
+    """Tensors of the folder that no part of the model takes (a fused expert tensor counts as used when its
+    per-expert names are); derived tensors (RoPE frequencies) are ignored."""
+    fused = {re.sub(r"\.(?:mlp|block_sparse_moe)\.experts\.\d+\.(\w+)\.weight$", "", n) for n in used
+             if _PER_EXPERT.match(n)}
+    left = []
+    for name in weights.where:
+        if name in used or DERIVED.search(name):
+            continue
+        layer = name.split(".mlp.experts.")[0]
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) and layer in fused:
+            continue
+        left.append(name)
+    return sorted(left)
 
 
 def join(part: Part, tensors: list[torch.Tensor]) -> torch.Tensor:

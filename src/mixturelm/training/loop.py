@@ -90,7 +90,7 @@ class Trainer:
         start = 0
         if ckpt is not None:
             checkpoint.load_weights(self.model, ckpt)
-            if checkpoint.weights_only(ckpt):  # written by import-hf or upcycle: weights to start training from
+            if checkpoint.is_weights_only_start(ckpt):  # written by import-hf or upcycle: weights to start training from
                 self.log(f"starting from the weights of {ckpt} at step 0, with a new optimizer")
                 return self._wrap(0)
             state = checkpoint.load_train_state(ckpt)

@@ -26,16 +26,17 @@ def save_remote(model, out_dir: Path, eos_token_id: int | None = None, bos_token
     """Write `model` (a MixtureLM) into out_dir as remote code: its config under the key "mixturelm", its
     state dict (buffers included: the sigmoid_bias router's bias, MoD thresholds, query-norm statistics) with
     `model.` prepended, the modeling file, and a generation config without cache. Those four files are
-    replaced if present; nothing else in out_dir is touched. Raises UsageError for a model the remote code
-    cannot reproduce (expert-choice MoE, token dropping, a mechanism it does not know)."""
-    try:
-        from transformers import GenerationConfig
+    replaced if present; nothing else in out_dir is touched. Raises UsageError, before writing anything, for a
+    model the remote code cannot reproduce (expert-choice MoE, token dropping, a mechanism it does not know)."""
+    write_remote(prepare_remote(model, eos_token_id, bos_token_id), out_dir)
 
+
+def prepare_remote(model, eos_token_id: int | None = None, bos_token_id: int | None = None):
+    """(Hugging Face config, state dict) of the remote export, every check done: nothing is written."""
+    try:
         from .modeling_mixturelm import MixtureLMConfig, MixtureLMForCausalLM, check_supported
     except ImportError as e:
         raise UsageError(f"exporting to Hugging Face needs transformers ({e}); pip install transformers") from None
-    from safetensors.torch import save_file
-
     cfg = model.config.to_dict()
     try:
         check_supported(cfg)
@@ -48,10 +49,20 @@ def save_remote(model, out_dir: Path, eos_token_id: int | None = None, bos_token
     hf_config.auto_map = dict(AUTO_MAP)
     hf_config.architectures = [MixtureLMForCausalLM.__name__]
     _check_names(MixtureLMForCausalLM, hf_config, state)
+    return hf_config, state
+
+
+def write_remote(prepared, out_dir: Path) -> None:
+    """The files of a prepared remote export (prepare_remote) into out_dir."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    hf_config, state = prepared
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=bos_token_id, eos_token_id=eos_token_id, use_cache=False).save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
+                     use_cache=False).save_pretrained(out_dir)
     shutil.copyfile(MODELING_FILE, out_dir / MODELING_FILE.name)
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
