@@ -498,3 +498,19 @@ def test_upcycle_never_writes_over_its_source(tmp_path, corpus_dir, capsys):
     assert sorted(p.name for p in (dense / "checkpoints").iterdir()) == before
     assert main(["upcycle", str(ckpt), "--to", "moe", "--out", str(tmp_path / "up")]) == 0
     assert (tmp_path / "up" / "data.json").read_text() == (dense / "data.json").read_text()
+
+
+def test_llama_upcycled_is_a_mixtral_computing_the_llama_function(tmp_path):
+    """The researcher's path end to end: a Hugging Face Llama in, upcycled to 4 experts top-2, out as a
+    Mixtral that transformers runs, computing the Llama's function (the experts are copies)."""
+    from mixturelm.hf import upcycle
+
+    llama = hf_model("llama")
+    import_hf(save_hf(llama, tmp_path / "llama"), tmp_path / "run", log=lambda m: None)
+    upcycle(tmp_path / "run", tmp_path / "up", UpcycleOptions(to="moe", n_experts=4, top_k=2), log=lambda m: None)
+    export_hf(tmp_path / "up", tmp_path / "mixtral", log=lambda m: None)
+    mixtral = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    assert type(mixtral).__name__ == "MixtralForCausalLM" and mixtral.config.num_local_experts == 4
+    ids = torch.randint(0, VOCAB - 1, (2, 20))
+    with torch.no_grad():
+        assert (mixtral(ids).logits - llama(ids).logits).abs().max() < 1e-5
