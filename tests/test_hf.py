@@ -61,18 +61,22 @@ def save_tokenizer(folder: Path) -> None:
 
 
 def hf_model(arch: str, seed: int = 0):
-    """A tiny random transformers model of `arch`; norms and biases moved off their defaults so that a
-    wrong mapping of them shows."""
+    """A tiny random transformers model of `arch`."""
     config_class, extra = ARCHS[arch]
     cfg = getattr(transformers, config_class)(**COMMON, **extra)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
+    return perturbed(transformers.AutoModelForCausalLM.from_config(cfg).eval())
+
+
+@torch.no_grad()
+def perturbed(model):
+    """Weights drawn at a scale that keeps logits moderate; norms and biases moved off their defaults, so that
+    a wrong mapping of them shows."""
+    for name, p in model.named_parameters():
+        if "norm" in name or "bias" in name:
+            p.add_(0.3 * torch.randn_like(p))
+        else:
+            p.normal_(0.0, 0.1)
     return model
 
 
@@ -135,14 +139,7 @@ def our_model(arch: str, seed: int = 0) -> MixtureLM:
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ffn=24, max_seq_len=64,
                       **shapes[arch])
     torch.manual_seed(seed)
-    model = MixtureLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "bias" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    return model
+    return perturbed(MixtureLM(cfg).eval())
 
 
 def save_run(model: MixtureLM, folder: Path) -> Path:
