@@ -3,7 +3,8 @@
 # a dense-tiny model trained to BASE FLOPs, then
 #   (a) the dense model trained on for MORE FLOPs (a new schedule, as the others get),
 #   (b) the dense model upcycled to a MoE (8 copies of each FFN, top-2) trained for MORE FLOPs,
-#   (c) the same MoE trained from scratch for BASE + MORE FLOPs (the total compute of (a) and (b)).
+#   (c) the same MoE trained from scratch for BASE + MORE FLOPs (the total compute of (a) and (b)),
+#   (d) the dense model upcycled to 8 experts of half the FFN (fine-grained slices) top-2, for MORE FLOPs.
 # Usage: bash benchmarks/upcycling/run.sh [OUT] [BASE] [MORE]
 set -euo pipefail
 OUT=${1:-runs/upcycling}
@@ -13,11 +14,13 @@ ML=${MIXTURELM:-mixturelm}  # the command (MIXTURELM="python -m mixturelm" runs 
 mkdir -p "$OUT"
 done_() { [ -f "$1/results.json" ]; }  # a stage already finished (rerun with another MORE: copy dense-base over)
 done_ "$OUT/dense-base" || $ML train --preset dense-tiny --max-flops "$BASE" --out "$OUT/dense-base"
-for arm in "a-dense-continued dense" "b-upcycled-moe moe"; do
+# (d): the FFN cut into 2 slices, 8 experts of half its size top-2: the dense model's FLOPs per token
+for arm in "a-dense-continued dense" "b-upcycled-moe moe" "d-upcycled-fine moe --granularity 2 --top-k 2"; do
   set -- $arm
-  done_ "$OUT/$1" && continue
-  [ -d "$OUT/$1" ] || $ML upcycle "$OUT/dense-base" --to "$2" --max-flops "$MORE" --out "$OUT/$1"
-  $ML train --resume --out "$OUT/$1"
+  name=$1; shift
+  done_ "$OUT/$name" && continue
+  [ -d "$OUT/$name" ] || $ML upcycle "$OUT/dense-base" --to "$@" --max-flops "$MORE" --out "$OUT/$name"
+  $ML train --resume --out "$OUT/$name"
 done
 # the upcycled MoE's shape: moe-tiny's 8 experts top-2, each expert as large as dense-tiny's FFN
 D_FFN=$(python -c "from mixturelm.presets import get_preset; print(get_preset('dense-tiny').model['d_ffn'])")
@@ -32,7 +35,7 @@ print(f"dense base: {base['val_loss']:.4f} after {base['train_flops']:.3g} FLOPs
 print("| run | further FLOPs | total FLOPs | steps | val loss | vs (a) |")
 print("|---|---|---|---|---|---|")
 a = None
-for name in ("a-dense-continued", "b-upcycled-moe", "c-moe-scratch"):
+for name in ("a-dense-continued", "b-upcycled-moe", "c-moe-scratch", "d-upcycled-fine"):
     r = json.loads((out / name / "results.json").read_text())
     further = r["train_flops"] if name != "c-moe-scratch" else float("nan")
     total = r["train_flops"] + (base["train_flops"] if name != "c-moe-scratch" else 0.0)
