@@ -579,7 +579,8 @@ def _add_hf(sub) -> None:
     p.add_argument("--capacity", type=float, default=None, help="MoD capacity (default: the preset's, 0.125)")
     p.add_argument("--layers", default=None, help="comma-separated blocks to change (default: every block for MoE, "
                                                   "every other for MoD, the middle one for PEER)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the new routers and noise (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the new routers and noise, also added to the continued run's data seed (default 0)")
     p.add_argument("--max-steps", type=int, default=None, help="budget of the continued run (default: the source's)")
     p.add_argument("--max-tokens", type=int, default=None, help="budget of the continued run in tokens")
     p.add_argument("--max-flops", type=float, default=None, help="budget of the continued run in training FLOPs")

@@ -15,8 +15,8 @@
   sequence's tokens enter such a block and its branch is scaled by the router's weight r = w . x, near 0
   with a fresh router, so the routed blocks are nearly skipped: not the dense function (measured, printed).
 
-The continued run draws its batches with the source's seed + 1 (batches are drawn by seed and step: the same
-seed would repeat the source's first batches). The new run directory holds the target config, the source's tokenizer and data record, and a step-0
+The continued run draws its batches with the source's seed + 1 + `seed` (batches are drawn by seed and step:
+the source's seed would repeat its first batches; `seed` varies the routers, the noise and the batches). The new run directory holds the target config, the source's tokenizer and data record, and a step-0
 checkpoint of weights only; `mixturelm train --resume --out NEW` trains it like any run.
 """
 
@@ -55,7 +55,7 @@ class UpcycleOptions:
     capacity: float | None = None  # MoD
     layers: list[int] | None = None  # the blocks to change (default: every block for MoE, every other for
     # MoD, the middle one for PEER)
-    seed: int = 0
+    seed: int = 0  # of the new routers and noise, and added to the continued run's data seed
 
     def __post_init__(self) -> None:
         for name in ("n_experts", "top_k"):
@@ -260,8 +260,8 @@ def upcycle(run_dir: str | Path, out: str | Path, options: UpcycleOptions, train
     source_step = json.loads((ckpt / checkpoint.META_FILE).read_text())["step"]
     train = TrainConfig.from_dict(run_config["train"])
     # another data seed: with the source's, the continued run would draw the very batches of the source's
-    # first steps again (batches are drawn by seed and step)
-    train = replace(train, seed=train.seed + 1)
+    # first steps again (batches are drawn by seed and step); `seed` also varies it, for repeats
+    train = replace(train, seed=train.seed + 1 + options.seed)
     if train_overrides:
         budget = {k: None for k in ("max_steps", "max_tokens", "max_flops")} if any(
             k in train_overrides for k in ("max_steps", "max_tokens", "max_flops")) else {}
