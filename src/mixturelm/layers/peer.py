@@ -322,8 +322,8 @@ class PEERConfig:
         if self.d_key % 2:
             raise UsageError(f"PEERConfig.d_key={self.d_key} is odd; the query is split in two halves, use an even size")
         if self.top_k > s:
-            raise UsageError(f"PEERConfig.top_k={self.top_k} exceeds sqrt(n_experts)={s}; each half's top-k "
-                             "picks among sqrt(N) sub-keys; lower top_k or raise n_experts")
+            raise UsageError(f"PEERConfig.top_k={self.top_k} exceeds sqrt(n_experts={self.n_experts})={s}; each half's "
+                             "top-k picks among sqrt(N) sub-keys; lower top_k or raise n_experts")
         if self.activation not in ACTIVATIONS:
             raise UsageError(f"PEERConfig.activation={self.activation!r} is unknown; choose one of "
                              f"{', '.join(ACTIVATIONS)}")
