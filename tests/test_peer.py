@@ -173,7 +173,7 @@ def test_stats_come_back_from_the_call():
 
 
 @pytest.mark.parametrize("field, value, words", [
-    ("n_experts", 1000, "perfect square"), ("d_key", 7, "odd"), ("top_k", 40, "sqrt(n_experts)"),
+    ("n_experts", 1000, "perfect square"), ("d_key", 7, "odd"), ("top_k", 40, "sqrt(n_experts="),
     ("query_norm", "group", "query_norm"), ("activation", "tanh", "activation"), ("n_heads", 0, "positive")])
 def test_config_errors_name_field_and_value(field, value, words):
     with pytest.raises(UsageError, match=field) as e:
