@@ -401,6 +401,10 @@ def test_upcycle_command_and_training_from_it(tmp_path, corpus_dir, capsys):
     assert main(["upcycle", str(dense), "--to", "moe", "--granularity", "5", "--out", str(tmp_path / "g")]) == 2
     assert "granularity" in _one_line(capsys)
     assert not (tmp_path / "again").exists() and not (tmp_path / "g").exists()
+    for flag, value in (("--n-experts", "0"), ("--top-k", "-1"), ("--reinit-share", "2"), ("--noise", "nan")):
+        assert main(["upcycle", str(dense), "--to", "moe", flag, value, "--out", str(tmp_path / "bad")]) == 2
+        assert flag in _one_line(capsys), flag
+        assert not (tmp_path / "bad").exists()
     assert math.isfinite(results["val_loss"])
 
 

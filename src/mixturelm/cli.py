@@ -82,7 +82,10 @@ def field_flags() -> dict[str, str]:
 
     from .bench import BENCHMARKS
 
+    from .hf.upcycle import UpcycleOptions
+
     flags |= {f"CompareConfig.{f.name}": _flag(f.name) for f in dataclasses.fields(CompareConfig)}
+    flags |= {f"UpcycleOptions.{f.name}": _flag(f.name) for f in dataclasses.fields(UpcycleOptions)}
     for cls, _ in BENCHMARKS.values():
         flags |= {f"{cls.__name__}.{f.name}": _flag(f.name) for f in dataclasses.fields(cls)}
     return flags | OTHER_FLAGS

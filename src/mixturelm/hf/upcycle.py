@@ -33,7 +33,7 @@ import torch
 
 from .. import checkpoint
 from ..config import ModelConfig
-from ..errors import UsageError
+from ..errors import UsageError, positive_ints
 from ..files import OutputFolder, write_json_atomic
 from ..presets import get_preset
 
@@ -58,10 +58,7 @@ class UpcycleOptions:
     seed: int = 0  # of the new routers and noise, and added to the continued run's data seed
 
     def __post_init__(self) -> None:
-        for name in ("n_experts", "top_k"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise UsageError(f"`{name}` must be an integer >= 1, got {value!r}")
+        positive_ints(self, *(n for n in ("n_experts", "top_k") if getattr(self, n) is not None))
         if self.capacity is not None and not 0 < self.capacity <= 1:
             raise UsageError(f"`capacity` must be in (0, 1], got {self.capacity}")
         if not isinstance(self.granularity, int) or self.granularity < 1:

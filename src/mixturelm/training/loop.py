@@ -71,8 +71,8 @@ class Trainer:
         if data is None:
             data = prepare(t.data, t.tokenizer, t.val_fraction, t.text_field, tokenizer, log=lambda m: None)
         if data.tokenizer.vocab_size != self.cfg.model.vocab_size:
-            if self.resume and data.tokenizer.vocab_size < self.cfg.model.vocab_size and t.tokenizer.startswith("hf:"):
-                return data  # an imported model's embedding is often padded beyond its tokenizer's vocabulary
+            if self.resume and data.tokenizer.vocab_size < self.cfg.model.vocab_size:
+                return data  # an embedding padded beyond the tokenizer (imported models): ids never reach it
             if self.resume:
                 raise UsageError(f"the run's tokenizer has {data.tokenizer.vocab_size} tokens but its model "
                                  f"{self.cfg.model.vocab_size}; the run directory is damaged")
