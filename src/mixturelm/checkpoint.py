@@ -123,10 +123,61 @@ def drop_from(run_dir: Path, step: int) -> list[str]:
     return [p.name for p in dropped]
 
 
+def keep_stable(ckpt: Path) -> Path:
+    """A copy of a wsd run's checkpoint at the start of its decay, as checkpoints/stable_<step>: outside the
+    series (never pruned, never resumed from by default), the point a longer budget is extended from. Hard
+    links where the file system has them: checkpoint files are never written in place, so the copy stays."""
+    copy = ckpt.parent / ckpt.name.replace("step_", "stable_")
+    tmp = ckpt.parent / f".tmp-{copy.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp, copy_function=_link_or_copy)
+    shutil.rmtree(copy, ignore_errors=True)
+    os.rename(tmp, copy)
+    for older in ckpt.parent.glob("stable_*"):  # a run extended again decays later: only its newest is of use
+        if older != copy:
+            shutil.rmtree(older, ignore_errors=True)
+    return copy
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def stable_before(run_dir: Path, step: int) -> Path | None:
+    """The newest checkpoint (of the series or a kept stable_*) at or before `step` that verifies."""
+    ckpts = Path(run_dir) / "checkpoints"
+    found = [(_step_of(p), p) for pattern in ("step_*", "stable_*") for p in ckpts.glob(pattern) if p.is_dir()]
+    for s, p in sorted(((s, p) for s, p in found if s is not None and s <= step), reverse=True):
+        try:
+            verify(p)
+            return p
+        except UsageError:
+            continue
+    return None
+
+
+def set_aside_after(run_dir: Path, step: int) -> Path | None:
+    """Before a run is trained again from `step` (a wsd run extended from the start of its decay): the newest
+    checkpoint after it is kept as checkpoints/final_<step> (the model of the shorter budget), the others
+    after it leave the series. Returns the kept folder, if any."""
+    ckpts = Path(run_dir) / "checkpoints"
+    later = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and (_step_of(p) or 0) > step)
+    kept = None
+    if later:
+        kept = ckpts / later[-1].name.replace("step_", "final_")
+        shutil.rmtree(kept, ignore_errors=True)
+        os.rename(later[-1], kept)
+    drop_from(run_dir, step + 1)
+    return kept
+
+
 def _step_of(ckpt: Path) -> int | None:
     try:
-        return int(ckpt.name.removeprefix("step_"))
-    except ValueError:
+        return int(ckpt.name.split("_", 1)[1])
+    except (ValueError, IndexError):
         return None
 
 

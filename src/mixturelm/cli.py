@@ -34,8 +34,11 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "seq_len": (int, "tokens per training sequence"),
     "grad_accum": (int, "gradient accumulation steps per optimizer step"),
     "lr": (float, "peak learning rate"),
-    "min_lr_ratio": (float, "final learning rate as a fraction of the peak (cosine schedule)"),
+    "min_lr_ratio": (float, "final learning rate as a fraction of the peak"),
     "warmup_steps": (int, "linear warm-up steps"),
+    "schedule": (str, "learning-rate schedule: cosine (default) or wsd (warm-up, stable, linear decay; a run "
+                      "extended with --resume and a larger budget continues as if trained to it)"),
+    "decay_fraction": (float, "wsd: share of the steps spent decaying (default 0.2)"),
     "weight_decay": (float, "AdamW weight decay (matrices only; not norms, biases, embeddings)"),
     "beta1": (float, "AdamW beta1"),
     "beta2": (float, "AdamW beta2"),

@@ -222,8 +222,10 @@ class TrainConfig:
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine, or wsd: warm-up, stable, then a linear decay (extends to a longer budget)
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -263,6 +265,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise UsageError(f"TrainConfig.schedule={self.schedule!r} is unknown; choose cosine or wsd")
+        if not 0 <= self.decay_fraction <= 1:
+            raise UsageError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.dtype not in ("fp32", "bf16"):
             raise UsageError(f"TrainConfig.dtype={self.dtype!r} is unknown; choose fp32 or bf16")
         if not 0 < self.val_fraction < 1:

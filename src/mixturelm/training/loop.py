@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -23,14 +24,14 @@ from .. import checkpoint
 from ..data.tokenizer import load_from_dir
 from ..data.tokens import TokenData, check_length, prepare, same_split, train_rows
 from ..errors import TrainingDiverged, UsageError
-from ..files import write_json_atomic
+from ..files import write_json_atomic, write_text_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
 from ..runtime import steady_allocator
 from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
-from .metrics import METRICS_FILE, Metrics, last_record, truncate_records
-from .optim import Optimizers
+from .metrics import METRICS_FILE, Metrics, last_record, records_after, truncate_records
+from .optim import Optimizers, Schedule
 from .run import RESUME_CHANGES, RunConfig, check_memory, run_folder, steps_in_budget, train_flops_per_step
 from .summary import describe_summary, run_summary
 
@@ -170,13 +171,15 @@ class Trainer:
             return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, keep_stable: bool = False) -> None:
         if not self.dist.main:
             return
         state = {"step": step, **self.optim.state_dict(), "rng": _rng_state(), "tokens_seen": self.tokens_seen,
                  "elapsed": self.elapsed}
-        checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
-                        keep=self.cfg.train.keep_ckpts)
+        saved = checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
+                                keep=self.cfg.train.keep_ckpts)
+        if keep_stable:
+            checkpoint.keep_stable(saved)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
@@ -214,7 +217,7 @@ class Trainer:
         if ckpt is None or not results.is_file():
             return None
         step = json.loads((ckpt / checkpoint.META_FILE).read_text()).get("step", 0)
-        return json.loads(results.read_text()) if step >= self.total_steps else None
+        return json.loads(results.read_text()) if step == self.total_steps else None
 
     def run(self) -> dict:
         """Train to the budget (or say the run is finished), holding the run directory's lock meanwhile."""
@@ -230,6 +233,8 @@ class Trainer:
         ckpt = checkpoint.resumable(self.out_dir, self.log) if self.resume else None
         finished = self.finished_results(ckpt)
         self.was_finished = finished is not None
+        if finished is None and ckpt is not None:
+            ckpt = self._extension_start(ckpt)
         if finished is not None:
             # a line half written by a kill
             self._on_main(lambda: truncate_records(self.out_dir / METRICS_FILE, self.total_steps), "repair metrics")
@@ -273,8 +278,9 @@ class Trainer:
                 record.update(ev)
                 self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
-            if done % t.ckpt_every == 0 or done == self.total_steps:
-                self._on_main(lambda: self._save(done), "write a checkpoint")
+            at_decay = done == self.stable_step
+            if done % t.ckpt_every == 0 or done == self.total_steps or at_decay:
+                self._on_main(lambda: self._save(done, keep_stable=at_decay), "write a checkpoint")
             if self.on_step is not None:
                 self.on_step(done)
             if bar is not None:
@@ -287,6 +293,58 @@ class Trainer:
         if start >= self.total_steps:  # resumed a finished run: evaluate what is there, beside its last step's record
             record = last_record(self.out_dir) | self._evaluate()
         return self._finish(record)
+
+    @property
+    def stable_step(self) -> int | None:
+        """wsd: the step its decay starts at, whose checkpoint is kept to extend the run from."""
+        schedule = self.optim.schedule
+        return schedule.decay_start if schedule.kind == "wsd" and 0 < schedule.decay_start < self.total_steps \
+            else None
+
+    def _extension_start(self, ckpt: Path) -> Path:
+        """The checkpoint a run resumed with another budget goes on from. Where the old and the new schedule
+        agree up to the checkpoint, it is the run trained to the new budget, exactly. A wsd run past the start
+        of its decay goes on from its kept checkpoint there (its decayed model is set aside as final_<step>);
+        otherwise (a cosine run) the rate changes at the checkpoint's step, which the log says."""
+        if checkpoint.is_weights_only_start(ckpt):
+            return ckpt
+        saved = RunConfig.from_dict(checkpoint.load_config(ckpt))
+        step = json.loads((ckpt / checkpoint.META_FILE).read_text()).get("step", 0)
+        if step > self.total_steps:
+            raise UsageError(f"the run has trained {step} steps, more than the budget's {self.total_steps}; give a "
+                             f"budget of at least {step} steps, or start a new run")
+        old, new = Schedule.of(saved.train, steps_in_budget(saved)), Schedule.of(self.cfg.train, self.total_steps)
+        agree = old.agrees_until(new)
+        if step <= agree:
+            return ckpt
+        branch = checkpoint.stable_before(self.out_dir, agree) if new.kind == "wsd" else None
+        if branch is not None:
+            return self._branch(branch, step, old)
+        lr = self.cfg.train.lr
+        self.log(f"the learning rate of step {step + 1} changes from {lr * old.factor(step):.3g} to "
+                 f"{lr * new.factor(step):.3g}: a {old.kind} schedule of {old.total} steps becomes one of "
+                 f"{new.total} (a wsd schedule extends without a change)")
+        return ckpt
+
+    def _branch(self, branch: Path, step: int, old: Schedule) -> Path:
+        """Go on from `branch` (before the old decay): the old decay's checkpoints leave the series, its last
+        model kept as final_<step> with its metrics records and results."""
+        start = json.loads((branch / checkpoint.META_FILE).read_text())["step"]
+
+        def set_aside() -> None:
+            kept = checkpoint.set_aside_after(self.out_dir, start)
+            if kept is None:
+                return
+            results = self.out_dir / "results.json"
+            if results.is_file():
+                os.replace(results, kept / "results.json")
+            write_text_atomic(kept / METRICS_FILE, "".join(records_after(self.out_dir / METRICS_FILE, start)))
+            self.log(f"the model of the {old.total}-step budget (decayed from step {old.decay_start}) is kept as "
+                     f"{kept}, with its results and metrics")
+
+        self._on_main(set_aside, "set aside the decayed checkpoints")
+        self.log(f"extending the wsd run: training again from its checkpoint of step {start}, before its decay")
+        return branch
 
     def _evaluate(self) -> dict:
         t = self.cfg.train

@@ -39,6 +39,13 @@ def truncate_records(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def records_after(path: Path, step: int) -> list[str]:
+    """The whole records of the steps after `step` (lines, newline included)."""
+    if not path.is_file():
+        return []
+    return [line + "\n" for line in path.read_text().splitlines() if (step_of(line) or 0) > step]
+
+
 class Metrics:
     """metrics.jsonl and TensorBoard, written by the main process only."""
 

@@ -48,6 +48,60 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+SCHEDULES = ("cosine", "wsd")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate factor of each optimizer step (0-based) of a run of `total` steps.
+
+    cosine: linear warm-up, then cosine down to min_ratio at the end. Every step's rate depends on the
+    total, so a run extended to a longer budget changes its rate from the step it resumes at on.
+    wsd (warm-up, stable, decay): linear warm-up, the peak rate, then a linear decay to min_ratio over the
+    last `decay_fraction` of the steps, the last step at min_ratio. Up to the decay the rates do not depend
+    on the total: a run stopped there and extended is the run trained to the longer budget, and a finished
+    one is extended from its checkpoint at the start of its decay (kept for that)."""
+
+    kind: str
+    warmup: int
+    total: int
+    min_ratio: float
+    decay_fraction: float = 0.2
+
+    @classmethod
+    def of(cls, train: TrainConfig, total_steps: int) -> Schedule:
+        return cls(train.schedule, min(train.warmup_steps, total_steps), total_steps, train.min_lr_ratio,
+                   train.decay_fraction)
+
+    @property
+    def decay_start(self) -> int:
+        """wsd: the steps trained at the stable rate before the decay (the cosine decays from its warm-up)."""
+        if self.kind == "cosine":
+            return self.warmup
+        return max(self.warmup, self.total - round(self.decay_fraction * self.total))
+
+    def factor(self, step: int) -> float:
+        if self.kind == "cosine":
+            return lr_factor(step, self.warmup, self.total, self.min_ratio)
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if step < self.decay_start:
+            return 1.0
+        progress = (step + 1 - self.decay_start) / max(1, self.total - self.decay_start)
+        return 1.0 - (1.0 - self.min_ratio) * min(1.0, progress)
+
+    def agrees_until(self, other: Schedule) -> int:
+        """The number of first steps both schedules train at the same rates: a checkpoint written at or
+        before it continues under `other` exactly as a run trained under `other` from the start."""
+        if self == other:
+            return self.total
+        shared = min(self.decay_start, other.decay_start)
+        if self.kind != other.kind or self.warmup != other.warmup:
+            shared = 0
+        return next((s for s in range(shared, min(self.total, other.total))
+                     if self.factor(s) != other.factor(s)), min(self.total, other.total))
+
+
 def mark_coalesced(params) -> None:
     """Autograd drops the coalesced flag of a sparse gradient when it stores it; row gradients made
     coalesced (distinct, sorted rows) are checked cheaply and flagged again, sparing SparseAdam a sort."""
@@ -94,10 +148,8 @@ class Optimizers:
         groups = param_groups(self.model, t.weight_decay, needs)
         self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
                                      fused=True)  # one kernel per step, on CPU as on CUDA
-        warmup = min(t.warmup_steps, self.total_steps)
-
-        def schedule(s: int) -> float:
-            return lr_factor(s, warmup, self.total_steps, t.min_lr_ratio)
+        self.schedule = Schedule.of(t, self.total_steps)
+        schedule = self.schedule.factor
 
         def constant(s: int) -> float:
             return 1.0

@@ -19,9 +19,10 @@ from ..presets import get_preset
 DEFAULT_PRESET = "dense-tiny"
 DEFAULT_MAX_STEPS = 200
 MAX_STEPS = 10**9  # a budget beyond this is a typo (years of steps), not a plan
-# what a resumed run may change: the step size (to go on after a divergence) and how often it logs,
-# evaluates and checkpoints; anything else would make it another run
-RESUME_CHANGES = ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts")
+BUDGETS = ("max_steps", "max_tokens", "max_flops")
+# what a resumed run may change: its budget (to extend it), the step size (to go on after a divergence) and
+# how often it logs, evaluates and checkpoints; anything else would make it another run
+RESUME_CHANGES = BUDGETS + ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts")
 
 
 @dataclass
@@ -58,8 +59,8 @@ def new_run_config(preset: str | None, train_overrides: dict, model_overrides: d
 
 def _merge_train(preset_train: dict, overrides: dict) -> dict:
     """A budget given replaces the preset's; a mechanism's train flag joins its options."""
-    if any(overrides.get(b) is not None for b in ("max_steps", "max_tokens", "max_flops")):
-        preset_train = {k: v for k, v in preset_train.items() if k not in ("max_steps", "max_tokens", "max_flops")}
+    if any(overrides.get(b) is not None for b in BUDGETS):
+        preset_train = {k: v for k, v in preset_train.items() if k not in BUDGETS}
     return preset_train | overrides
 
 
@@ -111,6 +112,8 @@ def resumed_run_config(out_dir: Path, preset: str | None, train_overrides: dict,
         raise UsageError(f"{owner}.{key} {value} differs from the run's {saved_value}; leave it out to resume "
                          f"(only {', '.join(f'TrainConfig.{k}' for k in RESUME_CHANGES)} may change), or start a "
                          "new run in another folder")
+    if any(b in changes for b in BUDGETS):  # a budget given replaces the saved one, of whatever kind
+        changes = {b: None for b in BUDGETS} | changes
     return replace(saved, train=replace(saved.train, **changes)) if changes else saved
 
 
