@@ -4,8 +4,12 @@ mechanisms mixed in one block are each measured."""
 
 from __future__ import annotations
 
+import copy
 import json
 
+from dataclasses import replace
+
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -67,20 +71,47 @@ def test_every_mechanism_of_a_mixed_block_is_measured(corpus_dir):
             "layer1.load_max_over_mean"} <= set(out.stats())
 
 
-def test_an_older_training_state_of_the_sparse_optimizer_loads():
+@pytest.mark.parametrize("name", ["sparse_optimizer", "peer_optimizer"])
+def test_an_older_training_state_of_the_sparse_optimizer_loads(name):
+    """Checkpoints before 2026-12 hold AdamW and SparseAdam states apart (named after PEER before that): loaded
+    into today's one optimizer, the next step moves every parameter as the two old optimizers would."""
+    from mixturelm.optim import mechanism_needs, param_groups
     from mixturelm.presets import get_preset
     from mixturelm.training.optim import Optimizers
 
     cfg = new_run_config("peer-debug", {"max_steps": 3})
+    torch.manual_seed(0)
     model = MixtureLM(ModelConfig(**get_preset("peer-debug").model))
-    optim = Optimizers(model, cfg.train, 3)
     x = torch.randint(0, 257, (2, 17))
-    out = model(x[:, :-1], x[:, 1:])
-    out.loss.backward()
-    optim.step()
-    state = optim.state_dict()
-    old = {"peer_optimizer" if k == "sparse_optimizer" else "peer_scheduler" if k == "sparse_scheduler" else k: v
-           for k, v in state.items()}
-    again = Optimizers(model, cfg.train, 3)
-    again.load_state_dict(old)
-    assert again.sparse_opt.state_dict()["state"].keys() == optim.sparse_opt.state_dict()["state"].keys() != set()
+
+    def backward():
+        model.zero_grad(set_to_none=True)
+        model(x[:, :-1], x[:, 1:]).loss.backward()
+
+    t, needs = cfg.train, mechanism_needs(model, cfg.train.mechanisms)
+    dense = [g for g in param_groups(model, t.weight_decay, needs) if not g.get("row_sparse")]
+    old_adamw = torch.optim.AdamW(dense, lr=t.lr, betas=(t.beta1, t.beta2))
+    old_sparse = torch.optim.SparseAdam(needs.sparse, lr=needs.sparse_lr or t.lr, betas=(t.beta1, t.beta2))
+    for _ in range(2):
+        backward()
+        old_adamw.step()
+        old_sparse.step()
+    old_state = copy.deepcopy({"optimizer": old_adamw.state_dict(), name: old_sparse.state_dict(),  # (live tensors)
+                               "scheduler": torch.optim.lr_scheduler.LambdaLR(old_adamw, lambda s: 1.0).state_dict()})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    backward()
+    old_adamw.step()
+    old_sparse.step()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(saved)
+    optim = Optimizers(model, replace(t, grad_clip=0.0, warmup_steps=0), 3)
+    optim.load_state_dict(old_state)
+    optim.sched.lr_lambdas = [lambda s: 1.0] * len(optim.sched.lr_lambdas)
+    for g in optim.opt.param_groups:
+        g["lr"] = g["initial_lr"]
+    backward()
+    optim.opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert any(g["row_sparse"] for g in optim.opt.param_groups)

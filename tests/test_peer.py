@@ -258,7 +258,9 @@ def test_cli_trains_peer_debug_and_reports_usage(tmp_path, corpus_dir):
     # resume from the step-4 checkpoint repeats steps 5-6 exactly, the sparse optimizer's state included
     first = [r["loss"] for r in evals if r["kind"] == "train"]
     state = torch.load(out / "checkpoints" / "step_0000006" / "train_state.pt", weights_only=False)
-    assert state["sparse_optimizer"]["state"]  # the expert tables' optimizer state is saved
+    groups = state["optimizer"]["param_groups"]  # the expert tables' row-wise optimizer state is saved
+    rows = [i for g in groups if g["row_sparse"] for i in g["params"]]
+    assert rows and all(state["optimizer"]["state"][i]["exp_avg"].shape[0] == 64 * 64 for i in rows)
     import shutil
     shutil.rmtree(out / "checkpoints" / "step_0000006")
     (out / "checkpoints" / "latest").write_text("step_0000004")

@@ -1,5 +1,7 @@
-"""bench peer: one PEER layer at the paper's N, h, k, forward + backward, against PEER-pytorch (the paper's
-softmax setting), with peak memory, and the bytes of expert rows it moves against a large copy."""
+"""bench peer: one PEER layer at the paper's N, h, k against PEER-pytorch (the paper's softmax setting), in a
+plain process (no allocator setting): forward + backward, and a whole training step (forward, backward,
+optimizer: ours mixturelm.optim.build_optimizer, PEER-pytorch torch's AdamW) with its peak memory above the
+tables and their optimizer moments; and the bytes of expert rows the step moves against a large copy."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from ..errors import UsageError
 from ..files import machine
 from ..layers.peer import PEER
-from ..runtime import steady_allocator
+from ..optim import build_optimizer
 from .timing import (
     check_config,
     copy_bandwidth,
@@ -83,18 +85,39 @@ def _peer_contenders(shape: dict) -> dict[str, Callable[[], torch.nn.Module]]:
     }
 
 
+def optimizer_for(name: str, module: torch.nn.Module) -> torch.optim.Optimizer:
+    """What a user trains each with: ours mixturelm.optim.build_optimizer (row-wise Adam on the tables),
+    PEER-pytorch torch's AdamW with its defaults (dense table gradients)."""
+    if name == "mixturelm PEER":
+        return build_optimizer(module, lr=1e-3, weight_decay=0.0)
+    return torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.0)
+
+
+def train_step(module: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, grad: torch.Tensor):
+    """Forward, backward against a fixed output gradient, optimizer step."""
+    forward_backward = fwd_bwd(module, x, grad)
+
+    def step() -> None:
+        forward_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _peer_memory_child(name: str, shape: dict, queue) -> None:
-    """Peak resident memory of one forward + backward in a fresh process: total, and above the state
-    at the start of the step (the parameters and the input)."""
+    """Peak resident memory of a training step in a fresh process: total, and above the state at its start
+    (the tables and the optimizer's moments, made by a first step, and the input)."""
     torch.manual_seed(0)
-    steady_allocator()
     module = _peer_contenders(shape)[name]()
     x = torch.randn(1, shape["tokens"], shape["d_model"], requires_grad=True)
     grad = torch.randn(1, shape["tokens"], shape["d_model"])
+    step = train_step(module, optimizer_for(name, module), x, grad)
+    step()  # the moments exist from here on
     before = rss_bytes()
     reset_peak_rss()
-    fwd_bwd(module, x, grad)()
-    queue.put((peak_rss_bytes(), peak_rss_bytes() - before))
+    step()
+    queue.put((peak_rss_bytes(), peak_rss_bytes() - before, before))
 
 
 def peer_expert_bytes(module: PEER, x: torch.Tensor) -> dict:
@@ -114,7 +137,6 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     """One PEER layer at the paper's N, h, k: forward + backward time and peak memory, ours against
     PEER-pytorch (the paper's softmax setting), and the bytes of expert rows against a large copy."""
     out = prepare(cfg)
-    steady_allocator()
     shape = {"tokens": cfg.tokens, "d_model": cfg.d_model, "n_experts": cfg.n_experts, "heads": cfg.heads,
              "top_k": cfg.top_k, "d_key": cfg.d_key}
     builders = _peer_contenders(shape)
@@ -127,14 +149,18 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     params = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in modules.items()}
     moved = peer_expert_bytes(modules["mixturelm PEER"], x)
     times = time_alternating({name: fwd_bwd(m, x, grad) for name, m in modules.items()}, cfg.steps, cfg.rounds)
-    del modules
+    steps = {name: train_step(m, optimizer_for(name, m), x, grad) for name, m in modules.items()}
+    train_times = time_alternating(steps, cfg.steps, cfg.rounds)
+    del modules, steps
     bandwidth = copy_bandwidth(min(1 << 29, max(1 << 24, moved["bytes"])))  # large, but no larger than needed
     result = {"machine": machine(), "command": command, "shape": shape,
               "dtype": "fp32", "copy_bytes_per_s": bandwidth, "expert_rows": moved, "contenders": {}}
     for name, ts in times.items():
-        row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name]}
+        row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name],
+               "train_step_s": statistics.median(train_times[name]), "train_all_rounds_s": train_times[name]}
         if not cfg.no_memory:
-            row["peak_rss_bytes"], row["peak_above_start_bytes"] = in_fresh_process(_peer_memory_child, name, shape)
+            row["peak_rss_bytes"], row["peak_above_start_bytes"], row["start_bytes"] = in_fresh_process(
+                _peer_memory_child, name, shape)
         result["contenders"][name] = row
     ours = result["contenders"]["mixturelm PEER"]
     ours["expert_bytes_per_s"] = moved["bytes"] / ours["fwd_bwd_s"]
@@ -142,6 +168,7 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     if "PEER-pytorch" in result["contenders"]:
         peer = result["contenders"]["PEER-pytorch"]
         result["speedup_over_peer"] = peer["fwd_bwd_s"] / ours["fwd_bwd_s"]
+        result["train_step_speedup_over_peer"] = peer["train_step_s"] / ours["train_step_s"]
         if not cfg.no_memory:
             result["memory_above_start_ours_over_peer"] = (ours["peak_above_start_bytes"]
                                                            / peer["peak_above_start_bytes"])
@@ -154,15 +181,18 @@ def print_peer(r: dict) -> None:
     m, s, e = r["machine"], r["shape"], r["expert_rows"]
     print(machine_line(m))
     print(f"PEER: N={s['n_experts']:,} experts, d_model {s['d_model']}, {s['heads']} heads x top-{s['top_k']}, "
-          f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, forward + backward")
-    print(f"  {'':<18}{'fwd+bwd s':>10}{'params MB':>11}{'peak RSS MB':>13}{'peak above params MB':>22}")
+          f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, a plain process; training step = forward + backward + "
+          "optimizer (ours: mixturelm.optim.build_optimizer; PEER-pytorch: torch.optim.AdamW)")
+    print(f"  {'':<18}{'fwd+bwd s':>10}{'train step s':>14}{'params MB':>11}{'peak RSS MB':>13}"
+          f"{'params+moments MB':>19}{'peak above MB':>15}")
     for name, c in r["contenders"].items():
-        mem = (f"{c['peak_rss_bytes'] / 2**20:>13.0f}{c['peak_above_start_bytes'] / 2**20:>22.0f}"
-               if "peak_rss_bytes" in c else "")
-        print(f"  {name:<18}{c['fwd_bwd_s']:>10.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
+        mem = (f"{c['peak_rss_bytes'] / 2**20:>13.0f}{c['start_bytes'] / 2**20:>19.0f}"
+               f"{c['peak_above_start_bytes'] / 2**20:>15.0f}" if "peak_rss_bytes" in c else "")
+        print(f"  {name:<18}{c['fwd_bwd_s']:>10.3f}{c['train_step_s']:>14.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
     if "speedup_over_peer" in r:
-        print(f"ours is {r['speedup_over_peer']:.2f}x faster than PEER-pytorch"
-              + (f"; peak memory above the parameters: ours / PEER-pytorch = "
+        print(f"ours is {r['speedup_over_peer']:.2f}x faster than PEER-pytorch in forward + backward, "
+              f"{r['train_step_speedup_over_peer']:.2f}x in a training step"
+              + (f"; peak memory of a training step above the tables and moments: ours / PEER-pytorch = "
                  f"{r['memory_above_start_ours_over_peer']:.3f}" if "memory_above_start_ours_over_peer" in r else ""))
     ours = r["contenders"]["mixturelm PEER"]
     print(f"expert rows moved per step: {e['bytes'] / 1e9:.3f} GB ({e['pairs']:,} retrievals, "

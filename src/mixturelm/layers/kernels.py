@@ -121,6 +121,30 @@ void NAME(const T* src, const T* w, const int64_t* order, const int64_t* token, 
 ROW_GRAD(row_grad_f32, float)
 ROW_GRAD(row_grad_f64, double)
 
+/* Lazy Adam on the rows a row-sparse gradient touches (torch.optim.SparseAdam's arithmetic), one pass:
+   each touched row of the parameter and its two moments is read and written once. rows: distinct ids. */
+#define ROW_ADAM(NAME, T)                                                                          \
+void NAME(T* p, T* m, T* v, const int64_t* rows, const T* g, int64_t R, int64_t D, double b1,      \
+          double b2, double eps, double step_size, double decay, int n_threads) {                  \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        T* pr = p + rows[r] * D; T* mr = m + rows[r] * D; T* vr = v + rows[r] * D;                 \
+        const T* gr = g + r * D;                                                                   \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t d = 0; d < D; ++d) {                                                          \
+            T gd = gr[d];                                                                          \
+            T md = mr[d] + (gd - mr[d]) * (T)(1 - b1);                                             \
+            T vd = vr[d] + (gd * gd - vr[d]) * (T)(1 - b2);                                        \
+            mr[d] = md; vr[d] = vd;                                                                \
+            pr[d] = pr[d] * (T)decay - (T)step_size * (md / (sqrtf_##T(vd) + (T)eps));              \
+        }                                                                                          \
+    }                                                                                              \
+}
+static inline float sqrtf_float(float x) { return sqrtf(x); }
+static inline double sqrtf_double(double x) { return sqrt(x); }
+ROW_ADAM(row_adam_f32, float)
+ROW_ADAM(row_adam_f64, double)
+
 /* Group the n pairs by row id (a stable counting sort; ids in [0, n_rows), count zeroed, n_rows + 1
    long): order (pairs by row), token (= order / J), the distinct rows ascending and where each
    row's pairs start. Returns the number of distinct rows. */
@@ -173,6 +197,8 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.group_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 5
     lib.group_rows.restype = ctypes.c_int64
+    for name in ("row_adam_f32", "row_adam_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 5 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -244,3 +270,13 @@ def row_grad(src_TD: torch.Tensor, w_TJ: torch.Tensor, order: torch.Tensor, toke
     fn(src_TD.data_ptr(), w.data_ptr(), order.data_ptr(), token.data_ptr(), offsets_R.data_ptr(), out.data_ptr(),
        R, order.numel(), D, torch.get_num_threads())
     return out
+
+
+def row_adam(param_ND: torch.Tensor, exp_avg_ND: torch.Tensor, exp_avg_sq_ND: torch.Tensor, rows_R: torch.Tensor,
+             grad_RD: torch.Tensor, beta1: float, beta2: float, eps: float, step_size: float, decay: float) -> None:
+    """In place, on the rows `rows_R` (distinct) of contiguous CPU tensors: SparseAdam's moment updates, then
+    param = param * decay - step_size * m / (sqrt(v) + eps)."""
+    rows_R, grad_RD = rows_R.contiguous(), grad_RD.to(param_ND.dtype).contiguous()
+    fn = library().row_adam_f32 if param_ND.dtype == torch.float32 else library().row_adam_f64
+    fn(param_ND.data_ptr(), exp_avg_ND.data_ptr(), exp_avg_sq_ND.data_ptr(), rows_R.data_ptr(), grad_RD.data_ptr(),
+       rows_R.numel(), param_ND.shape[1], beta1, beta2, eps, step_size, decay, torch.get_num_threads())

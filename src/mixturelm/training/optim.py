@@ -1,43 +1,19 @@
-"""The optimizer of a run: AdamW with parameter groups, what each mechanism needs besides (its own groups,
-SparseAdam for row-sparse tables, side networks clipped apart), warm-up and cosine, gradient clipping."""
+"""The optimizer of a run: mixturelm.optim's (AdamW with parameter groups, what each mechanism needs besides,
+row-wise Adam for row-sparse tables), its schedule (warm-up and cosine, or warm-up, stable, decay) and
+gradient clipping (side networks apart)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..config import TrainConfig
 from ..errors import UsageError
-from ..mechanisms import registry
-from ..mechanisms.registry import OptimizerNeeds
+from ..optim import build_optimizer, clip_grad_norm, mark_coalesced, mechanism_needs, param_groups
 
-
-def mechanism_needs(model: torch.nn.Module, train: TrainConfig | None = None) -> OptimizerNeeds:
-    """What every mechanism of the model asks of the optimizer, gathered (Mechanism.optimizer_needs)."""
-    total = OptimizerNeeds()
-    for mechanism in registry.present(model):
-        options = mechanism.train_options(train or TrainConfig()) if mechanism.train_options_class else None
-        needs = mechanism.optimizer_needs(registry.modules_of(model, mechanism), options)
-        total.groups += needs.groups
-        total.sparse += needs.sparse
-        total.side += needs.side
-        total.sparse_lr = needs.sparse_lr if needs.sparse else total.sparse_lr
-    return total
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, needs: OptimizerNeeds | None = None) -> list[dict]:
-    """Decay matrices; never norms, biases or embeddings (nor a head tied to the embedding). The groups a
-    mechanism asks for come after these two; its sparse-gradient parameters are left to a SparseAdam."""
-    needs = needs if needs is not None else mechanism_needs(model)
-    apart = {id(p) for g in needs.groups for p in g["params"]} | {id(p) for p in needs.sparse}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in apart:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}] + needs.groups
+__all__ = ["Optimizers", "Schedule", "lr_factor", "mechanism_needs", "param_groups"]
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -102,67 +78,28 @@ class Schedule:
                      if self.factor(s) != other.factor(s)), min(self.total, other.total))
 
 
-def mark_coalesced(params) -> None:
-    """Autograd drops the coalesced flag of a sparse gradient when it stores it; row gradients made
-    coalesced (distinct, sorted rows) are checked cheaply and flagged again, sparing SparseAdam a sort."""
-    for p in params:
-        g = p.grad
-        if g is None or not g.is_sparse or g.is_coalesced():
-            continue
-        idx = g._indices()[0]
-        if idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all()):
-            p.grad = torch.sparse_coo_tensor(g._indices(), g._values(), g.shape, is_coalesced=True,
-                                             check_invariants=False)
-        else:
-            p.grad = g.coalesce()
-
-
-@torch.no_grad()
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_, for dense and (coalesced) sparse gradients alike."""
-    grads = [p.grad for p in params if p.grad is not None]
-    dense = [g for g in grads if not g.is_sparse]
-    sparse = [g._values() for g in grads if g.is_sparse]
-    norms = [torch.linalg.vector_norm(g) for g in dense + sparse]
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if max_norm != float("inf"):
-        for g in dense + sparse:
-            g.mul_(coef.to(g.device))
-    return total
-
-
 @dataclass
 class Optimizers:
-    """AdamW over the model (with a SparseAdam for row-sparse parameters, if any), their schedules and
-    clipping: the model under one norm, side networks apart."""
+    """The run's optimizer (mixturelm.optim.build_optimizer, the layers' gradient kinds as configured), its
+    schedule and clipping: the model under one norm, side networks apart."""
 
     model: torch.nn.Module
     train: TrainConfig
     total_steps: int
-    sparse_opt: torch.optim.Optimizer | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         t = self.train
-        needs = mechanism_needs(self.model, t)
-        groups = param_groups(self.model, t.weight_decay, needs)
-        self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
-                                     fused=True)  # one kernel per step, on CPU as on CUDA
+        needs = mechanism_needs(self.model, t.mechanisms)
+        self.opt = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                                   mechanisms=t.mechanisms, row_sparse_tables=False)
         self.schedule = Schedule.of(t, self.total_steps)
-        schedule = self.schedule.factor
 
         def constant(s: int) -> float:
             return 1.0
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(  # a group with fixed_lr keeps its rate
-            self.opt, [constant if g.get("fixed_lr") else schedule for g in groups])
-        # row-sparse parameters: lazy Adam on the touched rows only (no N x d work per step)
+            self.opt, [constant if g.get("fixed_lr") else self.schedule.factor for g in self.opt.param_groups])
         self.sparse_params = needs.sparse
-        if self.sparse_params:
-            self.sparse_opt = torch.optim.SparseAdam(self.sparse_params, lr=needs.sparse_lr or t.lr,
-                                                     betas=(t.beta1, t.beta2))
-            self.sparse_sched = torch.optim.lr_scheduler.LambdaLR(
-                self.sparse_opt, schedule if needs.sparse_lr is None else constant)
         self.side_params = needs.side
         side = {id(p) for p in self.side_params}
         self.clipped_params = [p for p in self.model.parameters() if id(p) not in side]
@@ -170,7 +107,7 @@ class Optimizers:
     def step(self) -> tuple[float, torch.Tensor]:
         """Clip, step, schedule, zero; returns the learning rate used and the gradient norm before clipping."""
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        if self.sparse_opt is None:
+        if not self.sparse_params:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_params, clip)
         else:  # one norm over dense and sparse gradients alike
             mark_coalesced(self.sparse_params)
@@ -181,42 +118,42 @@ class Optimizers:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.sparse_opt is not None:
-            self.sparse_opt.step()
-            self.sparse_sched.step()
-            self.sparse_opt.zero_grad(set_to_none=True)
         return lr, grad_norm
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-        if self.sparse_opt is not None:
-            state["sparse_optimizer"] = self.sparse_opt.state_dict()
-            state["sparse_scheduler"] = self.sparse_sched.state_dict()
-        return state
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """The saved moments and step; the learning rates of this config (equal to the saved ones unless a
         resumed run changed TrainConfig.lr)."""
         base = list(self.sched.base_lrs)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.opt.load_state_dict(_merge_legacy(state, self.opt))
+        self.sched.load_state_dict({k: v for k, v in state["scheduler"].items() if k != "base_lrs"}
+                                   | {"base_lrs": base, "lr_lambdas": [None] * len(base)})
         _set_base_lrs(self.sched, base)
-        if self.sparse_opt is not None:
-            # checkpoints of mixturelm before 2026-12 named the sparse-row optimizer after its only user
-            old = {"sparse_optimizer": "peer_optimizer", "sparse_scheduler": "peer_scheduler"}
-            opt, sched = (state.get(k, state.get(old[k])) for k in ("sparse_optimizer", "sparse_scheduler"))
-            if opt is None or sched is None:
-                raise UsageError("the checkpoint holds no state of the sparse-row optimizer; it cannot be resumed, "
-                                 "start a new run")
-            base = list(self.sparse_sched.base_lrs)
-            self.sparse_opt.load_state_dict(opt)
-            self.sparse_sched.load_state_dict(sched)
-            _set_base_lrs(self.sparse_sched, base)
 
 
+def _merge_legacy(state: dict, opt: torch.optim.Optimizer) -> dict:
+    """Checkpoints of mixturelm before 2026-12 hold two optimizers: AdamW ("optimizer") and SparseAdam for the
+    row-sparse tables ("sparse_optimizer", earlier "peer_optimizer"), whose state has the same moments and
+    step count as the row groups now: appended to AdamW's, as one optimizer's."""
+    sparse = state.get("sparse_optimizer", state.get("peer_optimizer"))
+    dense = state["optimizer"]
+    if sparse is None:
+        if any(g.get("row_sparse") for g in opt.param_groups) and not any(g.get("row_sparse")
+                                                                           for g in dense["param_groups"]):
+            raise UsageError("the checkpoint holds no state of the sparse-row optimizer; it cannot be resumed, "
+                             "start a new run")
+        return dense
+    offset = sum(len(g["params"]) for g in dense["param_groups"])
+    groups = dense["param_groups"] + [g | {"params": [i + offset for i in g["params"]], "row_sparse": True,
+                                           "weight_decay": 0.0} for g in sparse["param_groups"]]
+    states = dense["state"] | {i + offset: v for i, v in sparse["state"].items()}
+    return {"state": states, "param_groups": groups}
 def _set_base_lrs(sched, base: list[float]) -> None:
     """A LambdaLR's base rates, and each group's rate at its current step, as LambdaLR computes it."""
     sched.base_lrs = base
     for group, lr, factor in zip(sched.optimizer.param_groups, base, sched.lr_lambdas):
         group["initial_lr"] = lr
         group["lr"] = lr * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
