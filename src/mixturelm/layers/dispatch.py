@@ -8,8 +8,8 @@ Dropless: each expert computes exactly the tokens it was given.
 Dimension letters: T tokens, D d_model, E experts, F expert hidden size, A assignments.
 
 Implementations of the grouped matmul (`impl`):
-- "loop": one autograd node that runs one matmul per expert with tokens, writing into preallocated
-  outputs (forward and backward), so no cat/stack copies; the counts go to the host once per layer;
+- "loop": one autograd node (ExpertsSwiGLU) that runs each expert's whole SwiGLU on its rows, one expert at a
+  time, forward and backward; the counts go to the host once per layer;
 - "grouped": torch._grouped_mm, one call for all experts (CPU since torch 2.9; CUDA sm90+);
 - "auto": "grouped" on CUDA where torch has it, "loop" on CPU, where `mixturelm bench moe` measured
   it faster (torch 2.13's CPU _grouped_mm runs its per-expert products about 30 % slower).
@@ -18,6 +18,7 @@ Implementations of the grouped matmul (`impl`):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F_
 
 from .ffn import swiglu_activation
 
@@ -39,32 +40,78 @@ def sort_by_expert(expert_A: torch.Tensor, n_experts: int) -> tuple[torch.Tensor
     return order_A, counts_E
 
 
-class LoopGroupedMatmul(torch.autograd.Function):
-    """out[rows of e] = x[rows of e] @ w[e], one matmul per expert, each written in place (no cat/stack)."""
+class ExpertsSwiGLU(torch.autograd.Function):
+    """Every expert's SwiGLU on its rows, one expert at a time: gather its tokens, gate-and-up projection,
+    activation (times the gate, if given), down projection, each output row written to its assignment's place
+    (token-major when every token has k). The backward runs the same loop.
+
+    Why one expert at a time: the whole layer's intermediates ((A, 2F) projections, (A, F) activations, their
+    gradients, (A, D) gathered inputs) are tens of MB each, and glibc's malloc hands blocks over 32 MiB to
+    mmap, fresh and page-faulted 4 KiB at a time, on every call: a plain process spent up to a third of a MoE
+    step in page faults. One expert's blocks are small enough to be reused from the heap, and they stay in
+    cache between the two matmuls. Kept for the backward: the (A, 2F) projections, as with one big matmul."""
 
     @staticmethod
-    def forward(ctx, x_AK: torch.Tensor, w_EKN: torch.Tensor, counts: list[int]):
-        ctx.save_for_backward(x_AK, w_EKN)
-        ctx.counts = counts
-        out_AN = x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
-        for e, (start, end) in _groups(counts):
-            torch.mm(x_AK[start:end], w_EKN[e], out=out_AN[start:end])
-        return out_AN
+    def forward(ctx, x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts: list[int],
+                k_per_token: int | None):
+        F = w_down_EFD.shape[1]
+        y_AD = x_TD.new_empty(token_A.numel(), x_TD.shape[-1])
+        projections = []
+        for e, rows in _expert_rows(counts, order_A):
+            h_N2F = torch.mm(x_TD.index_select(0, token_A[rows]), w_gate_up_ED2F[e])
+            act_NF = F_.silu(h_N2F[:, :F]).mul_(h_N2F[:, F:])
+            if gate_A is not None:
+                act_NF.mul_(gate_A[rows, None].to(act_NF.dtype))
+            y_AD.index_copy_(0, rows, torch.mm(act_NF, w_down_EFD[e]))
+            projections.append(h_N2F)
+        ctx.save_for_backward(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A)
+        ctx.projections, ctx.counts, ctx.k = projections, counts, k_per_token
+        return y_AD
 
     @staticmethod
-    def backward(ctx, d_out_AN: torch.Tensor):
-        x_AK, w_EKN = ctx.saved_tensors
-        d_x = x_AK.new_empty(x_AK.shape) if ctx.needs_input_grad[0] else None
-        d_w = torch.empty_like(w_EKN) if ctx.needs_input_grad[1] else None
-        if d_w is not None:
-            d_w[[e for e, n in enumerate(ctx.counts) if n == 0]] = 0  # only experts without tokens need zeros
-        d_out_AN = d_out_AN.contiguous()
-        for e, (start, end) in _groups(ctx.counts):
-            if d_x is not None:
-                torch.mm(d_out_AN[start:end], w_EKN[e].t(), out=d_x[start:end])
-            if d_w is not None:
-                torch.mm(x_AK[start:end].t(), d_out_AN[start:end], out=d_w[e])
-        return d_x, d_w, None
+    def backward(ctx, d_y_AD):
+        x_TD, w_gate_up, w_down, token_A, order_A, gate_A = ctx.saved_tensors
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        need_gate = gate_A is not None and ctx.needs_input_grad[5]
+        F = w_down.shape[1]
+        d_x_AD = x_TD.new_empty(token_A.numel(), x_TD.shape[-1]) if need_x else None
+        d_gate_up, d_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+        idle = [e for e, n in enumerate(ctx.counts) if n == 0]  # only experts without tokens need zeros
+        d_gate_up[idle], d_down[idle] = 0, 0
+        d_gate_A = torch.zeros_like(gate_A) if need_gate else None
+        wide = torch.promote_types(x_TD.dtype, torch.float32)  # the router's gradient, summed over F
+        for (e, rows), h_N2F in zip(_expert_rows(ctx.counts, order_A), ctx.projections):
+            gate, up = h_N2F[:, :F], h_N2F[:, F:]
+            silu_gate = F_.silu(gate)
+            act_NF = silu_gate * up
+            d_y_ND = d_y_AD.index_select(0, rows)
+            d_act_NF = torch.mm(d_y_ND, w_down[e].t())
+            if gate_A is not None:
+                gate_N1 = gate_A[rows, None].to(act_NF.dtype)
+                if need_gate:
+                    d_gate_A[rows] = (d_act_NF.to(wide) * act_NF.to(wide)).sum(-1).to(gate_A.dtype)
+                d_act_NF.mul_(gate_N1)
+                act_NF.mul_(gate_N1)
+            if need_down:
+                torch.mm(act_NF.t(), d_y_ND, out=d_down[e])
+            d_h_N2F = torch.empty_like(h_N2F)
+            torch.ops.aten.silu_backward.grad_input(d_act_NF * up, gate, grad_input=d_h_N2F[:, :F])
+            torch.mul(silu_gate, d_act_NF, out=d_h_N2F[:, F:])
+            if need_gate_up:
+                torch.mm(x_TD.index_select(0, token_A[rows]).t(), d_h_N2F, out=d_gate_up[e])
+            if need_x:
+                d_x_AD.index_copy_(0, rows, torch.mm(d_h_N2F, w_gate_up[e].t()))
+        d_x_TD = None
+        if need_x:  # each token's rows summed: adjacent k when token-major, else a scatter-add
+            d_x_TD = (d_x_AD.view(-1, ctx.k, d_x_AD.shape[-1]).sum(1) if ctx.k
+                      else torch.zeros_like(x_TD).index_add_(0, token_A, d_x_AD))
+        return d_x_TD, d_gate_up, d_down, None, None, d_gate_A, None, None
+
+
+def _expert_rows(counts: list[int], order_A: torch.Tensor):
+    """(expert, the ids of its assignments) for every expert with any."""
+    for e, (start, end) in _groups(counts):
+        yield e, order_A[start:end]
 
 
 def _groups(counts: list[int]):
@@ -75,15 +122,15 @@ def _groups(counts: list[int]):
         start += n
 
 
-def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Rows of x grouped by expert (counts_E rows each, in expert order) times their expert's matrix."""
+    return torch._grouped_mm(x_AK, w_EKN, offs=counts_E.cumsum(0).to(torch.int32))
+
+
+def resolve_impl(impl: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
     if impl == "auto":
-        impl = "grouped" if x_AK.device.type == "cuda" and has_grouped_mm(x_AK.device) and _aligned(x_AK, w_EKN) \
-            else "loop"
-    if impl == "grouped":
-        offsets_E = counts_E.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_AK, w_EKN, offs=offsets_E)
-    return LoopGroupedMatmul.apply(x_AK, w_EKN, counts_E.tolist())
+        return "grouped" if x.device.type == "cuda" and has_grouped_mm(x.device) and _aligned(x, w_EKN) else "loop"
+    return impl
 
 
 def _aligned(x_AK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
@@ -111,29 +158,6 @@ class GatherTopK(torch.autograd.Function):
         return d_AD.index_select(0, inverse_A).view(-1, ctx.k, d_AD.shape[-1]).sum(1), None, None, None
 
 
-class SumTopK(torch.autograd.Function):
-    """The adjoint of GatherTopK: rows in expert order summed back onto their tokens, each scaled by its
-    gate when weight_TK is given (one batched matmul per token: sum_k w_tk y_tk)."""
-
-    @staticmethod
-    def forward(ctx, y_AD, weight_TK, order_A, inverse_A, k: int):
-        y_TKD = y_AD.index_select(0, inverse_A).view(-1, k, y_AD.shape[-1])
-        ctx.save_for_backward(order_A, weight_TK, y_TKD if weight_TK is not None else None)
-        ctx.k = k
-        if weight_TK is None:
-            return y_TKD.sum(1)
-        return torch.bmm(weight_TK.to(y_AD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-
-    @staticmethod
-    def backward(ctx, d_TD):
-        order_A, weight_TK, y_TKD = ctx.saved_tensors
-        if weight_TK is None:
-            return d_TD.index_select(0, order_A // ctx.k), None, None, None, None
-        d_TKD = weight_TK.to(d_TD.dtype)[:, :, None] * d_TD[:, None, :]
-        d_weight_TK = torch.bmm(y_TKD, d_TD.unsqueeze(2)).squeeze(2).to(weight_TK.dtype)
-        return d_TKD.view(-1, d_TD.shape[-1]).index_select(0, order_A), d_weight_TK, None, None, None
-
-
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
@@ -149,7 +173,6 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     k_per_token: set when the assignments are token-major with exactly k per token (token choice without
     dropping), which allows a gather-only permutation; otherwise a gather and a scatter-add."""
     order_A, counts_E = sort_by_expert(expert_A, w_gate_up_ED2F.shape[0])
-    token_sorted_A = token_A[order_A]
     compute_dtype = _autocast_dtype(x_TD)  # our grouped matmuls are not autocast ops: cast as autocast would
     if compute_dtype is not None:
         x_TD = x_TD.to(compute_dtype)
@@ -158,16 +181,36 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     # The gate multiplies either the hidden activation (A x F) or, in the combine, the output (A x D):
     # the same sum, done on the smaller of the two (fine-grained experts have F < D).
     gate_in_combine = bool(k_per_token) and D < F
+    if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop":
+        gate_A = None if gate_in_combine else weight_A
+        y_AD = ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts_E.tolist(),
+                                   k_per_token)
+    else:
+        y_AD = _grouped_swiglu(x_TD, token_A, order_A, counts_E, None if gate_in_combine else weight_A,
+                               w_gate_up_ED2F, w_down_EFD, k_per_token)
+    y_AD = y_AD.to(x_TD.dtype)
+    if k_per_token:  # rows token-major: each token's k outputs are adjacent
+        y_TKD = y_AD.view(-1, k_per_token, D)
+        if not gate_in_combine:
+            return y_TKD.sum(1)
+        return torch.bmm(weight_A.view(-1, 1, k_per_token).to(y_AD.dtype), y_TKD).squeeze(1)
+    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+
+
+def _grouped_swiglu(x_TD, token_A, order_A, counts_E, gate_A, w_gate_up_ED2F, w_down_EFD, k_per_token):
+    """The experts as two torch._grouped_mm calls over rows sorted by expert (CUDA), outputs in assignment order."""
+    token_sorted_A = token_A[order_A]
     if k_per_token:
         inverse_A = torch.empty_like(order_A)
         inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
         x_AD = GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token)
     else:
+        inverse_A = None
         x_AD = x_TD.index_select(0, token_sorted_A)
-    h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
-    act_AF = swiglu_activation(h_A2F, None if gate_in_combine else weight_A[order_A])
-    y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)
-    if k_per_token:
-        weight_TK = weight_A.view(-1, k_per_token) if gate_in_combine else None
-        return SumTopK.apply(y_AD, weight_TK, order_A, inverse_A, k_per_token)
-    return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)
+    h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E)
+    act_AF = swiglu_activation(h_A2F, None if gate_A is None else gate_A[order_A])
+    y_sorted_AD = grouped_matmul(act_AF, w_down_EFD, counts_E)
+    if inverse_A is None:
+        inverse_A = torch.empty_like(order_A)
+        inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+    return y_sorted_AD.index_select(0, inverse_A)
