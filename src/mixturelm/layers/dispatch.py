@@ -8,8 +8,9 @@ Dropless: each expert computes exactly the tokens it was given.
 Dimension letters: T tokens, D d_model, E experts, F expert hidden size, A assignments.
 
 Implementations of the grouped matmul (`impl`):
-- "loop": one autograd node that runs one matmul per expert with tokens, writing into preallocated
-  outputs (forward and backward), so no cat/stack copies; the counts go to the host once per layer;
+- "loop": one custom op (torch.library, so torch.compile sees it whole) that runs one matmul per expert
+  with tokens, writing into preallocated outputs (forward and backward), so no cat/stack copies; the
+  counts go to the host in each call;
 - "grouped": torch._grouped_mm, one call for all experts (CPU since torch 2.9; CUDA sm90+);
 - "auto": "grouped" on CUDA where torch has it, "loop" on CPU, where `mixturelm bench moe` measured
   it faster (torch 2.13's CPU _grouped_mm runs its per-expert products about 30 % slower).
@@ -35,36 +36,61 @@ def has_grouped_mm(device: torch.device) -> bool:
 def sort_by_expert(expert_A: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The permutation that groups assignments by expert (stable), and the count of each expert."""
     order_A = torch.argsort(expert_A, stable=True)
-    counts_E = torch.bincount(expert_A, minlength=n_experts)
+    # a scatter-add, not bincount: bincount's length depends on the data, which torch.compile cannot trace
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=expert_A.device).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A))
     return order_A, counts_E
 
 
-class LoopGroupedMatmul(torch.autograd.Function):
+# The "loop" grouped matmul is a custom op (torch.library), not an autograd.Function: its per-expert row
+# ranges come from the counts on the host (.tolist()), a data-dependent step that torch.compile cannot trace
+# (a graph break per call). As an op it is opaque to compile, which needs only the output shapes (fake).
+
+@torch.library.custom_op("mixturelm::loop_grouped_mm", mutates_args=())
+def loop_grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """out[rows of e] = x[rows of e] @ w[e], one matmul per expert, each written in place (no cat/stack)."""
+    out_AN = x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
+    for e, (start, end) in _groups(counts_E.tolist()):
+        torch.mm(x_AK[start:end], w_EKN[e], out=out_AN[start:end])
+    return out_AN
 
-    @staticmethod
-    def forward(ctx, x_AK: torch.Tensor, w_EKN: torch.Tensor, counts: list[int]):
-        ctx.save_for_backward(x_AK, w_EKN)
-        ctx.counts = counts
-        out_AN = x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
-        for e, (start, end) in _groups(counts):
-            torch.mm(x_AK[start:end], w_EKN[e], out=out_AN[start:end])
-        return out_AN
 
-    @staticmethod
-    def backward(ctx, d_out_AN: torch.Tensor):
-        x_AK, w_EKN = ctx.saved_tensors
-        d_x = x_AK.new_empty(x_AK.shape) if ctx.needs_input_grad[0] else None
-        d_w = torch.empty_like(w_EKN) if ctx.needs_input_grad[1] else None
-        if d_w is not None:
-            d_w[[e for e, n in enumerate(ctx.counts) if n == 0]] = 0  # only experts without tokens need zeros
-        d_out_AN = d_out_AN.contiguous()
-        for e, (start, end) in _groups(ctx.counts):
-            if d_x is not None:
-                torch.mm(d_out_AN[start:end], w_EKN[e].t(), out=d_x[start:end])
-            if d_w is not None:
-                torch.mm(x_AK[start:end].t(), d_out_AN[start:end], out=d_w[e])
-        return d_x, d_w, None
+@loop_grouped_mm.register_fake
+def _(x_AK, w_EKN, counts_E):
+    return x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("mixturelm::loop_grouped_mm_backward", mutates_args=())
+def loop_grouped_mm_backward(d_out_AN: torch.Tensor, x_AK: torch.Tensor, w_EKN: torch.Tensor,
+                             counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x, d w) of loop_grouped_mm, each expert's block written in place."""
+    counts = counts_E.tolist()
+    d_x, d_w = x_AK.new_empty(x_AK.shape), torch.empty_like(w_EKN)
+    d_w[[e for e, n in enumerate(counts) if n == 0]] = 0  # only experts without tokens need zeros
+    d_out_AN = d_out_AN.contiguous()
+    for e, (start, end) in _groups(counts):
+        torch.mm(d_out_AN[start:end], w_EKN[e].t(), out=d_x[start:end])
+        torch.mm(x_AK[start:end].t(), d_out_AN[start:end], out=d_w[e])
+    return d_x, d_w
+
+
+@loop_grouped_mm_backward.register_fake
+def _(d_out_AN, x_AK, w_EKN, counts_E):
+    return x_AK.new_empty(x_AK.shape), torch.empty_like(w_EKN)
+
+
+def _loop_grouped_mm_setup(ctx, inputs, output) -> None:
+    x_AK, w_EKN, counts_E = inputs
+    ctx.save_for_backward(x_AK, w_EKN, counts_E)
+
+
+def _loop_grouped_mm_grad(ctx, d_out_AN):
+    x_AK, w_EKN, counts_E = ctx.saved_tensors
+    d_x, d_w = loop_grouped_mm_backward(d_out_AN, x_AK, w_EKN, counts_E)
+    return d_x, d_w, None
+
+
+loop_grouped_mm.register_autograd(_loop_grouped_mm_grad, setup_context=_loop_grouped_mm_setup)
 
 
 def _groups(counts: list[int]):
@@ -83,7 +109,7 @@ def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tens
     if impl == "grouped":
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x_AK, w_EKN, offs=offsets_E)
-    return LoopGroupedMatmul.apply(x_AK, w_EKN, counts_E.tolist())
+    return loop_grouped_mm(x_AK, w_EKN, counts_E)
 
 
 def _aligned(x_AK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
