@@ -19,9 +19,10 @@ from ..presets import get_preset
 DEFAULT_PRESET = "dense-tiny"
 DEFAULT_MAX_STEPS = 200
 MAX_STEPS = 10**9  # a budget beyond this is a typo (years of steps), not a plan
-# what a resumed run may change: the step size (to go on after a divergence) and how often it logs,
-# evaluates and checkpoints; anything else would make it another run
-RESUME_CHANGES = ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts")
+# what a resumed run may change: the step size (to go on after a divergence), how often it logs,
+# evaluates and checkpoints, and whether torch.compile runs it (the same step either way); anything else
+# would make it another run
+RESUME_CHANGES = ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts", "compile")
 
 
 @dataclass
