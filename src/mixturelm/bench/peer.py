@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..files import machine
 from ..layers.peer import PEER
 from ..runtime import steady_allocator
+from ..training.compiling import compiled
 from .timing import (
     check_config,
     copy_bandwidth,
@@ -44,6 +45,7 @@ class PEERBenchConfig:
     d_key: int = 128  # query / key size
     no_peer: bool = False  # time ours alone (no PEER-pytorch)
     threads: int | None = None  # torch threads; None: all cores
+    compile: bool = False  # also time a torch.compile'd copy of ours (its retrieval compiled, tables eager)
     out: str | None = None  # also write results.json there
     overwrite: bool = False  # replace an earlier benchmark's results in out
 
@@ -124,6 +126,8 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     x = torch.randn(1, cfg.tokens, cfg.d_model, requires_grad=True)
     grad = torch.randn(1, cfg.tokens, cfg.d_model)
     modules = {name: build() for name, build in builders.items()}
+    if cfg.compile:  # compiled in the untimed warm-up
+        modules["mixturelm PEER (compiled)"] = compiled(builders["mixturelm PEER"]())
     params = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in modules.items()}
     moved = peer_expert_bytes(modules["mixturelm PEER"], x)
     times = time_alternating({name: fwd_bwd(m, x, grad) for name, m in modules.items()}, cfg.steps, cfg.rounds)
@@ -133,7 +137,7 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
               "dtype": "fp32", "copy_bytes_per_s": bandwidth, "expert_rows": moved, "contenders": {}}
     for name, ts in times.items():
         row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name]}
-        if not cfg.no_memory:
+        if not cfg.no_memory and name in builders:
             row["peak_rss_bytes"], row["peak_above_start_bytes"] = in_fresh_process(_peer_memory_child, name, shape)
         result["contenders"][name] = row
     ours = result["contenders"]["mixturelm PEER"]
@@ -155,11 +159,11 @@ def print_peer(r: dict) -> None:
     print(machine_line(m))
     print(f"PEER: N={s['n_experts']:,} experts, d_model {s['d_model']}, {s['heads']} heads x top-{s['top_k']}, "
           f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, forward + backward")
-    print(f"  {'':<18}{'fwd+bwd s':>10}{'params MB':>11}{'peak RSS MB':>13}{'peak above params MB':>22}")
+    print(f"  {'':<27}{'fwd+bwd s':>10}{'params MB':>11}{'peak RSS MB':>13}{'peak above params MB':>22}")
     for name, c in r["contenders"].items():
         mem = (f"{c['peak_rss_bytes'] / 2**20:>13.0f}{c['peak_above_start_bytes'] / 2**20:>22.0f}"
                if "peak_rss_bytes" in c else "")
-        print(f"  {name:<18}{c['fwd_bwd_s']:>10.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
+        print(f"  {name:<27}{c['fwd_bwd_s']:>10.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
     if "speedup_over_peer" in r:
         print(f"ours is {r['speedup_over_peer']:.2f}x faster than PEER-pytorch"
               + (f"; peak memory above the parameters: ours / PEER-pytorch = "
