@@ -329,11 +329,14 @@ def _add_bench(sub) -> None:
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
                         "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
                         "dense model of the same shape (FLOPs, prefill, training step, decoding); peer: one "
-                        "PEER layer against PEER-pytorch and a large copy")
+                        "PEER layer against PEER-pytorch and a large copy; compile: the training step of "
+                        "presets eager against torch.compile'd, with their graph breaks")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
-    p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step)")
-    p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024")
+    p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step), compile: 8")
+    p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024, compile: 128")
+    p.add_argument("--presets", default=None, help="compile: comma-separated presets "
+                                                     "(default dense-tiny,moe-tiny,mod-tiny,peer-debug)")
     p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
     p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
