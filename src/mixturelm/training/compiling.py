@@ -27,9 +27,11 @@ def check_compiler(device: str) -> None:
 
 def compiled(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """The model through torch.compile. Not fullgraph: the breaks left on purpose (PEER's expert tables)
-    split the graph instead of failing; shapes are static in training, so nothing recompiles. backend
-    "aot_eager" traces and differentiates as inductor does but runs the graph eagerly (fast tests)."""
-    return torch.compile(model, backend=backend, dynamic=False)
+    split the graph instead of failing. Shapes are static in training, except after a break whose output
+    size depends on the data (integrated MoDE's no-op choices): there the default (automatic dynamic
+    shapes) recompiles once with a symbolic size, where dynamic=False would recompile at every new size.
+    backend "aot_eager" traces and differentiates as inductor does but runs the graph eagerly (fast tests)."""
+    return torch.compile(model, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------
