@@ -43,6 +43,7 @@ from ..errors import UsageError, positive_ints
 from . import kernels
 from .auxiliary import Aux
 
+
 def _plain_dispatch() -> bool:
     """No dispatch mode (FlopCounterMode, fake tensors) must see the torch ops, so the fused kernels may run.
     Under torch.compile the kernels are custom ops with fake implementations: no need to ask (nor can
@@ -166,8 +167,9 @@ class BagSum(torch.autograd.Function):
 
 def gather_dot(x_TD, table_ND, ids_TJ, rows: Rows | None = None, sparse: bool = False) -> torch.Tensor:
     if torch.compiler.is_compiling() and not sparse:
-        # under torch.compile (the sub-key scores: the expert tables run eagerly, PEER._experts) plain ops,
-        # which compile fuses; GatherDot's backward groups rows by id, a shape only the data knows
+        # Under torch.compile (reached by the sub-key scores only: the expert tables run eagerly, in
+        # PEER._experts), plain ops, which compile fuses: GatherDot's backward groups the rows by id, a shape
+        # only the data knows
         return torch.bmm(table_ND[ids_TJ], x_TD.to(table_ND.dtype)[:, :, None]).squeeze(-1)
     return GatherDot.apply(x_TD, table_ND, ids_TJ, rows, sparse)
 

@@ -29,11 +29,11 @@ from ..files import write_json_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
 from ..runtime import steady_allocator
+from .compiling import check_compiler, compiled
 from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
 from .metrics import METRICS_FILE, Metrics, last_record, truncate_records
 from .optim import Optimizers
-from .compiling import check_compiler, compiled
 from .run import RESUME_CHANGES, RunConfig, check_memory, run_folder, steps_in_budget, train_flops_per_step
 from .summary import describe_summary, run_summary
 
@@ -154,8 +154,9 @@ class Trainer:
         path = self.out_dir / checkpoint.CONFIG_FILE
         saved = json.loads(path.read_text())["train"]
         now = self.cfg.train.to_dict()
-        default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # configs saved before a field
-        changed = {k: (saved.get(k, default[k]), now[k]) for k in RESUME_CHANGES if saved.get(k, default[k]) != now[k]}
+        default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a config saved before a field
+        before = {k: saved.get(k, default[k]) for k in RESUME_CHANGES}
+        changed = {k: (before[k], now[k]) for k in RESUME_CHANGES if before[k] != now[k]}
         if changed:
             self.log("the resumed run changes " + ", ".join(f"TrainConfig.{k} {a} -> {b}" for k, (a, b) in changed.items()))
             write_json_atomic(path, self.cfg.to_dict())
