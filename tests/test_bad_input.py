@@ -156,6 +156,7 @@ CASES = [
     (["bench", "moe", "--out", "{file}"], "is a file"),
     (["bench", "moe", "--out", "{run2}"], "holds a training run"),
     (["bench", "moe", "--out", "{old_compare}", "--overwrite"], "left alone"),
+    (["bench", "compile", "--presets", "dense-debug,nope"], "unknown preset(s) nope"),
     # compare
     (["compare", "--flops", "1e30", "--out", "{new}"], "--flops 1e+30 gives"),
     (["compare", "--flops", "nan", "--out", "{new}"], "--flops"),

@@ -51,3 +51,23 @@ def test_bench_peer_smoke(tmp_path):
     assert saved["expert_rows"]["pairs"] == 32 * 2 * 4
     assert result["contenders"]["mixturelm PEER"]["fwd_bwd_s"] > 0 and result["copy_bytes_per_s"] > 0
     assert no_peer or result["speedup_over_peer"] > 0
+
+
+@pytest.mark.slow
+def test_bench_compile_smoke(tmp_path):
+    from mixturelm.bench import CompileBenchConfig, bench_compile
+
+    result = bench_compile(CompileBenchConfig(steps=1, rounds=1, presets="dense-debug,peer-debug", batch_size=2,
+                                              seq_len=16, out=str(tmp_path)))
+    assert set(result["presets"]) == {"dense-debug", "peer-debug"}
+    assert result["presets"]["dense-debug"]["graph_breaks"] == []
+    assert all(r["speedup"] > 0 for r in result["presets"].values())
+
+
+@pytest.mark.slow
+def test_bench_moe_and_peer_compile_smoke(tmp_path):
+    moe = bench_moe(MoEBenchConfig(steps=1, rounds=1, tokens=64, no_memory=True, compile=True))
+    assert all(s["contenders"]["mixturelm MoE (compiled)"]["fwd_bwd_s"] > 0 for s in moe["shapes"].values())
+    peer = bench_peer(PEERBenchConfig(steps=1, rounds=1, tokens=32, no_memory=True, no_peer=True, compile=True,
+                                      n_experts=64 * 64, d_model=32, heads=2, top_k=4, d_key=16))
+    assert peer["contenders"]["mixturelm PEER (compiled)"]["fwd_bwd_s"] > 0

@@ -53,6 +53,13 @@ TRAIN_OPTIONS: dict[str, tuple[type, str]] = {
     "val_fraction": (float, "fraction of documents held out for validation"),
 }
 
+# Options of `train` that switch a TrainConfig field on or off (--name, --no-name; not given: the preset's or
+# the resumed run's setting).
+TRAIN_SWITCHES: dict[str, str] = {
+    "compile": "run the training step through torch.compile (evaluation stays eager); --no-compile: eagerly. "
+               "A resumed run may change it",
+}
+
 # Options of `train` that change the preset's model shape (ModelConfig fields).
 MODEL_OPTIONS: dict[str, tuple[type, str]] = {
     "d_model": (int, "model width (overrides the preset)"),
@@ -73,7 +80,7 @@ def _flag(name: str) -> str:
 
 def field_flags() -> dict[str, str]:
     """Every config field the command line sets, by its name in library errors, and its flag."""
-    flags = {f"TrainConfig.{k}": _flag(k) for k in TRAIN_OPTIONS}
+    flags = {f"TrainConfig.{k}": _flag(k) for k in TRAIN_OPTIONS | TRAIN_SWITCHES}
     flags |= {f"ModelConfig.{k}": _flag(k) for k in MODEL_OPTIONS}
     for m in registry.all_mechanisms():
         for flag, option in m.block_options.items():
@@ -153,6 +160,8 @@ def _add_train(sub) -> None:
     options |= {flag: (o.type, o.help) for flag, (m, o) in _block_options().items()}
     for name, (typ, helptext) in options.items():
         p.add_argument(_flag(name), dest=name, type=typ, default=None, help=helptext)
+    for name, helptext in TRAIN_SWITCHES.items():
+        p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
 
 
 def cmd_train(args) -> None:
@@ -172,7 +181,7 @@ def cmd_train(args) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     given = {k: v for k, v in vars(args).items() if v is not None}
-    train = {k: given[k] for k in TRAIN_OPTIONS | _train_flags() if k in given}
+    train = {k: given[k] for k in TRAIN_OPTIONS | TRAIN_SWITCHES | _train_flags() if k in given}
     model = {k: given[k] for k in MODEL_OPTIONS if k in given}
     blocks: dict[str, dict] = {}
     for flag, (m, o) in _block_options().items():
@@ -323,11 +332,14 @@ def _add_bench(sub) -> None:
                    help="train: our dense model against transformers' Llama; moe: one MoE layer against "
                         "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
                         "dense model of the same shape (FLOPs, prefill, training step, decoding); peer: one "
-                        "PEER layer against PEER-pytorch and a large copy")
+                        "PEER layer against PEER-pytorch and a large copy; compile: the training step of "
+                        "presets eager against torch.compile'd, with their graph breaks")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
-    p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step)")
-    p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024")
+    p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step), compile: 8")
+    p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024, compile: 128")
+    p.add_argument("--presets", default=None, help="compile: comma-separated presets "
+                                                     "(default dense-tiny,moe-tiny,mod-tiny,peer-debug)")
     p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
     p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -339,6 +351,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--top-k", type=int, default=16, help="peer: experts per head")
     p.add_argument("--d-key", type=int, default=128, help="peer: query / key size")
     p.add_argument("--no-peer", action="store_true", help="peer: time ours alone (no PEER-pytorch)")
+    p.add_argument("--compile", action="store_true",
+                   help="train, moe, peer: also time a torch.compile'd copy of ours (compile time not counted); "
+                        "mod: the training step of both models compiled")
     p.add_argument("--out", help="also write results.json into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier benchmark's results in --out")
 

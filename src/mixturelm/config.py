@@ -240,6 +240,7 @@ class TrainConfig:
     keep_ckpts: int = 2
     seed: int = 0
     dtype: str = "fp32"  # fp32, or bf16 autocast
+    compile: bool = False  # the training step's model through torch.compile (how it runs, not what it learns)
     data: str | None = None  # None: the default corpus (the Python standard library's source)
     tokenizer: str = "bytes"  # bytes, or bpe:VOCAB
     text_field: str = "text"  # the field read from .jsonl records
@@ -269,6 +270,8 @@ class TrainConfig:
             raise UsageError(f"TrainConfig.schedule={self.schedule!r} is unknown; choose cosine or wsd")
         if not 0 <= self.decay_fraction <= 1:
             raise UsageError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if not isinstance(self.compile, bool):
+            raise UsageError(f"TrainConfig.compile must be True or False, got {self.compile!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise UsageError(f"TrainConfig.dtype={self.dtype!r} is unknown; choose fp32 or bf16")
         if not 0 < self.val_fraction < 1:

@@ -100,6 +100,14 @@ def _grouped_mm_flops(mat_a, mat_b, *args, out_shape=None, **kwargs) -> int:
     return 2 * n_out * mat_a[-1]
 
 
+def _loop_grouped_mm_flops(x_AK, w_EKN, counts_E, out_shape=None, **kwargs) -> int:
+    return 2 * x_AK[0] * x_AK[1] * w_EKN[-1]  # each row times its one expert's matrix
+
+
+def _loop_grouped_mm_backward_flops(d_out_AN, x_AK, w_EKN, counts_E, out_shape=None, **kwargs) -> int:
+    return 2 * _loop_grouped_mm_flops(x_AK, w_EKN, counts_E)  # d x and d w, each the forward's size
+
+
 def _embedding_bag_flops(weight, indices, *args, out_shape=None, **kwargs) -> int:
     n = 1
     for s in indices:
@@ -109,8 +117,11 @@ def _embedding_bag_flops(weight, indices, *args, out_shape=None, **kwargs) -> in
 
 def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
     """torch's FlopCounterMode, taught what it does not count in torch 2.13: the CPU flash-attention
-    kernel, torch._grouped_mm (grouped expert matmuls) and EmbeddingBag (row-wise expert tables)."""
+    kernel, torch._grouped_mm (grouped expert matmuls), EmbeddingBag (row-wise expert tables), and
+    mixturelm's own loop grouped matmul (a custom op: the counter sees it whole, not its matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from .layers import dispatch  # noqa: F401 (registers the mixturelm:: ops named below)
 
     aten = torch.ops.aten
     mapping = {
@@ -119,6 +130,8 @@ def flop_counter(**kwargs) -> torch.utils.flop_counter.FlopCounterMode:
         aten._grouped_mm: _grouped_mm_flops,
         aten._embedding_bag: _embedding_bag_flops,
         aten._embedding_bag_forward_only: _embedding_bag_flops,
+        torch.ops.mixturelm.loop_grouped_mm: _loop_grouped_mm_flops,
+        torch.ops.mixturelm.loop_grouped_mm_backward: _loop_grouped_mm_backward_flops,
     }
     return FlopCounterMode(display=False, custom_mapping=mapping, **kwargs)
 

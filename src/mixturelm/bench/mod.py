@@ -18,6 +18,7 @@ from ..flops import flop_counter, forward_flops_per_token
 from ..layers.mod import MoD, MoDConfig
 from ..model import MixtureLM
 from ..runtime import steady_allocator
+from ..training.compiling import compiled
 from .timing import check_config, machine_line, prepare, save_results, time_alternating, train_step_fn
 
 MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
@@ -33,6 +34,7 @@ class MoDBenchConfig:
     capacity: float = 0.125  # fraction of tokens entering a routed block
     decode_tokens: int = 64  # tokens decoded per round, batch 1 and 8
     threads: int | None = None  # torch threads; None: all cores
+    compile: bool = False  # the training step of both models through torch.compile (prefill, decoding eager)
     out: str | None = None  # also write results.json there
     overwrite: bool = False  # replace an earlier benchmark's results in out
 
@@ -134,9 +136,11 @@ def bench_mod(cfg: MoDBenchConfig, command: str = "") -> dict:
     times = time_alternating({n: prefill(m) for n, m in models.items()}, cfg.steps, cfg.rounds, warmup=1)
     rows[f"prefill {seq_len} tokens, batch 1 (s)"] = {n: statistics.median(t) for n, t in times.items()}
     train_batch = torch.randint(0, 257, (batch, seq_len + 1))
-    steps = {n: train_step_fn(m.train(), lambda x, m=m: m(x).logits, train_batch) for n, m in models.items()}
-    times = time_alternating(steps, cfg.steps, cfg.rounds, warmup=1)
-    rows[f"training step, {batch} x {seq_len} tokens (s)"] = {n: statistics.median(t) for n, t in times.items()}
+    forwards = {n: compiled(m) if cfg.compile else m for n, m in models.items()}  # compiled in the warm-up
+    steps = {n: train_step_fn(m.train(), lambda x, f=forwards[n]: f(x).logits, train_batch) for n, m in models.items()}
+    times = time_alternating(steps, cfg.steps, cfg.rounds, warmup=2 if cfg.compile else 1)
+    step_row = f"training step{', compiled' if cfg.compile else ''}, {batch} x {seq_len} tokens (s)"
+    rows[step_row] = {n: statistics.median(t) for n, t in times.items()}
     for m in models.values():
         m.eval()
     fractions: dict[str, list[float]] = {}

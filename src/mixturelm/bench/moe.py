@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..files import machine
 from ..layers.ffn import SwiGLU
 from ..layers.moe import MoE
+from ..training.compiling import compiled
 from .timing import (
     check_config,
     fwd_bwd,
@@ -39,6 +40,7 @@ class MoEBenchConfig:
     tokens: int = DEFAULT_TOKENS  # tokens per call (None: the default)
     no_memory: bool = False  # skip the peak-memory measurement
     threads: int | None = None  # torch threads; None: all cores
+    compile: bool = False  # also time a torch.compile'd copy of ours (forward + backward only)
     out: str | None = None  # also write results.json there
     overwrite: bool = False  # replace an earlier benchmark's results in out
 
@@ -119,10 +121,12 @@ def bench_moe(cfg: MoEBenchConfig, command: str = "") -> dict:
         grad = torch.randn(1, tokens, d_model)
         builders = _moe_contenders(n_experts, top_k, d_hidden, d_model)
         steps = {name: fwd_bwd(build(), x, grad) for name, build in builders.items()}
+        if cfg.compile:  # compiled in the untimed warm-up
+            steps["mixturelm MoE (compiled)"] = fwd_bwd(compiled(builders["mixturelm MoE"]()), x, grad)
         times = time_alternating(steps, cfg.steps, cfg.rounds)
         rows = {name: {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts} for name, ts in times.items()}
         if not cfg.no_memory:
-            for name in rows:
+            for name in builders:
                 rows[name]["peak_mem_bytes"] = peak_memory(shape, name, tokens, d_model)
         floor = rows["dense floor"]["fwd_bwd_s"]
         best = min((n for n in rows if n.startswith("Mixtral")), key=lambda n: rows[n]["fwd_bwd_s"])
@@ -149,4 +153,4 @@ def print_moe(r: dict) -> None:
         for name, c in s["contenders"].items():
             mem = f"{c['peak_mem_bytes'] / 2**20:>9.0f}" if "peak_mem_bytes" in c else f"{'':>9}"
             print(f"  {name:<28}{c['fwd_bwd_s']:>10.3f}{c['x_dense_floor']:>9.2f}{c['x_best_mixtral']:>16.2f}{mem}"
-                  f"{c['decode_1_token_s'] * 1e3:>16.3f}")
+                  + (f"{c['decode_1_token_s'] * 1e3:>16.3f}" if "decode_1_token_s" in c else ""))

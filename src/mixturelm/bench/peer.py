@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..files import machine
 from ..layers.peer import PEER
 from ..optim import build_optimizer
+from ..training.compiling import compiled
 from .timing import (
     check_config,
     copy_bandwidth,
@@ -46,6 +47,7 @@ class PEERBenchConfig:
     d_key: int = 128  # query / key size
     no_peer: bool = False  # time ours alone (no PEER-pytorch)
     threads: int | None = None  # torch threads; None: all cores
+    compile: bool = False  # also time a torch.compile'd copy of ours (its retrieval compiled, tables eager)
     out: str | None = None  # also write results.json there
     overwrite: bool = False  # replace an earlier benchmark's results in out
 
@@ -88,7 +90,7 @@ def _peer_contenders(shape: dict) -> dict[str, Callable[[], torch.nn.Module]]:
 def optimizer_for(name: str, module: torch.nn.Module) -> torch.optim.Optimizer:
     """What a user trains each with: ours mixturelm.optim.build_optimizer (row-wise Adam on the tables),
     PEER-pytorch torch's AdamW with its defaults (dense table gradients)."""
-    if name == "mixturelm PEER":
+    if name.startswith("mixturelm"):
         return build_optimizer(module, lr=1e-3, weight_decay=0.0)
     return torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.0)
 
@@ -146,6 +148,8 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     x = torch.randn(1, cfg.tokens, cfg.d_model, requires_grad=True)
     grad = torch.randn(1, cfg.tokens, cfg.d_model)
     modules = {name: build() for name, build in builders.items()}
+    if cfg.compile:  # compiled in the untimed warm-up
+        modules["mixturelm PEER (compiled)"] = compiled(builders["mixturelm PEER"]())
     params = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in modules.items()}
     moved = peer_expert_bytes(modules["mixturelm PEER"], x)
     times = time_alternating({name: fwd_bwd(m, x, grad) for name, m in modules.items()}, cfg.steps, cfg.rounds)
@@ -158,7 +162,7 @@ def bench_peer(cfg: PEERBenchConfig, command: str = "") -> dict:
     for name, ts in times.items():
         row = {"fwd_bwd_s": statistics.median(ts), "all_rounds_s": ts, "param_bytes": params[name],
                "train_step_s": statistics.median(train_times[name]), "train_all_rounds_s": train_times[name]}
-        if not cfg.no_memory:
+        if not cfg.no_memory and name in builders:
             row["peak_rss_bytes"], row["peak_above_start_bytes"], row["start_bytes"] = in_fresh_process(
                 _peer_memory_child, name, shape)
         result["contenders"][name] = row
@@ -183,12 +187,12 @@ def print_peer(r: dict) -> None:
     print(f"PEER: N={s['n_experts']:,} experts, d_model {s['d_model']}, {s['heads']} heads x top-{s['top_k']}, "
           f"d_key {s['d_key']}, {s['tokens']} tokens, fp32, a plain process; training step = forward + backward + "
           "optimizer (ours: mixturelm.optim.build_optimizer; PEER-pytorch: torch.optim.AdamW)")
-    print(f"  {'':<18}{'fwd+bwd s':>10}{'train step s':>14}{'params MB':>11}{'peak RSS MB':>13}"
+    print(f"  {'':<27}{'fwd+bwd s':>10}{'train step s':>14}{'params MB':>11}{'peak RSS MB':>13}"
           f"{'params+moments MB':>19}{'peak above MB':>15}")
     for name, c in r["contenders"].items():
         mem = (f"{c['peak_rss_bytes'] / 2**20:>13.0f}{c['start_bytes'] / 2**20:>19.0f}"
                f"{c['peak_above_start_bytes'] / 2**20:>15.0f}" if "peak_rss_bytes" in c else "")
-        print(f"  {name:<18}{c['fwd_bwd_s']:>10.3f}{c['train_step_s']:>14.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
+        print(f"  {name:<27}{c['fwd_bwd_s']:>10.3f}{c['train_step_s']:>14.3f}{c['param_bytes'] / 2**20:>11.0f}{mem}")
     if "speedup_over_peer" in r:
         print(f"ours is {r['speedup_over_peer']:.2f}x faster than PEER-pytorch in forward + backward, "
               f"{r['train_step_speedup_over_peer']:.2f}x in a training step"

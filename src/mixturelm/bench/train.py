@@ -14,6 +14,7 @@ from ..files import machine
 from ..flops import measure_matmul_flops, train_flops_per_token
 from ..model import MixtureLM
 from ..runtime import steady_allocator
+from ..training.compiling import compiled
 from .timing import check_config, machine_line, prepare, save_results, time_alternating, train_step_fn
 
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 256, 16
@@ -26,6 +27,7 @@ class TrainBenchConfig:
     batch_size: int | None = None  # None: 16
     seq_len: int | None = None  # None: 256
     threads: int | None = None  # torch threads; None: all cores
+    compile: bool = False  # also time a torch.compile'd copy of ours
     out: str | None = None  # also write results.json there
     overwrite: bool = False  # replace an earlier benchmark's results in out
 
@@ -64,6 +66,11 @@ def bench_train(cfg: TrainBenchConfig, command: str = "") -> dict:
         "mixturelm": train_step_fn(ours, lambda x: ours(x).logits, batch),
         "transformers Llama": train_step_fn(peer, lambda x: peer(input_ids=x).logits, batch),
     }
+    if cfg.compile:  # a copy with the same weights; its compilation happens in the untimed warm-up
+        torch.manual_seed(0)
+        copy = MixtureLM(model_cfg)
+        fast = compiled(copy)
+        contenders["mixturelm (compiled)"] = train_step_fn(copy, lambda x: fast(x).logits, batch)
     peak = measure_matmul_flops(seconds=1.0)
     times = time_alternating(contenders, cfg.steps, cfg.rounds)
     flops_per_step = train_flops_per_token(model_cfg, seq_len) * tokens
@@ -78,6 +85,9 @@ def bench_train(cfg: TrainBenchConfig, command: str = "") -> dict:
                                       "step_s_all_rounds": ts}
     ratio = result["contenders"]["mixturelm"]["tok_per_s"] / result["contenders"]["transformers Llama"]["tok_per_s"]
     result["ratio_tok_per_s_ours_over_peer"] = ratio
+    if cfg.compile:
+        result["ratio_tok_per_s_compiled_over_eager"] = (result["contenders"]["mixturelm (compiled)"]["tok_per_s"]
+                                                        / result["contenders"]["mixturelm"]["tok_per_s"])
     print_train(result)
     save_results(out, result)
     return result
@@ -93,3 +103,6 @@ def print_train(r: dict) -> None:
     for name, c in r["contenders"].items():
         print(f"{name:<22}{c['step_s']:>9.3f}{c['tok_per_s']:>11,.0f}{c['mfu']:>7.1%}")
     print(f"ours / Llama tokens/s: {r['ratio_tok_per_s_ours_over_peer']:.3f}x")
+    if "ratio_tok_per_s_compiled_over_eager" in r:
+        print(f"ours compiled (torch.compile, compile time not counted) / eager tokens/s: "
+              f"{r['ratio_tok_per_s_compiled_over_eager']:.3f}x")

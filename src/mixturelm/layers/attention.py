@@ -60,6 +60,10 @@ def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: tor
     """out = x rotated by (cos, sin), written in place: no torch.cat, no temporaries of x's size."""
     half = x.shape[-1] // 2
     x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    if torch.compiler.is_compiling():  # torch.compile refuses out= into a strided view (a graph break);
+        o1.copy_(x1 * cos - x2 * sin)  # it fuses these into one kernel anyway
+        o2.copy_(x2 * cos + x1 * sin)
+        return out
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
     torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
     return out

@@ -7,9 +7,12 @@ Dropless: each expert computes exactly the tokens it was given.
 
 Dimension letters: T tokens, D d_model, E experts, F expert hidden size, A assignments.
 
-Implementations of the grouped matmul (`impl`):
-- "loop": one autograd node (ExpertsSwiGLU) that runs each expert's whole SwiGLU on its rows, one expert at a
-  time, forward and backward; the counts go to the host once per layer;
+Implementations (`impl`):
+- "loop": in eager mode one autograd node (ExpertsSwiGLU) that runs each expert's whole SwiGLU on its rows,
+  one expert at a time, forward and backward, so that no layer-sized intermediate is allocated (see its
+  docstring for why); the counts go to the host once per layer. Under torch.compile, which cannot trace a
+  loop whose length is data, the two projections are instead each one custom op (torch.library) running
+  one matmul per expert, and the activation and gathers around them are compiled;
 - "grouped": torch._grouped_mm, one call for all experts (CPU since torch 2.9; CUDA sm90+);
 - "auto": "grouped" on CUDA where torch has it, "loop" on CPU, where `mixturelm bench moe` measured
   it faster (torch 2.13's CPU _grouped_mm runs its per-expert products about 30 % slower).
@@ -36,8 +39,61 @@ def has_grouped_mm(device: torch.device) -> bool:
 def sort_by_expert(expert_A: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The permutation that groups assignments by expert (stable), and the count of each expert."""
     order_A = torch.argsort(expert_A, stable=True)
-    counts_E = torch.bincount(expert_A, minlength=n_experts)
+    # a scatter-add, not bincount: bincount's length depends on the data, which torch.compile cannot trace
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=expert_A.device).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A))
     return order_A, counts_E
+
+
+# The "loop" grouped matmul is a custom op (torch.library), not an autograd.Function: its per-expert row
+# ranges come from the counts on the host (.tolist()), a data-dependent step that torch.compile cannot trace
+# (a graph break per call). As an op it is opaque to compile, which needs only the output shapes (fake).
+
+@torch.library.custom_op("mixturelm::loop_grouped_mm", mutates_args=())
+def loop_grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """out[rows of e] = x[rows of e] @ w[e], one matmul per expert, each written in place (no cat/stack)."""
+    out_AN = x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
+    for e, (start, end) in _groups(counts_E.tolist()):
+        torch.mm(x_AK[start:end], w_EKN[e], out=out_AN[start:end])
+    return out_AN
+
+
+@loop_grouped_mm.register_fake
+def _(x_AK, w_EKN, counts_E):
+    return x_AK.new_empty(x_AK.shape[0], w_EKN.shape[-1])
+
+
+@torch.library.custom_op("mixturelm::loop_grouped_mm_backward", mutates_args=())
+def loop_grouped_mm_backward(d_out_AN: torch.Tensor, x_AK: torch.Tensor, w_EKN: torch.Tensor,
+                             counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d x, d w) of loop_grouped_mm, each expert's block written in place."""
+    counts = counts_E.tolist()
+    d_x, d_w = x_AK.new_empty(x_AK.shape), torch.empty_like(w_EKN)
+    d_w[[e for e, n in enumerate(counts) if n == 0]] = 0  # only experts without tokens need zeros
+    d_out_AN = d_out_AN.contiguous()
+    for e, (start, end) in _groups(counts):
+        torch.mm(d_out_AN[start:end], w_EKN[e].t(), out=d_x[start:end])
+        torch.mm(x_AK[start:end].t(), d_out_AN[start:end], out=d_w[e])
+    return d_x, d_w
+
+
+@loop_grouped_mm_backward.register_fake
+def _(d_out_AN, x_AK, w_EKN, counts_E):
+    return x_AK.new_empty(x_AK.shape), torch.empty_like(w_EKN)
+
+
+def _loop_grouped_mm_setup(ctx, inputs, output) -> None:
+    x_AK, w_EKN, counts_E = inputs
+    ctx.save_for_backward(x_AK, w_EKN, counts_E)
+
+
+def _loop_grouped_mm_grad(ctx, d_out_AN):
+    x_AK, w_EKN, counts_E = ctx.saved_tensors
+    d_x, d_w = loop_grouped_mm_backward(d_out_AN, x_AK, w_EKN, counts_E)
+    return d_x, d_w, None
+
+
+loop_grouped_mm.register_autograd(_loop_grouped_mm_grad, setup_context=_loop_grouped_mm_setup)
 
 
 class ExpertsSwiGLU(torch.autograd.Function):
@@ -122,15 +178,18 @@ def _groups(counts: list[int]):
         start += n
 
 
-def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert (counts_E rows each, in expert order) times their expert's matrix."""
-    return torch._grouped_mm(x_AK, w_EKN, offs=counts_E.cumsum(0).to(torch.int32))
-
-
 def resolve_impl(impl: str, x: torch.Tensor, w_EKN: torch.Tensor) -> str:
     if impl == "auto":
         return "grouped" if x.device.type == "cuda" and has_grouped_mm(x.device) and _aligned(x, w_EKN) else "loop"
     return impl
+
+
+def grouped_matmul(x_AK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+    """Rows of x grouped by expert (counts_E rows each, in expert order) times their expert's matrix."""
+    if resolve_impl(impl, x_AK, w_EKN) == "grouped":
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_AK, w_EKN, offs=offsets_E)
+    return loop_grouped_mm(x_AK, w_EKN, counts_E)
 
 
 def _aligned(x_AK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
@@ -158,6 +217,29 @@ class GatherTopK(torch.autograd.Function):
         return d_AD.index_select(0, inverse_A).view(-1, ctx.k, d_AD.shape[-1]).sum(1), None, None, None
 
 
+class SumTopK(torch.autograd.Function):
+    """The adjoint of GatherTopK: rows in expert order summed back onto their tokens, each scaled by its
+    gate when weight_TK is given (one batched matmul per token: sum_k w_tk y_tk)."""
+
+    @staticmethod
+    def forward(ctx, y_AD, weight_TK, order_A, inverse_A, k: int):
+        y_TKD = y_AD.index_select(0, inverse_A).view(-1, k, y_AD.shape[-1])
+        ctx.save_for_backward(order_A, weight_TK, y_TKD if weight_TK is not None else None)
+        ctx.k = k
+        if weight_TK is None:
+            return y_TKD.sum(1)
+        return torch.bmm(weight_TK.to(y_AD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, d_TD):
+        order_A, weight_TK, y_TKD = ctx.saved_tensors
+        if weight_TK is None:
+            return d_TD.index_select(0, order_A // ctx.k), None, None, None, None
+        d_TKD = weight_TK.to(d_TD.dtype)[:, :, None] * d_TD[:, None, :]
+        d_weight_TK = torch.bmm(y_TKD, d_TD.unsqueeze(2)).squeeze(2).to(weight_TK.dtype)
+        return d_TKD.view(-1, d_TD.shape[-1]).index_select(0, order_A), d_weight_TK, None, None, None
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
@@ -181,36 +263,27 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     # The gate multiplies either the hidden activation (A x F) or, in the combine, the output (A x D):
     # the same sum, done on the smaller of the two (fine-grained experts have F < D).
     gate_in_combine = bool(k_per_token) and D < F
-    if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop":
-        gate_A = None if gate_in_combine else weight_A
-        y_AD = ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts_E.tolist(),
-                                   k_per_token)
-    else:
-        y_AD = _grouped_swiglu(x_TD, token_A, order_A, counts_E, None if gate_in_combine else weight_A,
-                               w_gate_up_ED2F, w_down_EFD, k_per_token)
-    y_AD = y_AD.to(x_TD.dtype)
-    if k_per_token:  # rows token-major: each token's k outputs are adjacent
-        y_TKD = y_AD.view(-1, k_per_token, D)
+    if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop" and not torch.compiler.is_compiling():
+        y_AD = ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A,
+                                   None if gate_in_combine else weight_A, counts_E.tolist(), k_per_token)
+        y_AD = y_AD.to(x_TD.dtype)
+        if not k_per_token:
+            return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        y_TKD = y_AD.view(-1, k_per_token, D)  # rows token-major: each token's k outputs are adjacent
         if not gate_in_combine:
             return y_TKD.sum(1)
         return torch.bmm(weight_A.view(-1, 1, k_per_token).to(y_AD.dtype), y_TKD).squeeze(1)
-    return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
-
-
-def _grouped_swiglu(x_TD, token_A, order_A, counts_E, gate_A, w_gate_up_ED2F, w_down_EFD, k_per_token):
-    """The experts as two torch._grouped_mm calls over rows sorted by expert (CUDA), outputs in assignment order."""
     token_sorted_A = token_A[order_A]
     if k_per_token:
         inverse_A = torch.empty_like(order_A)
         inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
         x_AD = GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token)
     else:
-        inverse_A = None
         x_AD = x_TD.index_select(0, token_sorted_A)
-    h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E)
-    act_AF = swiglu_activation(h_A2F, None if gate_A is None else gate_A[order_A])
-    y_sorted_AD = grouped_matmul(act_AF, w_down_EFD, counts_E)
-    if inverse_A is None:
-        inverse_A = torch.empty_like(order_A)
-        inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    return y_sorted_AD.index_select(0, inverse_A)
+    h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
+    act_AF = swiglu_activation(h_A2F, None if gate_in_combine else weight_A[order_A])
+    y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)
+    if k_per_token:
+        weight_TK = weight_A.view(-1, k_per_token) if gate_in_combine else None
+        return SumTopK.apply(y_AD, weight_TK, order_A, inverse_A, k_per_token)
+    return torch.zeros_like(x_TD).index_add_(0, token_sorted_A, y_AD)

@@ -36,6 +36,8 @@ class SwiGLUActivation(torch.autograd.Function):
                 wide = torch.promote_types(gu.dtype, torch.float32)
                 d_scale = (d_out.to(wide) * silu_gate.to(wide) * up.to(wide)).sum(-1).to(scale.dtype)
             d_out = d_out * scale[..., None].to(d_out.dtype)
+        if torch.compiler.is_compiling():  # out= into a strided view is a graph break; compile fuses this
+            return torch.cat([torch.ops.aten.silu_backward(d_out * up, gate), silu_gate * d_out], -1), d_scale
         d_gu = torch.empty_like(gu)
         torch.ops.aten.silu_backward.grad_input(d_out * up, gate, grad_input=d_gu[..., :f])
         torch.mul(silu_gate, d_out, out=d_gu[..., f:])

@@ -8,7 +8,8 @@ apart at random in a table of gigabytes), and parallelises over tokens with Open
 k values per row in a sorted array (one comparison for most scores), where torch.topk partially
 sorts each row and the candidate stage would take ten more ops.
 
-It is plain C called through ctypes, so it needs only a C compiler (`cc`, found on first use and
+It is plain C called through ctypes (each function registered as a custom op, mixturelm::peer_*, so that
+torch.compile keeps it whole), so it needs only a C compiler (`cc`, found on first use and
 built into $MIXTURELM_CACHE/kernels, ~1 s); where there is none, or on CUDA, or with
 MIXTURELM_PEER_KERNEL=0, PEER uses the PyTorch ops instead (same results, tested both ways).
 The library links libgomp by its soname, so it joins the OpenMP runtime that torch has loaded.
@@ -217,15 +218,28 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
+@torch.compiler.assume_constant_result
+def _available() -> bool:
+    """Whether the kernel library loaded: a constant to torch.compile, which must not trace the build."""
+    return library() is not None
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     return (all(t.device.type == "cpu" for t in tensors) and tensors[0].dtype in (torch.float32, torch.float64)
-            and library() is not None)
+            and _available())
 
 
-def gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
-    """out_tj = table[ids_tj] . x_t for contiguous CPU float32/float64 tensors (ids int64, in range)."""
-    table_ND, ids_TJ = table_ND.contiguous(), ids_TJ.contiguous()
-    x_TD = x_TD.to(table_ND.dtype).contiguous()
+# Each kernel is a custom op (torch.library, namespace mixturelm) with a fake implementation that gives the
+# output shapes: torch.compile cannot trace a ctypes call (it would hand it fake tensors without storage),
+# but it keeps an op whole in its graph. Eager calls skip the dispatcher (about 10 us a call, ~1 % of a
+# small PEER step) and run the kernel function itself. The kernels take contiguous tensors; the wrappers
+# below make them so.
+
+def _call(op, kernel, *args):
+    return op(*args) if torch.compiler.is_compiling() else kernel(*args)
+
+
+def _gather_dot_kernel(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
     T, J = ids_TJ.shape
     out = torch.empty(T, J, dtype=table_ND.dtype)
     fn = library().gather_dot_f32 if table_ND.dtype == torch.float32 else library().gather_dot_f64
@@ -234,10 +248,21 @@ def gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor)
     return out
 
 
-def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact product-key top-k from the two halves' sub-key scores (2, H, T, S), in one pass per
-    (token, head): sub-key ids a, b, each (T, H, k), best first. k <= 64."""
-    scores_2HTS = scores_2HTS.contiguous()
+_gather_dot_op = torch.library.custom_op("mixturelm::peer_gather_dot", _gather_dot_kernel, mutates_args=())
+
+
+@_gather_dot_op.register_fake
+def _(table_ND, ids_TJ, x_TD):
+    return table_ND.new_empty(ids_TJ.shape)
+
+
+def gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+    """out_tj = table[ids_tj] . x_t for CPU float32/float64 tensors (ids int64, in range)."""
+    return _call(_gather_dot_op, _gather_dot_kernel, table_ND.contiguous(), ids_TJ.contiguous(),
+                 x_TD.to(table_ND.dtype).contiguous())
+
+
+def _product_key_topk_kernel(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     _, H, T, S = scores_2HTS.shape
     a = torch.empty(T, H, k, dtype=torch.int64)
     b = torch.empty(T, H, k, dtype=torch.int64)
@@ -246,30 +271,72 @@ def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     return a, b
 
 
-def group_rows(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
-    """Pairs grouped by row id, by a counting sort: (token of each pair, pair order, distinct rows,
-    offsets), in expert order; the same as a stable sort by id."""
-    ids = ids_TJ.contiguous()
-    n, J = ids.numel(), ids.shape[1]
+_product_key_topk_op = torch.library.custom_op("mixturelm::peer_product_key_topk", _product_key_topk_kernel,
+                                               mutates_args=())
+
+
+@_product_key_topk_op.register_fake
+def _(scores_2HTS, k):
+    _, H, T, _ = scores_2HTS.shape
+    return scores_2HTS.new_empty(T, H, k, dtype=torch.int64), scores_2HTS.new_empty(T, H, k, dtype=torch.int64)
+
+
+def product_key_topk(scores_2HTS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact product-key top-k from the two halves' sub-key scores (2, H, T, S), in one pass per
+    (token, head): sub-key ids a, b, each (T, H, k), best first. k <= 64."""
+    return _call(_product_key_topk_op, _product_key_topk_kernel, scores_2HTS.contiguous(), k)
+
+
+def _group_rows_kernel(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
+    n, J = ids_TJ.numel(), ids_TJ.shape[1]
     count = torch.zeros(n_rows + 1, dtype=torch.int64)
     order, token = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
     rows, offsets = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
-    R = library().group_rows(ids.data_ptr(), n, n_rows, J, count.data_ptr(), order.data_ptr(), token.data_ptr(),
-                             rows.data_ptr(), offsets.data_ptr())
+    R = library().group_rows(ids_TJ.data_ptr(), n, n_rows, J, count.data_ptr(), order.data_ptr(),
+                             token.data_ptr(), rows.data_ptr(), offsets.data_ptr())
     return token, order, rows[:R], offsets[:R]
+
+
+_group_rows_op = torch.library.custom_op("mixturelm::peer_group_rows", _group_rows_kernel, mutates_args=())
+
+
+@_group_rows_op.register_fake
+def _(ids_TJ, n_rows):
+    n = ids_TJ.numel()
+    R = torch.library.get_ctx().new_dynamic_size()  # the distinct rows: known only from the data
+    return (ids_TJ.new_empty(n), ids_TJ.new_empty(n), ids_TJ.new_empty(R), ids_TJ.new_empty(R))
+
+
+def group_rows(ids_TJ: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, ...]:
+    """Pairs grouped by row id, by a counting sort: (token of each pair, pair order, distinct rows,
+    offsets), in expert order; the same as a stable sort by id."""
+    return _call(_group_rows_op, _group_rows_kernel, ids_TJ.contiguous(), n_rows)
+
+
+def _row_grad_kernel(src_TD: torch.Tensor, w_TJ: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
+                     offsets_R: torch.Tensor) -> torch.Tensor:
+    R, D = offsets_R.numel(), src_TD.shape[1]
+    out = torch.empty(R, D, dtype=src_TD.dtype)
+    fn = library().row_grad_f32 if src_TD.dtype == torch.float32 else library().row_grad_f64
+    fn(src_TD.data_ptr(), w_TJ.data_ptr(), order.data_ptr(), token.data_ptr(), offsets_R.data_ptr(), out.data_ptr(),
+       R, order.numel(), D, torch.get_num_threads())
+    return out
+
+
+_row_grad_op = torch.library.custom_op("mixturelm::peer_row_grad", _row_grad_kernel, mutates_args=())
+
+
+@_row_grad_op.register_fake
+def _(src_TD, w_TJ, order, token, offsets_R):
+    return src_TD.new_empty(offsets_R.shape[0], src_TD.shape[1])
 
 
 def row_grad(src_TD: torch.Tensor, w_TJ: torch.Tensor, order: torch.Tensor, token: torch.Tensor,
              offsets_R: torch.Tensor) -> torch.Tensor:
     """The touched rows of a table's gradient: row r = sum over its pairs p of w_p * src[token_p]."""
-    src_TD = src_TD.contiguous()
-    w = w_TJ.to(src_TD.dtype).contiguous()
-    R, D = offsets_R.numel(), src_TD.shape[1]
-    out = torch.empty(R, D, dtype=src_TD.dtype)
-    fn = library().row_grad_f32 if src_TD.dtype == torch.float32 else library().row_grad_f64
-    fn(src_TD.data_ptr(), w.data_ptr(), order.data_ptr(), token.data_ptr(), offsets_R.data_ptr(), out.data_ptr(),
-       R, order.numel(), D, torch.get_num_threads())
-    return out
+    return _call(_row_grad_op, _row_grad_kernel, src_TD.contiguous(), w_TJ.to(src_TD.dtype).contiguous(),
+                 order.contiguous(), token.contiguous(), offsets_R.contiguous())
 
 
 def row_adam(param_ND: torch.Tensor, exp_avg_ND: torch.Tensor, exp_avg_sq_ND: torch.Tensor, rows_R: torch.Tensor,

@@ -43,6 +43,14 @@ from ..errors import UsageError, positive_ints
 from . import kernels
 from .auxiliary import Aux
 
+
+def _plain_dispatch() -> bool:
+    """No dispatch mode (FlopCounterMode, fake tensors) must see the torch ops, so the fused kernels may run.
+    Under torch.compile the kernels are custom ops with fake implementations: no need to ask (nor can
+    compile trace the question)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is None
+
+
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 CHUNK_ELEMENTS = 1 << 22  # gathered rows per chunk of gather_dot (16 MB in fp32): stays in cache
 
@@ -64,7 +72,7 @@ class Rows:
     @staticmethod
     def of(ids_TJ: torch.Tensor, n_rows: int) -> Rows:
         with torch.no_grad():
-            if _get_current_dispatch_mode() is None and kernels.usable(torch.empty(0), ids_TJ):
+            if _plain_dispatch() and kernels.usable(torch.empty(0), ids_TJ):
                 return Rows(*kernels.group_rows(ids_TJ, n_rows))
             J = ids_TJ.shape[1]
             flat = ids_TJ.reshape(-1)
@@ -78,7 +86,7 @@ class Rows:
 
     def table_grad(self, src_TD: torch.Tensor, weight_TJ: torch.Tensor, n_rows: int, sparse: bool) -> torch.Tensor:
         """d table[r] = sum over pairs (t, j) with id r of weight_tj * src_t: a bag over src rows."""
-        if _get_current_dispatch_mode() is None and kernels.usable(src_TD, weight_TJ):
+        if _plain_dispatch() and kernels.usable(src_TD, weight_TJ):
             rows_RD = kernels.row_grad(src_TD, weight_TJ, self.order, self.token_sorted, self.offsets_R)
         else:
             rows_RD = F.embedding_bag(self.token_sorted, src_TD, self.offsets_R, mode="sum",
@@ -94,7 +102,7 @@ def _gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor
     """out_tj = table[ids_tj] . x_t: the fused CPU kernel (layers/kernels.py) where it can be had and no
     dispatch mode (FlopCounterMode, fake tensors) must see the ops; else PyTorch ops, gathering at most
     CHUNK_ELEMENTS table values at a time."""
-    if _get_current_dispatch_mode() is None and kernels.usable(table_ND, ids_TJ, x_TD):
+    if _plain_dispatch() and kernels.usable(table_ND, ids_TJ, x_TD):
         return kernels.gather_dot(table_ND, ids_TJ, x_TD)
     T, J = ids_TJ.shape
     D = table_ND.shape[1]
@@ -158,6 +166,11 @@ class BagSum(torch.autograd.Function):
 
 
 def gather_dot(x_TD, table_ND, ids_TJ, rows: Rows | None = None, sparse: bool = False) -> torch.Tensor:
+    if torch.compiler.is_compiling() and not sparse:
+        # Under torch.compile (reached by the sub-key scores only: the expert tables run eagerly, in
+        # PEER._experts), plain ops, which compile fuses: GatherDot's backward groups the rows by id, a shape
+        # only the data knows
+        return torch.bmm(table_ND[ids_TJ], x_TD.to(table_ND.dtype)[:, :, None]).squeeze(-1)
     return GatherDot.apply(x_TD, table_ND, ids_TJ, rows, sparse)
 
 
@@ -181,7 +194,7 @@ def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tu
         s_2LTS = torch.bmm(q_2XP.reshape(2, H * T, P), keys_2LSP[:, 0].transpose(1, 2)).view(2, H, T, S)
     else:
         s_2LTS = torch.bmm(q_2XP.reshape(2 * H, T, P), keys_2LSP.reshape(2 * H, S, P).transpose(1, 2)).view(2, H, T, S)
-    if k <= 64 and _get_current_dispatch_mode() is None and kernels.usable(s_2LTS):
+    if k <= 64 and _plain_dispatch() and kernels.usable(s_2LTS):
         return kernels.product_key_topk(s_2LTS, k)
     v_2HTK, i_2HTK = s_2LTS.topk(k, dim=-1)
     v1, v2 = v_2HTK.permute(0, 2, 1, 3)  # (T, H, K) each
@@ -423,7 +436,16 @@ class PEER(nn.Module):
         x_TD = x_BTD.reshape(-1, shape[-1])
         ids_THK, g_THK = self.retrieve(x_TD)
         T, J = x_TD.shape[0], self.n_heads * self.top_k
-        ids_TJ = ids_THK.reshape(T, J)
+        ids_TJ, g_TJ = ids_THK.reshape(T, J), g_THK.reshape(T, J)
+        y = self._experts(x_TD, ids_TJ, g_TJ).to(x_BTD.dtype).reshape(shape)
+        return y, PEERAux(ids_TJ=ids_TJ, scores_TJ=g_TJ, n_experts=self.n_experts)
+
+    # Eager under torch.compile (a graph break per PEER layer): the table gradients are row-sparse tensors,
+    # which a compiled graph cannot return, and grouping the pairs by expert gives a shape only the data
+    # knows. The work here is the fused kernels' already; retrieval before it is compiled.
+    @torch.compiler.disable
+    def _experts(self, x_TD: torch.Tensor, ids_TJ: torch.Tensor, g_TJ: torch.Tensor) -> torch.Tensor:
+        """sum over j of g_tj * act(u_j . x_t) v_j (Eq. 3), the experts j = ids_TJ[t]."""
         rows = Rows.of(ids_TJ, self.n_experts) if torch.is_grad_enabled() and self.w_up.requires_grad else None
         act = ACTIVATIONS[self.activation]
         h_TJ = gather_dot(x_TD, self.w_down, ids_TJ, rows, self.sparse_grad)  # u_i . x
@@ -431,9 +453,8 @@ class PEER(nn.Module):
             a_TJ = act(gather_dot(x_TD, self.w_gate, ids_TJ, rows, self.sparse_grad)) * h_TJ
         else:
             a_TJ = act(h_TJ)
-        w_TJ = a_TJ * g_THK.reshape(T, J).to(a_TJ.dtype)
-        y = bag_sum(w_TJ, self.w_up, ids_TJ, rows, self.sparse_grad).to(x_BTD.dtype).reshape(shape)
-        return y, PEERAux(ids_TJ=ids_TJ, scores_TJ=g_THK.reshape(T, J), n_experts=self.n_experts)
+        w_TJ = a_TJ * g_TJ.to(a_TJ.dtype)
+        return bag_sum(w_TJ, self.w_up, ids_TJ, rows, self.sparse_grad)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_experts={self.n_experts}, heads={self.n_heads}, top_k={self.top_k}, "

@@ -8,6 +8,7 @@ folder is touched, so a bad command never damages an existing run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
+from ..config import TrainConfig
 from ..data.tokenizer import load_from_dir
 from ..data.tokens import TokenData, check_length, prepare, same_split, train_rows
 from ..errors import TrainingDiverged, UsageError
@@ -28,6 +30,7 @@ from ..files import write_json_atomic, write_text_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
 from ..runtime import steady_allocator
+from .compiling import check_compiler, compiled
 from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
 from .metrics import METRICS_FILE, Metrics, last_record, records_after, truncate_records
@@ -55,6 +58,8 @@ class Trainer:
             raise UsageError(f"TrainConfig.batch_size={t.batch_size} is not divisible by processes x grad_accum "
                              f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
         self.folder = run_folder(self.out_dir, resume, overwrite)
+        if t.compile:
+            check_compiler(self.device)
         steps_in_budget(self.cfg)  # fail fast, before reading data; counted again once the vocabulary is known
         check_memory(self.cfg, self.dist.world, self.device)
         self.data = self._prepare_data()
@@ -106,6 +111,10 @@ class Trainer:
         if self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        # the training step's model: compiled when asked. Evaluation, calibration and checkpoints use the
+        # eager self.model (the same parameters): they run now and then, in eval mode and without gradients,
+        # where a compiled model would compile a second graph for little gain
+        self.step_model = compiled(self.ddp_model) if self.cfg.train.compile else self.ddp_model
         return start
 
     def _on_main(self, write, what: str) -> None:
@@ -146,7 +155,9 @@ class Trainer:
         path = self.out_dir / checkpoint.CONFIG_FILE
         saved = json.loads(path.read_text())["train"]
         now = self.cfg.train.to_dict()
-        changed = {k: (saved.get(k), now[k]) for k in RESUME_CHANGES if saved.get(k) != now[k]}
+        default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # a config saved before a field
+        before = {k: saved.get(k, default[k]) for k in RESUME_CHANGES}
+        changed = {k: (before[k], now[k]) for k in RESUME_CHANGES if before[k] != now[k]}
         if changed:
             self.log("the resumed run changes " + ", ".join(f"TrainConfig.{k} {a} -> {b}" for k, (a, b) in changed.items()))
             write_json_atomic(path, self.cfg.to_dict())
@@ -193,7 +204,7 @@ class Trainer:
             chunk = rows[first:first + micro].to(self.device)
             sync = m == t.grad_accum - 1 or d.world == 1
             with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
-                out = self.ddp_model(chunk[:, :-1], chunk[:, 1:])
+                out = self.step_model(chunk[:, :-1], chunk[:, 1:])
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
             (loss / t.grad_accum).backward()
             lm_loss += out.loss.detach().double().cpu() / t.grad_accum

@@ -20,9 +20,10 @@ DEFAULT_PRESET = "dense-tiny"
 DEFAULT_MAX_STEPS = 200
 MAX_STEPS = 10**9  # a budget beyond this is a typo (years of steps), not a plan
 BUDGETS = ("max_steps", "max_tokens", "max_flops")
-# what a resumed run may change: its budget (to extend it), the step size (to go on after a divergence) and
-# how often it logs, evaluates and checkpoints; anything else would make it another run
-RESUME_CHANGES = BUDGETS + ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts")
+# what a resumed run may change: its budget (to extend it), the step size (to go on after a divergence), how
+# often it logs, evaluates and checkpoints, and whether torch.compile runs it (the same step either way);
+# anything else would make it another run
+RESUME_CHANGES = BUDGETS + ("lr", "grad_clip", "eval_every", "log_every", "ckpt_every", "keep_ckpts", "compile")
 
 
 @dataclass
