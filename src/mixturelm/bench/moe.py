@@ -120,7 +120,18 @@ def bench_moe(cfg: MoEBenchConfig, command: str = "") -> dict:
         x = torch.randn(1, tokens, d_model, requires_grad=True)
         grad = torch.randn(1, tokens, d_model)
         builders = _moe_contenders(n_experts, top_k, d_hidden, d_model)
-        steps = {name: fwd_bwd(build(), x, grad) for name, build in builders.items()}
+        steps, failed = {}, {}
+        for name, build in builders.items():
+            step = fwd_bwd(build(), x, grad)
+            try:
+                step()  # transformers' batched_mm copies each token's expert weights: it may not fit
+            except RuntimeError as e:
+                if "allocate" not in str(e):
+                    raise
+                failed[name] = "out of memory: " + str(e).split(": ", 1)[-1].split(". ", 1)[0]
+                continue
+            steps[name] = step
+        builders = {name: build for name, build in builders.items() if name not in failed}
         if cfg.compile:  # compiled in the untimed warm-up
             steps["mixturelm MoE (compiled)"] = fwd_bwd(compiled(builders["mixturelm MoE"]()), x, grad)
         times = time_alternating(steps, cfg.steps, cfg.rounds)
@@ -137,7 +148,7 @@ def bench_moe(cfg: MoEBenchConfig, command: str = "") -> dict:
         for name, sec in decode.items():
             rows[name]["decode_1_token_s"] = sec
         result["shapes"][shape] = {"n_experts": n_experts, "top_k": top_k, "d_expert": d_hidden, "contenders": rows,
-                                   "best_mixtral": best}
+                                   "best_mixtral": best, "failed": failed}
     print_moe(result)
     save_results(out, result)
     return result
@@ -154,3 +165,5 @@ def print_moe(r: dict) -> None:
             mem = f"{c['peak_mem_bytes'] / 2**20:>9.0f}" if "peak_mem_bytes" in c else f"{'':>9}"
             print(f"  {name:<28}{c['fwd_bwd_s']:>10.3f}{c['x_dense_floor']:>9.2f}{c['x_best_mixtral']:>16.2f}{mem}"
                   + (f"{c['decode_1_token_s'] * 1e3:>16.3f}" if "decode_1_token_s" in c else ""))
+        for name, why in s.get("failed", {}).items():
+            print(f"  {name:<28}{why}")
