@@ -326,7 +326,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step)")
     p.add_argument("--seq-len", type=int, default=None, help="train: 256, mod: 1024")
     p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
-    p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
+    p.add_argument("--decode-tokens", type=int, default=32, help="mod: tokens decoded after each prompt")
+    p.add_argument("--decode-batches", default="1,4,16,64",
+                   help="mod: batch sizes to decode at, comma-separated (default 1,4,16,64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--tokens", type=int, default=None, help="moe, peer: tokens per call (default 4096, 2048)")
     p.add_argument("--no-memory", action="store_true", help="moe, peer: skip the peak-memory measurement")
