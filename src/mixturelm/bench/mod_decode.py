@@ -9,6 +9,7 @@ every batch size; only which steps a block runs at, and for how many rows, chang
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class Pool:
 
 def prefilled_pool(models: dict[str, MixtureLM], rows: int, prompt_len: int, new_tokens: int, vocab: int,
                    seed: int = 1) -> Pool:
+    """`rows` random prompts of prompt_len tokens prefilled by each model, and new_tokens random tokens
+    per row to feed after them (an untrained model samples near-random tokens anyway)."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (rows, prompt_len), generator=g)
     feed = torch.randint(0, vocab, (rows, new_tokens), generator=g)
@@ -44,8 +47,6 @@ def prefilled_pool(models: dict[str, MixtureLM], rows: int, prompt_len: int, new
 def cache_rows(cache, rows: slice):
     """A cache of batch rows `rows` of `cache`, as a fresh prefill of those prompts would leave it: every
     tensor of a layer's cache (keys, values, per-row lengths) has the batch first."""
-    import copy
-
     sub = copy.copy(cache)
     sub.layers = []
     for layer in cache.layers:
