@@ -29,13 +29,58 @@ def test_bench_train_smoke(tmp_path):
 
 def test_bench_mod_smoke(tmp_path):
     result = bench_mod(MoDBenchConfig(steps=1, rounds=1, batch_size=1, seq_len=64, capacity=0.125, decode_tokens=4,
-                                      out=str(tmp_path)))
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+                                      decode_batches="1,2", out=str(tmp_path)))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rows = saved["rows"]
     flops = rows["forward FLOPs/token (analytic)"]
     assert flops["MoD"] < 0.6 * flops["dense"]
     assert rows["forward FLOPs/token (counted)"]["MoD"] == pytest.approx(flops["MoD"], rel=0.02)
     assert all(r["dense"] > 0 and r["MoD"] > 0 for r in rows.values())
-    assert 0 <= result["decode_batch1_fraction_entered"] <= 1
+    decode = saved["decode"]["batches"]
+    assert list(decode) == ["1", "2"] and decode["1"]["sequences"] == decode["2"]["sequences"] == 2
+    # each row routes on its own: the same sequences let in the same share at every batch size
+    assert decode["1"]["routing"]["share"] == pytest.approx(decode["2"]["routing"]["share"])
+    for x in decode.values():
+        assert x["MoD"]["bound_tokens_per_s"] > 0 and x["dense"]["tokens_per_s"] > 0
+    assert 0 <= result["prefill_share"] <= 1
+
+
+def test_decode_bound_by_hand():
+    """decode_bound against a hand count for a 2-block model (d 8, 2 heads of 4, FFN 16, vocabulary 11, tied
+    head), block 1 routed, at batch 3: per block 656 weights (norms 8 + 8, qkv 8 x 24, out 8 x 8, gate-up
+    8 x 32, down 16 x 8), 640 of them in matrices; 64 key/value bytes and 32 attention FLOPs per cached token."""
+    from mixturelm import MixtureLM, ModelConfig
+    from mixturelm.bench.decode_bound import Machine, decode_stages, step_seconds
+    from mixturelm.config import BlockSpec
+    from mixturelm.layers.mod import MoDConfig
+
+    model = MixtureLM(ModelConfig(vocab_size=11, d_model=8, n_layers=2, n_heads=2, d_ffn=16, max_seq_len=16,
+                                  blocks=[BlockSpec(), BlockSpec(wrapper="mod", mod=MoDConfig())]))
+    one_row_enters = decode_stages(model, batch=3, context=10, routed_contexts=[[4]])
+    assert one_row_enters == [(2624, 3 * 1280), (3 * 10 * 64, 3 * 10 * 32),  # block 0: weights, attention
+                              (32, 3 * 16),  # block 1's router, every row
+                              (2624, 1280), (4 * 64, 4 * 32),  # block 1 for the one row, over its 4 tokens
+                              (352, 3 * 176)]  # the head
+    machine = Machine(bytes_per_s=1000.0, flops_per_s=2000.0)
+    assert step_seconds(one_row_enters, machine) == pytest.approx(2.624 + 1.92 + 0.032 + 2.624 + 0.256 + 0.352)
+    # no row enters: the routed block's weights are not read
+    assert step_seconds(decode_stages(model, 3, 10, [[]]), machine) == pytest.approx(2.624 + 1.92 + 0.032 + 0.352)
+
+
+@pytest.mark.parametrize("batches", ["0", "1,-4", "2.5", "1,,4", "four", "", [], [1, True], 4])
+def test_bench_mod_bad_decode_batches(batches):
+    from mixturelm.errors import UsageError
+
+    with pytest.raises(UsageError, match="MoDBenchConfig.decode_batches must be positive integers"):
+        MoDBenchConfig(decode_batches=batches)
+
+
+def test_bench_mod_bad_decode_batches_on_the_command_line(capsys):
+    from mixturelm.cli import main
+
+    assert main(["bench", "mod", "--decode-batches", "1,0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--decode-batches must be positive integers" in err[0], err
 
 
 def test_bench_peer_smoke(tmp_path):

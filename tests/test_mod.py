@@ -439,3 +439,43 @@ def test_evaluation_reports_the_share_the_causal_rule_lets_in(corpus_dir):
     for i in mods:
         want = torch.cat([e.flatten() for e in entered[i]]).double().mean().item()
         assert 0 < want < 1 and res[f"layer{i}.mod_val_causal_fraction"] == pytest.approx(want, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thresholds calibrated on decoding
+
+def tiny_mod_lm(capacity: float = 0.125):
+    from mixturelm import MixtureLM, ModelConfig
+
+    blocks = [BlockSpec(wrapper="mod", mod=MoDConfig(capacity=capacity)) if i % 2 else BlockSpec() for i in range(4)]
+    torch.manual_seed(0)
+    return MixtureLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=2, d_ffn=64, max_seq_len=64,
+                                 blocks=blocks)).eval()
+
+
+def decoded_shares(model, prompt_BT: torch.Tensor, feed_BT: torch.Tensor) -> list[float]:
+    """Per routed block, the share of the fed tokens that entered it."""
+    with torch.no_grad():
+        cache = model.new_cache(prompt_BT.shape[0], prompt_BT.shape[1] + feed_BT.shape[1])
+        model(prompt_BT, cache=cache, last_only=True)
+        ragged = [layer for layer in cache.layers if hasattr(layer, "length_B")]
+        before = [layer.length_B.clone() for layer in ragged]
+        for i in range(feed_BT.shape[1]):
+            model(feed_BT[:, i:i + 1], cache=cache)
+    return [float((layer.length_B - b).sum()) / feed_BT.numel() for layer, b in zip(ragged, before)]
+
+
+def test_calibration_on_decoding_lets_in_the_capacity():
+    """On the decoding it was calibrated on, every routed block lets in exactly the capacity's share (the
+    layers are calibrated first to last, so a later threshold does not move an earlier layer's scores);
+    on other prompts, close to it."""
+    from mixturelm.mechanisms.mod import calibrate_on_decoding
+
+    model = tiny_mod_lm()
+    g = torch.Generator().manual_seed(3)
+    prompt, feed = torch.randint(0, 64, (32, 24), generator=g), torch.randint(0, 64, (32, 16), generator=g)
+    thresholds = calibrate_on_decoding(model, prompt, feed)
+    assert len(thresholds) == 2 and not model.training
+    assert decoded_shares(model, prompt, feed) == [64 / 512] * 2  # 12.5 % of 32 x 16 fed tokens
+    other = torch.randint(0, 64, (64, 24), generator=g), torch.randint(0, 64, (64, 16), generator=g)
+    assert all(abs(share - 0.125) < 0.03 for share in decoded_shares(model, *other))

@@ -341,7 +341,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", default=None, help="compile: comma-separated presets "
                                                      "(default dense-tiny,moe-tiny,mod-tiny,peer-debug)")
     p.add_argument("--capacity", type=float, default=0.125, help="mod: fraction of tokens entering a routed block")
-    p.add_argument("--decode-tokens", type=int, default=64, help="mod: tokens decoded per round, batch 1 and 8")
+    p.add_argument("--decode-tokens", type=int, default=32, help="mod: tokens decoded after each prompt")
+    p.add_argument("--decode-batches", default="1,4,16,64",
+                   help="mod: batch sizes to decode at, comma-separated (default 1,4,16,64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--tokens", type=int, default=None, help="moe, peer: tokens per call (default 4096, 2048)")
     p.add_argument("--no-memory", action="store_true", help="moe, peer: skip the peak-memory measurement")

@@ -3,9 +3,9 @@ forward FLOPs, prefill time, training step and decoding tokens/s, in one run."""
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,12 +14,15 @@ import torch
 from ..config import BlockSpec, ModelConfig
 from ..errors import UsageError
 from ..files import machine
-from ..flops import flop_counter, forward_flops_per_token
-from ..layers.mod import MoD, MoDConfig
+from ..flops import flop_counter, forward_flops_per_token, measure_matmul_flops
+from ..layers.mod import MoDConfig
+from ..mechanisms.mod import calibrate_on_decoding
 from ..model import MixtureLM
-from ..runtime import steady_allocator
 from ..training.compiling import compiled
-from .timing import check_config, machine_line, prepare, save_results, time_alternating, train_step_fn
+from .decode_bound import Machine
+from .mod_decode import decode_at, prefilled_pool, ragged_lengths
+from .timing import (check_config, machine_line, prepare, read_bandwidth, save_results, time_alternating,
+                     train_step_fn)
 
 MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 1024, 2
@@ -32,7 +35,8 @@ class MoDBenchConfig:
     batch_size: int | None = None  # training-step batch; None: 2
     seq_len: int | None = None  # None: 1024
     capacity: float = 0.125  # fraction of tokens entering a routed block
-    decode_tokens: int = 64  # tokens decoded per round, batch 1 and 8
+    decode_tokens: int = 32  # tokens decoded after each prompt
+    decode_batches: tuple[int, ...] | str = (1, 4, 16, 64)  # batch sizes decoded; text: "1,4,16,64"
     threads: int | None = None  # torch threads; None: all cores
     compile: bool = False  # the training step of both models through torch.compile (prefill, decoding eager)
     out: str | None = None  # also write results.json there
@@ -44,6 +48,24 @@ class MoDBenchConfig:
         c = self.capacity
         if isinstance(c, bool) or not isinstance(c, (int, float)) or math.isnan(c) or not 0 < c <= 1:
             raise UsageError(f"MoDBenchConfig.capacity must be in (0, 1] (a fraction of the sequence), got {c!r}")
+        self.decode_batches = batch_sizes(self.decode_batches)
+
+
+def batch_sizes(value) -> tuple[int, ...]:
+    """Positive integers, as a tuple: a sequence of them, or the command line's text "1,4,16,64"."""
+    items = value.split(",") if isinstance(value, str) else value
+    sizes = []
+    for item in items if isinstance(items, (list, tuple)) else [None]:
+        if isinstance(item, str) and item.strip().isdigit():
+            item = int(item)
+        if not isinstance(item, int) or isinstance(item, bool) or item <= 0:
+            sizes = []
+            break
+        sizes.append(item)
+    if not sizes:
+        raise UsageError(f"MoDBenchConfig.decode_batches must be positive integers separated by commas, like "
+                         f"1,4,16,64; got {value!r}")
+    return tuple(sizes)
 
 
 def _mod_models(seq_len: int, capacity: float) -> dict[str, MixtureLM]:
@@ -54,126 +76,129 @@ def _mod_models(seq_len: int, capacity: float) -> dict[str, MixtureLM]:
     for name, cfg in (("dense", dense_cfg), ("MoD", ModelConfig(**(dense_cfg.to_dict() | {"blocks": blocks})))):
         torch.manual_seed(0)
         models[name] = MixtureLM(cfg)
-    _calibrate_mod(models["MoD"], seq_len)
     return models
 
 
-def _calibrate_mod(model: MixtureLM, seq_len: int, steps: int = 8) -> None:
-    """Set the sampling thresholds as training does (running quantile of the scores), so that the causal
-    routing of prefill and decoding lets in the capacity's share of tokens, as in a trained model. The
-    quantiles are taken only in training mode with gradients on (as in a training step); no backward, no
-    optimizer step: the weights stay as initialised."""
-    model.train()
-    for _ in range(steps):
-        with torch.enable_grad():
-            model(torch.randint(0, model.config.vocab_size, (2, seq_len)))
-        for m in model.modules():
-            if isinstance(m, MoD):
-                m.after_optimizer_step()
-    model.eval()
+CALIBRATION_ROWS = 128  # sequences that set the thresholds: the share a sequence lets in varies (calibrate_on_decoding)
 
 
-def _mod_routed_caches(cache) -> list:
-    return [layer for layer in cache.layers if hasattr(layer, "length_B")]
-
-
-def _decode_contenders(models: dict, batch: int, prompt_len: int, new_tokens: int, record: dict):
-    """Per model, a function that prefills a fresh cache (untimed) and returns the seconds of decoding
-    new_tokens tokens one at a time; record gets the MoD blocks' realised fraction during decoding."""
-    torch.manual_seed(1)
-    prompt = torch.randint(0, 257, (batch, prompt_len))
-    feed = torch.randint(0, 257, (batch, new_tokens))
-
-    def run(name: str, model: MixtureLM) -> float:
-        with torch.no_grad():
-            cache = model.new_cache(batch, prompt_len + new_tokens)
-            model(prompt, cache=cache, last_only=True)
-            before = [c.length_B.clone() for c in _mod_routed_caches(cache)]
-            t0 = time.perf_counter()
-            for i in range(new_tokens):
-                model(feed[:, i:i + 1], cache=cache)
-            sec = time.perf_counter() - t0
-            routed = _mod_routed_caches(cache)
-            if routed:
-                entered = sum(int((c.length_B - b).sum()) for c, b in zip(routed, before))
-                record.setdefault(name, []).append(entered / (len(routed) * batch * new_tokens))
-        return sec
-
-    return run
+def _calibrate_mod(model: MixtureLM, prompt_len: int, new_tokens: int) -> list[float]:
+    """Set the sampling thresholds on the distribution decoding sees (mechanisms.mod.calibrate_on_decoding),
+    from prompts and fed tokens of their own: the decoding that is measured uses other ones."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, MOD_SHAPE["vocab_size"], (CALIBRATION_ROWS, prompt_len), generator=g)
+    feed = torch.randint(0, MOD_SHAPE["vocab_size"], (CALIBRATION_ROWS, new_tokens), generator=g)
+    return calibrate_on_decoding(model, prompt, feed)
 
 
 def bench_mod(cfg: MoDBenchConfig, command: str = "") -> dict:
-    """MoD against dense, same shape, one run: forward FLOPs, prefill time, training step, decode tokens/s."""
+    """MoD against dense, same shape, one run: forward FLOPs, prefill time, training step, and decoding
+    tokens/s at each batch size beside the least time the machine allows."""
     out = prepare(cfg)
     seq_len, batch = cfg.seq_len or DEFAULT_SEQ_LEN, cfg.batch_size or DEFAULT_BATCH_SIZE
-    steady_allocator()
+    prompt_len = seq_len // 2
     models = _mod_models(seq_len, cfg.capacity)
-    cfgs = {name: m.config for name, m in models.items()}
+    thresholds = _calibrate_mod(models["MoD"], prompt_len, cfg.decode_tokens)
     result = {"machine": machine(), "command": command,
               "shape": MOD_SHAPE | {"seq_len": seq_len, "train_batch": batch, "dtype": "fp32",
                                     "mod": f"capacity {cfg.capacity}, every other block (4 of 8)"},
-              "rows": {}}
-    rows = result["rows"]
-    # forward FLOPs per token: analytic, and counted by FlopCounterMode on one sequence (top-k routing)
-    idx = torch.randint(0, 257, (1, seq_len))
-    counted = {}
-    for name, m in models.items():
-        with torch.no_grad(), flop_counter() as fc:
-            m(idx)
-        counted[name] = fc.get_total_flops() / seq_len
-    rows["forward FLOPs/token (analytic)"] = {n: forward_flops_per_token(c, seq_len) for n, c in cfgs.items()}
-    rows["forward FLOPs/token (counted)"] = counted
-    flop_ratio = rows["forward FLOPs/token (analytic)"]["MoD"] / rows["forward FLOPs/token (analytic)"]["dense"]
-    result["flop_ratio"] = flop_ratio
-    result["goal_speedup"] = 0.9 / flop_ratio
-
-    def prefill(m: MixtureLM) -> Callable[[], None]:
-        def fn() -> None:
-            with torch.no_grad():
-                m(idx, cache=m.new_cache(1, seq_len), last_only=True)
-        return fn
-
-    times = time_alternating({n: prefill(m) for n, m in models.items()}, cfg.steps, cfg.rounds, warmup=1)
-    rows[f"prefill {seq_len} tokens, batch 1 (s)"] = {n: statistics.median(t) for n, t in times.items()}
-    train_batch = torch.randint(0, 257, (batch, seq_len + 1))
-    forwards = {n: compiled(m) if cfg.compile else m for n, m in models.items()}  # compiled in the warm-up
-    steps = {n: train_step_fn(m.train(), lambda x, f=forwards[n]: f(x).logits, train_batch) for n, m in models.items()}
-    times = time_alternating(steps, cfg.steps, cfg.rounds, warmup=2 if cfg.compile else 1)
-    step_row = f"training step{', compiled' if cfg.compile else ''}, {batch} x {seq_len} tokens (s)"
-    rows[step_row] = {n: statistics.median(t) for n, t in times.items()}
-    for m in models.values():
-        m.eval()
-    fractions: dict[str, list[float]] = {}
-    for b in (1, 8):
-        run = _decode_contenders(models, b, seq_len // 2, cfg.decode_tokens, fractions)
-        secs: dict[str, list[float]] = {n: [] for n in models}
-        run("dense", models["dense"]), run("MoD", models["MoD"])  # warm-up
-        fractions.clear()
-        for _ in range(cfg.rounds):
-            for n, m in models.items():
-                secs[n].append(run(n, m))
-        rows[f"decode, batch {b}, after {seq_len // 2} (tokens/s)"] = {
-            n: b * cfg.decode_tokens / statistics.median(s) for n, s in secs.items()}
-        result[f"decode_batch{b}_fraction_entered"] = statistics.mean(fractions["MoD"])
-        fractions.clear()
-    for name, row in rows.items():
-        faster_is_higher = "tokens/s" in name
-        row["speedup"] = (row["MoD"] / row["dense"]) if faster_is_higher else (row["dense"] / row["MoD"])
+              "thresholds": thresholds, "rows": {}}
+    _flop_rows(models, seq_len, result)
+    _prefill_rows(models, seq_len, cfg, result)
+    _training_rows(models, seq_len, batch, cfg, result)
+    hw = Machine(bytes_per_s=read_bandwidth(), flops_per_s=measure_matmul_flops())
+    result["machine_bound"] = {"read_bytes_per_s": hw.bytes_per_s, "matmul_flops_per_s": hw.flops_per_s}
+    pool = prefilled_pool(models, max(cfg.decode_batches), prompt_len, cfg.decode_tokens, MOD_SHAPE["vocab_size"])
+    result["decode"] = {"prompt_len": prompt_len, "new_tokens": cfg.decode_tokens,
+                        "batches": {str(b): decode_at(models, pool, b, cfg.rounds, hw) for b in cfg.decode_batches}}
+    for name, row in result["rows"].items():
+        row["speedup"] = row["dense"] / row["MoD"]
     print_mod(result)
     save_results(out, result)
     return result
 
 
+def _flop_rows(models: dict[str, MixtureLM], seq_len: int, result: dict) -> None:
+    """Forward FLOPs per token: analytic, and counted by FlopCounterMode on one sequence (top-k routing)."""
+    idx = torch.randint(0, MOD_SHAPE["vocab_size"], (1, seq_len))
+    counted = {}
+    for name, m in models.items():
+        with torch.no_grad(), flop_counter() as fc:
+            m(idx)
+        counted[name] = fc.get_total_flops() / seq_len
+    analytic = {n: forward_flops_per_token(m.config, seq_len) for n, m in models.items()}
+    result["rows"]["forward FLOPs/token (analytic)"] = analytic
+    result["rows"]["forward FLOPs/token (counted)"] = counted
+    result["flop_ratio"] = analytic["MoD"] / analytic["dense"]
+    result["goal_speedup"] = 0.9 / result["flop_ratio"]
+
+
+def _prefill_rows(models: dict[str, MixtureLM], seq_len: int, cfg: MoDBenchConfig, result: dict) -> None:
+    """One prompt of seq_len tokens into a fresh cache (causal routing), and the share that entered."""
+    idx = torch.randint(0, MOD_SHAPE["vocab_size"], (1, seq_len))
+
+    def prefill(m: MixtureLM) -> Callable[[], None]:
+        def fn() -> None:
+            with torch.no_grad():
+                cache = m.new_cache(1, seq_len)
+                m(idx, cache=cache, last_only=True)
+                shares.extend(float(n.sum()) / seq_len for n in ragged_lengths(cache))
+        return fn
+
+    shares: list[float] = []  # of every prefill: they all route alike
+    times = time_alternating({n: prefill(m) for n, m in models.items()}, cfg.steps, cfg.rounds, warmup=1)
+    result["rows"][f"prefill {seq_len} tokens, batch 1 (s)"] = {n: statistics.median(t) for n, t in times.items()}
+    result["prefill_share"] = statistics.mean(shares)
+
+
+def _training_rows(models: dict[str, MixtureLM], seq_len: int, batch: int, cfg: MoDBenchConfig,
+                   result: dict) -> None:
+    """Training steps of copies of the models: the optimizer moves the weights, and AdamW's first steps
+    move each router weight by about the learning rate, which shifts the router scores by more than their
+    spread in an untrained model; the models measured afterwards must keep their calibrated routing."""
+    train_batch = torch.randint(0, MOD_SHAPE["vocab_size"], (batch, seq_len + 1))
+    copies = {n: copy.deepcopy(m).train() for n, m in models.items()}
+    forwards = {n: compiled(m) if cfg.compile else m for n, m in copies.items()}  # compiled in the warm-up
+    steps = {n: train_step_fn(m, lambda x, f=forwards[n]: f(x).logits, train_batch) for n, m in copies.items()}
+    times = time_alternating(steps, cfg.steps, cfg.rounds, warmup=2 if cfg.compile else 1)
+    row = f"training step{', compiled' if cfg.compile else ''}, {batch} x {seq_len} tokens (s)"
+    result["rows"][row] = {n: statistics.median(t) for n, t in times.items()}
+
+
 def print_mod(r: dict) -> None:
-    m = r["machine"]
-    print(machine_line(m))
+    print(machine_line(r["machine"]))
     print(f"shape: {r['shape']}")
     print(f"{'':<44}{'dense':>12}{'MoD':>12}{'MoD speed-up':>14}")
     for name, row in r["rows"].items():
         fmt = (lambda v: f"{v / 1e6:>11.1f}M") if "FLOPs" in name else (lambda v: f"{v:>12.3f}")
         label = "x fewer" if "FLOPs" in name else "x"
         print(f"{name:<44}{fmt(row['dense'])}{fmt(row['MoD'])}{row['speedup']:>12.2f}{label:>2}"[:120])
-    print(f"FLOP ratio MoD/dense {r['flop_ratio']:.3f}: FLOP speed-up {1 / r['flop_ratio']:.2f}x, "
-          f"goal (90 %) {r['goal_speedup']:.2f}x")
-    print(f"MoD blocks' realised fraction while decoding: batch 1 {r['decode_batch1_fraction_entered']:.3f}, "
-          f"batch 8 {r['decode_batch8_fraction_entered']:.3f}")
+    flop_speedup = 1 / r["flop_ratio"]
+    prefill = next(row["speedup"] for name, row in r["rows"].items() if name.startswith("prefill"))
+    print(f"FLOP speed-up {flop_speedup:.2f}x (at the capacity); prefill {prefill:.2f}x = {prefill / flop_speedup:.0%} "
+          f"of it (goal 90 %), with {r['prefill_share']:.1%} of the prompt's tokens entering the routed blocks")
+    _print_decode(r)
+
+
+def _print_decode(r: dict) -> None:
+    d, hw = r["decode"], r["machine_bound"]
+    print(f"decoding, {d['new_tokens']} tokens after each {d['prompt_len']}-token prompt (tokens/s); bound: the least "
+          f"time that reading {hw['read_bytes_per_s'] / 1e9:.1f} GB/s and {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"allow (bench/decode_bound.py)")
+    print(f"{'batch':>5}{'seqs':>6}{'dense':>10}{'bound':>10}{'MoD':>10}{'bound':>10}{'speed-up':>10}{'bound':>8}"
+          f"{'meas/bound':>12}{'FLOPs':>8}{'meas/FLOPs':>12}")
+    for b, x in d["batches"].items():
+        print(f"{b:>5}{x['sequences']:>6}{x['dense']['tokens_per_s']:>10.1f}{x['dense']['bound_tokens_per_s']:>10.1f}"
+              f"{x['MoD']['tokens_per_s']:>10.1f}{x['MoD']['bound_tokens_per_s']:>10.1f}{x['speedup']:>9.2f}x"
+              f"{x['bound_speedup']:>7.2f}x{x['speedup'] / x['bound_speedup']:>12.0%}{x['flop_speedup']:>7.2f}x"
+              f"{x['speedup'] / x['flop_speedup']:>12.0%}")
+    print("routed blocks while decoding: share of tokens entering; blocks run (at least one row entered: weights "
+          "read), against 1 - (1 - share)^batch; rows per run; runs for one row alone; each model's measured/bound")
+    print(f"{'batch':>5}{'share':>8}{'blocks run':>12}{'expected':>10}{'rows/run':>10}{'1-row runs':>12}"
+          f"{'dense/bound':>13}{'MoD/bound':>11}")
+    for b, x in d["batches"].items():
+        rt = x["routing"]
+        p = rt["share"]
+        print(f"{b:>5}{p:>8.1%}{rt['blocks_run']:>12.1%}{1 - (1 - p) ** int(b):>10.1%}{rt['rows_per_run']:>10.2f}"
+              f"{rt['single_row_runs']:>12.0%}"
+              + "".join(f"{x[n]['tokens_per_s'] / x[n]['bound_tokens_per_s']:>{w}.0%}" for n, w in (("dense", 13), ("MoD", 11))))

@@ -15,7 +15,7 @@ from ..errors import UsageError, positive_ints
 from ..files import OutputFolder, claim, results_only, write_json_atomic
 
 __all__ = ["check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
-           "reset_peak_rss", "rss_bytes", "save_results", "time_alternating", "train_step_fn"]
+           "read_bandwidth", "reset_peak_rss", "rss_bytes", "save_results", "time_alternating", "train_step_fn"]
 
 
 def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,
@@ -108,6 +108,22 @@ def copy_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
         t0 = time.perf_counter()
         dst.copy_(src)
         best = max(best, 2 * n_bytes / (time.perf_counter() - t0))
+    return best
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
+    """Bytes per second read from memory: the faster of a matrix-vector product over a matrix far larger
+    than the caches (what a decoding step does with each weight matrix) and a sum over it."""
+    matrix = torch.ones(n_bytes // 4 // 4096, 4096)
+    vector = torch.ones(4096)
+    best = 0.0
+    for read in (lambda: torch.mv(matrix, vector), matrix.sum):
+        read()
+        deadline = time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            read()
+            best = max(best, n_bytes / (time.perf_counter() - t0))
     return best
 
 

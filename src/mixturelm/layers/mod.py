@@ -274,6 +274,12 @@ class MoD(nn.Module):
                 self._quantiles = step if self._quantiles is None else self._quantiles + step
         return aux
 
+    @torch.no_grad()
+    def set_threshold_from(self, score_N: torch.Tensor) -> None:
+        """Let the capacity's share of these causal scores in: the threshold becomes their (1 - capacity)
+        quantile (mixturelm.mechanisms.mod.calibrate_on_decoding gives the scores decoding sees)."""
+        self.threshold.copy_(self._score_quantile(score_N.flatten().float()))
+
     def _score_quantile(self, score_N: torch.Tensor) -> torch.Tensor:
         """The (1 - capacity) quantile: the threshold above which a `capacity` share of the scores lie."""
         n = score_N.numel()

@@ -103,6 +103,40 @@ class MoDMechanism(Mechanism):
         return MOD_VIEW
 
 
+@torch.no_grad()
+def calibrate_on_decoding(model, prompt_BT: torch.Tensor, feed_BT: torch.Tensor) -> list[float]:
+    """Set every MoD layer's sampling threshold from the causal scores it sees while decoding: after
+    prompts prompt_BT, tokens feed_BT fed one at a time; each layer then lets in the capacity's share of the
+    fed tokens. Returns the thresholds, in block order.
+
+    Thresholds set in training are quantiles of training batches, all positions, under top-k routing.
+    Decoding sees other positions and other sequences, and the share a sequence lets in varies (in an
+    untrained model the later routed blocks' scores carry a per-sequence offset as large as their spread
+    within a sequence), so a threshold set on a few sequences lets in another share on others.
+
+    Causal routing gives a token the same decisions whether it is prefilled or decoded (it never sees
+    later tokens), so one pass over prompt + fed tokens with causal routing stands for the prefill and
+    the decoding. In it, each routed layer sets its threshold just before it routes: its scores depend on
+    the layers before it (already set), never on its own threshold or later ones, so each threshold is
+    the quantile of exactly the scores that decoding these prompts gives it."""
+    prompt_len = prompt_BT.shape[1]
+
+    def set_threshold(layer: MoD, args) -> None:
+        fed_BTD = args[0][:, prompt_len:]
+        layer.set_threshold_from(layer.causal_scores(fed_BTD, layer.router_weights(fed_BTD)))
+
+    mods = [m for m in model.modules() if isinstance(m, MoD)]
+    hooks = [m.register_forward_pre_hook(set_threshold) for m in mods]
+    was_training = model.training
+    try:
+        model.eval()(torch.cat([prompt_BT, feed_BT], dim=1), causal_routing=True, last_only=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [float(m.threshold) for m in mods]
+
+
 def favourites(ids: list[int], pieces: list[str], enter: list[bool], most: int = 8) -> list[list]:
     """The tokens a routed block processed most often: [token text, times processed, times in the text]."""
     processed, seen, text = {}, {}, {}
