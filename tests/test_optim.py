@@ -50,13 +50,15 @@ def test_row_adam_by_hand_with_decay():
     opt = AdamRows([{"params": [p], "row_sparse": True, "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps)
     w, m, v = 2.0, 0.0, 0.0
     for step, g in ((1, 0.5), (2, -1.0)):
-        p.grad = torch.sparse_coo_tensor([[1]], torch.tensor([[g]], dtype=torch.float64), (3, 1))
+        p.grad = torch.sparse_coo_tensor([[1]], torch.tensor([[g]], dtype=torch.float64), (3, 1),
+                                 check_invariants=True)
         opt.step()
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         w = w * (1 - lr * wd) - lr * math.sqrt(1 - b2 ** step) / (1 - b1 ** step) * m / (math.sqrt(v) + eps)
         assert p[1].item() == pytest.approx(w, abs=1e-14)
     assert p[0].item() == 1.0 and p[2].item() == 3.0
-    p.grad = torch.sparse_coo_tensor([[2]], torch.tensor([[1.0]], dtype=torch.float64), (3, 1))
+    p.grad = torch.sparse_coo_tensor([[2]], torch.tensor([[1.0]], dtype=torch.float64), (3, 1),
+                                 check_invariants=True)
     opt.step()  # the step count is the table's (3), as SparseAdam's
     want = 3.0 * (1 - lr * wd) - lr * math.sqrt(1 - b2 ** 3) / (1 - b1 ** 3) * (1 - b1) / (math.sqrt(1 - b2) + eps)
     assert p[2].item() == pytest.approx(want, abs=1e-14)

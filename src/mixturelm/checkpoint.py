@@ -39,10 +39,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
 def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tokenizer,
          train_state: dict | None, keep: int = 2) -> Path:
-    ckpts = Path(run_dir) / "checkpoints"
-    name = f"step_{step:07d}"
+    final = step_folder(run_dir, step)
+    ckpts, name = final.parent, final.name
     tmp = ckpts / f".tmp-{name}-{os.getpid()}"
     try:
         ckpts.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,6 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tok
                              "earlier checkpoints are intact: free some space, then resume the run "
                              "(`resume=True`)") from None
         raise
-    final = ckpts / name
     if final.exists():  # the same step again after a resume: replace the old copy
         old = ckpts / f".old-{name}-{os.getpid()}"
         os.rename(final, old)

@@ -182,15 +182,13 @@ class Trainer:
             return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _save(self, step: int, keep_stable: bool = False) -> None:
+    def _save(self, step: int) -> None:
         if not self.dist.main:
             return
         state = {"step": step, **self.optim.state_dict(), "rng": _rng_state(), "tokens_seen": self.tokens_seen,
                  "elapsed": self.elapsed}
-        saved = checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
-                                keep=self.cfg.train.keep_ckpts)
-        if keep_stable:
-            checkpoint.keep_stable(saved)
+        checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
+                        keep=self.cfg.train.keep_ckpts)
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
@@ -291,7 +289,10 @@ class Trainer:
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             at_decay = done == self.stable_step
             if done % t.ckpt_every == 0 or done == self.total_steps or at_decay:
-                self._on_main(lambda: self._save(done, keep_stable=at_decay), "write a checkpoint")
+                self._on_main(lambda: self._save(done), "write a checkpoint")
+            if at_decay:  # wsd: the point a longer budget is extended from
+                self._on_main(lambda: checkpoint.keep_stable(checkpoint.step_folder(self.out_dir, done)),
+                              "keep the checkpoint of the decay's start")
             if self.on_step is not None:
                 self.on_step(done)
             if bar is not None:
