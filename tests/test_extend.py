@@ -146,3 +146,39 @@ def test_cli_extends_and_refuses_other_changes(corpus_dir, tmp_path):
     done = run_cli(*common, "--resume", "--max-steps", "6", check=True)
     assert done.stdout.startswith("trained dense-debug for 6 steps")
     assert "TrainConfig.max_steps 4 -> 6" in done.stderr
+
+
+def test_a_kill_after_the_branch_resumes_from_the_branch_point(corpus_dir, tmp_path):
+    """Extended past its decay and killed before the next checkpoint: the branch point is in the series."""
+    full = tmp_path / "full"
+    train_new(full, corpus_dir, 16, **WSD)
+    run = tmp_path / "run"
+    train_new(run, corpus_dir, 8, **(WSD | {"keep_ckpts": 1}))  # the decay start is only in stable_*
+
+    def stop(done):
+        if done == 9:
+            raise KeyboardInterrupt
+
+    cfg = resumed_run_config(run, None, {"max_steps": 16})
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run, resume=True, progress=False, log=lambda m: None, on_step=stop).run()
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000006"
+    lines = []
+    Trainer(resumed_run_config(run, None, {}), run, resume=True, progress=False, log=lines.append).run()
+    assert any("resuming from" in line and "step_0000006" in line for line in lines)
+    assert records(run) == pytest.approx(records(full), abs=1e-6)
+
+
+def test_a_run_stopped_in_its_decay_drops_that_checkpoint(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+
+    def stop(done):
+        if done == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_new(run, corpus_dir, 8, on_step=stop, **(WSD | {"ckpt_every": 7}))
+    lines = []
+    extend(run, 16, log=lines.append)
+    assert any("the checkpoint of step 7, part of the way through that decay, is dropped" in line for line in lines)
+    assert not list((run / "checkpoints").glob("final_*"))

@@ -131,3 +131,18 @@ def test_bad_hyperparameters(bad, needle):
     layer = torch.nn.Sequential(PEER(16, PEERConfig(n_experts=64, n_heads=2, top_k=4, d_key=8)))
     with pytest.raises(UsageError, match=needle):
         build_optimizer(layer, **bad)
+
+
+def test_a_group_added_later_is_stepped():
+    a, b = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(3, 2))
+    opt = AdamRows([{"params": [a]}], lr=0.1)
+    opt.add_param_group({"params": [b]})
+    a.grad, b.grad = torch.ones(3, 2), torch.ones(3, 2)
+    opt.step()
+    assert (a < 1).all() and (b < 1).all()
+    rows_only = AdamRows([{"params": [torch.nn.Parameter(torch.ones(4, 2))], "row_sparse": True}], lr=0.1)
+    c = torch.nn.Parameter(torch.ones(2))
+    rows_only.add_param_group({"params": [c]})  # the first dense group: the fused AdamW is made now
+    c.grad = torch.ones(2)
+    rows_only.step()
+    assert (c < 1).all()

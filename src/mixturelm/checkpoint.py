@@ -162,19 +162,29 @@ def stable_before(run_dir: Path, step: int) -> Path | None:
     return None
 
 
-def set_aside_after(run_dir: Path, step: int) -> Path | None:
-    """Before a run is trained again from `step` (a wsd run extended from the start of its decay): the newest
-    checkpoint after it is kept as checkpoints/final_<step> (the model of the shorter budget), the others
-    after it leave the series. Returns the kept folder, if any."""
+def set_aside_after(run_dir: Path, branch: Path, finished_step: int) -> tuple[Path, Path | None]:
+    """Before a run is trained again from `branch` (a wsd run extended from the start of its decay): the
+    checkpoint of `finished_step` (the shorter budget's last) is kept as checkpoints/final_<step>, the others
+    after the branch leave the series, and the branch point joins the series as step_<step> and becomes
+    `latest`, so that a kill before the next checkpoint resumes there. Returns (the branch point in the
+    series, the kept folder or None)."""
     ckpts = Path(run_dir) / "checkpoints"
-    later = sorted(p for p in ckpts.glob("step_*") if p.is_dir() and (_step_of(p) or 0) > step)
+    start = _step_of(branch)
+    finished = step_folder(run_dir, finished_step)
     kept = None
-    if later:
-        kept = ckpts / later[-1].name.replace("step_", "final_")
+    if finished_step > start and finished.is_dir():
+        kept = ckpts / finished.name.replace("step_", "final_")
         shutil.rmtree(kept, ignore_errors=True)
-        os.rename(later[-1], kept)
-    drop_from(run_dir, step + 1)
-    return kept
+        os.rename(finished, kept)
+    drop_from(run_dir, start + 1)
+    in_series = step_folder(run_dir, start)
+    if not in_series.is_dir():
+        tmp = ckpts / f".tmp-{in_series.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(branch, tmp, copy_function=_link_or_copy)
+        os.rename(tmp, in_series)
+    write_text_atomic(ckpts / "latest", in_series.name)
+    return in_series, kept
 
 
 def _step_of(ckpt: Path) -> int | None:

@@ -78,10 +78,10 @@ class AdamRows(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         dense = [g for g in self.param_groups if not g["row_sparse"]]
-        if not hasattr(self, "_adamw"):
+        if getattr(self, "_adamw", None) is None:
             has_params = any(g["params"] for g in dense)
             self._adamw = torch.optim.AdamW(dense, fused=True) if has_params else None
-        elif self._adamw is not None:
+        else:
             for group in dense:
                 for key, value in self._adamw.defaults.items():
                     group.setdefault(key, value)
@@ -92,6 +92,11 @@ class AdamRows(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._link()  # loading replaced the group dicts and the state
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_adamw"):  # after __init__: a new dense group joins the fused AdamW too
+            self._link()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -138,7 +143,7 @@ class AdamRows(torch.optim.Optimizer):
 def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, their gradient rows) of a row-sparse gradient, rows distinct; a dense gradient touches every row."""
     if not grad.is_sparse:
-        return torch.arange(grad.shape[0], device=grad.device), grad.reshape(grad.shape[0], -1)
+        return torch.arange(grad.shape[0], device=grad.device), grad
     if not grad.is_coalesced():
         grad = coalesced(grad)
     return grad._indices()[0], grad._values()

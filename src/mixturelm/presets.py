@@ -94,7 +94,7 @@ def _peer_preset(size: str, n_experts: int, why: str, train_extra: dict | None =
     block transformer, we replace the FFN in block 6": block (n_layers - 1) // 2, counted from 0)."""
     model, train, _ = _DENSE_SIZES[size]
     middle = (model["n_layers"] - 1) // 2
-    # row-sparse table gradients, trained by SparseAdam (a dense N x D gradient per step would dominate)
+    # row-sparse table gradients, trained row by row (a dense N x D gradient per step would dominate)
     blocks = [{"ffn": "peer", "peer": {"n_experts": n_experts, "sparse_grad": True} | peer} if i == middle
               else {"ffn": "dense"} for i in range(model["n_layers"])]
     extra = dict(train_extra or {})

@@ -112,6 +112,7 @@ class ExpertsSwiGLU(torch.autograd.Function):
                 k_per_token: int | None):
         F = w_down_EFD.shape[1]
         y_AD = x_TD.new_empty(token_A.numel(), x_TD.shape[-1])
+        keep = any(ctx.needs_input_grad)  # without a backward, each expert's projection is freed at once
         projections = []
         for e, rows in _expert_rows(counts, order_A):
             h_N2F = torch.mm(x_TD.index_select(0, token_A[rows]), w_gate_up_ED2F[e])
@@ -119,7 +120,8 @@ class ExpertsSwiGLU(torch.autograd.Function):
             if gate_A is not None:
                 act_NF.mul_(gate_A[rows, None].to(act_NF.dtype))
             y_AD.index_copy_(0, rows, torch.mm(act_NF, w_down_EFD[e]))
-            projections.append(h_N2F)
+            if keep:
+                projections.append(h_N2F)
         ctx.save_for_backward(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A)
         ctx.projections, ctx.counts, ctx.k = projections, counts, k_per_token
         return y_AD

@@ -20,7 +20,7 @@ the heavy work and save nothing larger than (tokens, h*k):
   is an EmbeddingBag over U for dx and one over x (grouped by expert) for the touched rows of dU;
 - `bag_sum`: y_t = sum_j w_j v_{id_j}, one EmbeddingBag with per-sample weights over all h*k
   experts of a token; its backward gathers-and-dots for dw and bags dy for the touched rows of dV.
-The table gradients are sparse (coalesced rows, `sparse_grad=True`, for torch.optim.SparseAdam) or
+The table gradients are sparse (coalesced rows, `sparse_grad=True`, for mixturelm.optim's row-wise Adam or torch.optim.SparseAdam) or
 dense. The sub-key scores run without autograd: the scores of the chosen keys are recomputed with
 `gather_dot`, which has the same gradient as the top-k (zero on keys that were not chosen).
 
@@ -322,7 +322,7 @@ class PEERConfig:
     glu: bool = False  # expert act(g_i . x) (u_i . x) v_i, one more N x d table
     per_head_keys: bool = False  # each head its own sub-keys (the paper shares them); experts stay shared
     query_norm: str = "batch"  # batch (the paper's; leaks batch statistics in training), layer, none, whiten
-    # row-sparse gradients of the expert tables, for torch.optim.SparseAdam (mixturelm's trainer uses it;
+    # row-sparse gradients of the expert tables, for mixturelm.optim.build_optimizer (which switches it on;
     # the presets set it); False: dense gradients, for any optimizer
     sparse_grad: bool = False
 

@@ -3,7 +3,7 @@
 
 Its config (PEERConfig, beside the layer), how a block builds it (in the FFN slot or beside the FFN), its
 FLOPs (sub-key scores without a backward pass) and active parameters (h x k of N table rows), what its
-training needs (expert tables at their own learning rate, row-sparse gradients for SparseAdam, product keys
+training needs (expert tables at their own learning rate, row-sparse gradients for the row-wise Adam, product keys
 at their own rate, neither decayed; precise-BN calibration of the query norm before each evaluation), its
 expert usage over an evaluation (the paper's Table 2), its options on the command line and its routing view.
 """
@@ -99,7 +99,7 @@ class PEERMechanism(Mechanism):
 
     # -- training ---------------------------------------------------------------------------------
     def optimizer_needs(self, modules: list[PEER], options: PEERTrainOptions) -> OptimizerNeeds:
-        """Expert tables with sparse gradients go to SparseAdam (lazy Adam on the touched rows: no N x d work
+        """Expert tables with sparse gradients go to the optimizer's row_sparse group (lazy Adam on the touched rows: no N x d work
         per step); with dense gradients they form an AdamW group; the product keys another. Neither decays.
         A given lr / key_lr is held fixed (no schedule)."""
         sparse = [t for m in modules if m.sparse_grad for t in m.expert_tables()]

@@ -44,7 +44,7 @@ class OptimizerNeeds:
 
     groups: AdamW parameter groups of their own ({"params", "weight_decay", "lr"?, "fixed_lr"?}); their
     parameters leave the default decay / no-decay groups. sparse: parameters with row-sparse gradients,
-    trained by SparseAdam at sparse_lr (None: the run's lr and schedule). side: parameters of networks
+    trained row by row (mixturelm.optim's row_sparse group, lazy Adam) at sparse_lr (None: the run's lr and schedule). side: parameters of networks
     trained on their own loss from stop-gradient inputs, clipped apart from the model."""
 
     groups: list[dict] = field(default_factory=list)

@@ -279,7 +279,8 @@ class Trainer:
             if done % t.log_every == 0 or done == self.total_steps:
                 metrics.write(record)
             evaluating = done % t.eval_every == 0 or done == self.total_steps
-            if evaluating or done % t.ckpt_every == 0:
+            at_decay = done == self.stable_step
+            if evaluating or done % t.ckpt_every == 0 or at_decay:
                 self._calibrate(done)
             if evaluating:
                 ev = self._evaluate()
@@ -287,7 +288,6 @@ class Trainer:
                 record.update(ev)
                 self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
-            at_decay = done == self.stable_step
             if done % t.ckpt_every == 0 or done == self.total_steps or at_decay:
                 self._on_main(lambda: self._save(done), "write a checkpoint")
             if at_decay:  # wsd: the point a longer budget is extended from
@@ -332,31 +332,36 @@ class Trainer:
         branch = checkpoint.stable_before(self.out_dir, agree) if new.kind == "wsd" else None
         if branch is not None:
             return self._branch(branch, step, old)
-        lr = self.cfg.train.lr
-        self.log(f"the learning rate of step {step + 1} changes from {lr * old.factor(step):.3g} to "
-                 f"{lr * new.factor(step):.3g}: a {old.kind} schedule of {old.total} steps becomes one of "
-                 f"{new.total} (a wsd schedule extends without a change)")
+        why = ("a cosine schedule's rates depend on its length; a wsd schedule extends without a change"
+               if new.kind == "cosine" else "no checkpoint from before the old decay is left")
+        self.log(f"the learning rate of step {step + 1} changes from {saved.train.lr * old.factor(step):.3g} to "
+                 f"{self.cfg.train.lr * new.factor(step):.3g}: a {old.kind} schedule of {old.total} steps becomes "
+                 f"one of {new.total} ({why})")
         return ckpt
 
     def _branch(self, branch: Path, step: int, old: Schedule) -> Path:
-        """Go on from `branch` (before the old decay): the old decay's checkpoints leave the series, its last
-        model kept as final_<step> with its metrics records and results."""
+        """Go on from `branch` (before the old decay): the old decay's checkpoints leave the series, the
+        finished shorter run's model kept as final_<step> with its metrics records and results."""
         start = json.loads((branch / checkpoint.META_FILE).read_text())["step"]
+        self.dist.barrier()  # every process has verified its checkpoints before the main one moves them
+        kept: list[Path | None] = [None]
 
         def set_aside() -> None:
-            kept = checkpoint.set_aside_after(self.out_dir, start)
-            if kept is None:
-                return
+            _, kept[0] = checkpoint.set_aside_after(self.out_dir, branch, old.total)
             results = self.out_dir / "results.json"
-            if results.is_file():
-                os.replace(results, kept / "results.json")
-            write_text_atomic(kept / METRICS_FILE, "".join(records_after(self.out_dir / METRICS_FILE, start)))
-            self.log(f"the model of the {old.total}-step budget (decayed from step {old.decay_start}) is kept as "
-                     f"{kept}, with its results and metrics")
+            if kept[0] is not None and results.is_file():
+                os.replace(results, kept[0] / "results.json")
+            if kept[0] is not None:
+                write_text_atomic(kept[0] / METRICS_FILE, "".join(records_after(self.out_dir / METRICS_FILE, start)))
 
         self._on_main(set_aside, "set aside the decayed checkpoints")
-        self.log(f"extending the wsd run: training again from its checkpoint of step {start}, before its decay")
-        return branch
+        if kept[0] is not None:
+            self.log(f"the model of the {old.total}-step budget (decayed from step {old.decay_start}) is kept as "
+                     f"{kept[0]}, with its results and metrics")
+        self.log(f"extending the wsd run: training again from its checkpoint of step {start}, before its decay"
+                 + (f" (the checkpoint of step {step}, part of the way through that decay, is dropped)"
+                    if step != old.total else ""))
+        return checkpoint.step_folder(self.out_dir, start)
 
     def _evaluate(self) -> dict:
         t = self.cfg.train

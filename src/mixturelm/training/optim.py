@@ -71,6 +71,8 @@ class Schedule:
         before it continues under `other` exactly as a run trained under `other` from the start."""
         if self == other:
             return self.total
+        if self.min_ratio == other.min_ratio == 1 and self.kind == other.kind and self.warmup == other.warmup:
+            return min(self.total, other.total)  # no decay at all: every rate past the warm-up is the peak
         shared = min(self.decay_start, other.decay_start)
         if self.kind != other.kind or self.warmup != other.warmup:
             shared = 0
