@@ -37,6 +37,14 @@ def extend(out: Path, steps: int, log=None) -> Trainer:
     return trainer
 
 
+def stop_at(step: int):
+    """An on_step callback that interrupts the run after `step` steps, as a kill would."""
+    def stop(done: int) -> None:
+        if done == step:
+            raise KeyboardInterrupt
+    return stop
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -94,9 +102,7 @@ def test_a_wsd_run_stopped_before_its_decay_resumes_exactly(corpus_dir, tmp_path
     train_new(full, corpus_dir, 16, **WSD)
     stopped = tmp_path / "stopped"
 
-    def stop(done):
-        if done == 5:
-            raise KeyboardInterrupt
+    stop = stop_at(5)
 
     with pytest.raises(KeyboardInterrupt):
         train_new(stopped, corpus_dir, 8, on_step=stop, **(WSD | {"ckpt_every": 5}))
@@ -155,9 +161,7 @@ def test_a_kill_after_the_branch_resumes_from_the_branch_point(corpus_dir, tmp_p
     run = tmp_path / "run"
     train_new(run, corpus_dir, 8, **(WSD | {"keep_ckpts": 1}))  # the decay start is only in stable_*
 
-    def stop(done):
-        if done == 9:
-            raise KeyboardInterrupt
+    stop = stop_at(9)
 
     cfg = resumed_run_config(run, None, {"max_steps": 16})
     with pytest.raises(KeyboardInterrupt):
@@ -172,9 +176,7 @@ def test_a_kill_after_the_branch_resumes_from_the_branch_point(corpus_dir, tmp_p
 def test_a_run_stopped_in_its_decay_drops_that_checkpoint(corpus_dir, tmp_path):
     run = tmp_path / "run"
 
-    def stop(done):
-        if done == 7:
-            raise KeyboardInterrupt
+    stop = stop_at(7)
 
     with pytest.raises(KeyboardInterrupt):
         train_new(run, corpus_dir, 8, on_step=stop, **(WSD | {"ckpt_every": 7}))

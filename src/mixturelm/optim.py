@@ -176,9 +176,8 @@ def build_optimizer(model: torch.nn.Module, lr: float = 3e-3, weight_decay: floa
     optimizer updates row by row; False keeps each layer's setting."""
     _check_hyperparameters(lr, weight_decay, betas, eps)
     if row_sparse_tables:
-        for module in model.modules():
-            if hasattr(module, "sparse_grad") and hasattr(module, "expert_tables"):
-                module.sparse_grad = True
+        for mechanism in registry.present(model):
+            mechanism.use_row_sparse_gradients(registry.modules_of(model, mechanism))
     groups = param_groups(model, weight_decay, mechanism_needs(model, mechanisms))
     return AdamRows(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -110,6 +110,10 @@ class PEERMechanism(Mechanism):
                   for params, lr in ((tables, options.lr), (keys, options.key_lr)) if params]
         return OptimizerNeeds(groups=groups, sparse=sparse, sparse_lr=options.lr)
 
+    def use_row_sparse_gradients(self, modules: list[PEER]) -> None:
+        for m in modules:
+            m.sparse_grad = True
+
     def calibration_batches(self, options: PEERTrainOptions) -> int:
         return options.bn_calibration
 

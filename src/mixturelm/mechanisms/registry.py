@@ -120,6 +120,10 @@ class Mechanism:
         """For all its modules of a model at once (options: its training options, or None)."""
         return OptimizerNeeds()
 
+    def use_row_sparse_gradients(self, modules: list[nn.Module]) -> None:
+        """Switch its modules to row-sparse gradients where they offer them (mixturelm.optim.build_optimizer
+        steps those row by row); nothing by default."""
+
     def calibration_batches(self, options: Any) -> int:
         """Training batches to calibrate on before each evaluation and checkpoint (0: none)."""
         return 0
