@@ -387,6 +387,12 @@ def _add_ensemble(sub) -> None:
     n.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the days (default 1000)")
     n.add_argument("--no-history", action="store_true",
                    help="leave out the pools that add the realised-history forecasters to the experts")
+    n.add_argument("--audit", default="headline", choices=("headline", "every", "none"),
+                   help="audit the paper's released MoE-F output against causal and look-ahead (not causal) "
+                        "aggregators and a permutation test: headline (default; the all-experts pool of seed 42, "
+                        "~15 s), every (each pool with a released output) or none")
+    n.add_argument("--permutations", type=int, default=2000,
+                   help="permutations of the audit's conditional permutation test (default 2000)")
     m = what.add_parser("lm", help="mix language-model checkpoints on a stream of alternating sources",
                         description="Per-token log loss of each expert, mixed online; bits per byte of each expert, "
                                     "each aggregator and the per-segment oracle; a plot of weights against the source.")
@@ -427,7 +433,10 @@ def cmd_ensemble(args) -> None:
         root = Path(args.data) if args.data else nifty.data_root()
         if not root.is_dir():
             raise UsageError(f"--data {root}: no such folder; give the nifty-moe-f folder")
-        nifty.run_benchmark(root, seeds, pools, args.resamples, not args.no_history, out, log=log)
+        if args.permutations < 100:
+            raise UsageError(f"--permutations must be >= 100, got {args.permutations}")
+        nifty.run_benchmark(root, seeds, pools, args.resamples, not args.no_history, out, log=log, audit=args.audit,
+                            permutations=args.permutations)
     else:
         from .ensemble import lm_stream
         from .training import resolve_device

@@ -155,17 +155,28 @@ def hindsight_grid(n: int) -> dict[str, list]:
                                                          for a, lam in grid]}
 
 
-def run_labels(agg: ag.Aggregator, y: np.ndarray, preds_TN: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(T,) mixture predictions and (T, N) weights; day t's weights before day t's label is revealed."""
+def run_labels(agg: ag.Aggregator, y: np.ndarray, preds_TN: np.ndarray,
+               lookahead: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) mixture predictions and (T, N) weights; day t's weights before day t's label is revealed.
+
+    lookahead=True is NOT causal and serves only the audit of the released output (audit.py): day t's label
+    is revealed (to the aggregator and to the tie-break counts) before day t's weights and vote."""
     loss = ZeroOne(len(LABELS))
     T, N = preds_TN.shape
     w_TN, out = np.empty((T, N)), np.empty(T, dtype=int)
     counts = np.zeros(len(LABELS))
+
+    def reveal(t: int) -> None:
+        agg.update(loss.loss(preds_TN[t], y[t]), loss.signal(preds_TN[t]))
+        counts[y[t]] += 1
+
     for t in range(T):
+        if lookahead:
+            reveal(t)  # NOT causal: the label of day t is used before day t is predicted
         w_TN[t] = agg.weights()
         out[t] = vote(w_TN[t], preds_TN[t], counts)
-        agg.update(loss.loss(preds_TN[t], y[t]), loss.signal(preds_TN[t]))  # the label of day t is revealed
-        counts[y[t]] += 1
+        if not lookahead:
+            reveal(t)  # the label of day t is revealed
     return out, w_TN
 
 
@@ -265,11 +276,27 @@ def summary_table(rows: list[dict]) -> str:
                            "moe-f", "best baseline (+ history)", "moe-f (+ history)", "paper's MoE-F output"], lines)
 
 
+AUDIT_CHOICES = ("headline", "every", "none")
+
+
+def audited(loaded: list[Pool], audit: str) -> list[Pool]:
+    """The pools whose released MoE-F output is audited: "headline" (the all-experts pool of seed 42, the paper's
+    headline figure), "every" (each loaded pool with a released output) or "none"."""
+    if audit not in AUDIT_CHOICES:
+        raise UsageError(f"--audit {audit!r}: choose one of {', '.join(AUDIT_CHOICES)}")
+    with_ref = [p for p in loaded if p.reference is not None]
+    if audit == "headline":
+        return [p for p in with_ref if (p.name, p.seed) == ("all", 42)]
+    return with_ref if audit == "every" else []
+
+
 def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int, history: bool,
-                  out: Path, log=print) -> dict:
+                  out: Path, log=print, audit: str = "headline", permutations: int = 2000) -> dict:
+    from . import audit as audit_mod
     from .report import claim, markdown_table, print_table, write_json, write_text_atomic
 
     loaded = [load_pool(root, p, s) for p in pools for s in seeds]  # every input checked before any work
+    to_audit = audited(loaded, audit)
     results, md = [], ["# MoE-F on NIFTY: experts, baselines, aggregators",
                        "", f"Weighted F1, macro F1, accuracy, MCC with bootstrap 95 % intervals ({resamples} resamples "
                        "of the test days, seed 0). Day t's weights use days < t only; hyper-parameters fixed in "
@@ -287,7 +314,15 @@ def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int
             fig = out / f"weights_{pool.name}_seed{pool.seed}{'_hist' if members != 'experts' else ''}.png"
             figures.append((pool, res["paths"], members, fig))
             md += [f"![weights]({fig.name})", ""]
-    md[4:4] = ["## Summary: weighted F1 [95 % CI] per pool and seed", "", summary_table(results), ""]
+    audits, audit_md = [], []
+    for pool in to_audit:
+        log(f"audit of the released MoE-F output, pool {pool.name}, seed {pool.seed} "
+            f"(causal and look-ahead grid, {permutations} permutations)")
+        audits.append(audit_mod.audit_pool(pool, resamples, permutations))
+        audit_md += audit_mod.markdown(audits[-1])
+    md[4:4] = ["## Summary: weighted F1 [95 % CI] per pool and seed", "", summary_table(results), ""] + audit_md
+    if audit == "headline" and not to_audit:
+        log("no audit: the all-experts pool of seed 42 (the only one with the paper's headline output) is not loaded")
     out = claim(out)  # every input checked and the work done: lock, empty when replacing, mark
     for pool, paths, members, fig in figures:
         plot_weights(fig, pool, paths, members)
@@ -295,11 +330,13 @@ def run_benchmark(root: Path, seeds: list[int], pools: list[str], resamples: int
                "resamples": resamples, "hyperparameters": {"fixed_share_alpha": FS_ALPHA, "moef_alpha": MOEF_ALPHA,
                                                            "moef_noise": ZeroOne.noise, "alpha_grid": ALPHA_GRID,
                                                            "window": HISTORY_WINDOW},
-               "rows": results}
+               "rows": results, "audit": audits}
     write_json(out / "results.json", summary)
     write_text_atomic(out / "report.md", "\n".join(md))
     pool, seed = ("all" if "all" in pools else pools[0]), (42 if 42 in seeds else seeds[0])
     shown = [r for r in results if r["pool"] == pool and r["seed"] == seed]
     print_table(f"NIFTY, pool {pool}, seed {seed} (all tables in report.md)", HEADER, _table_rows(shown))
+    for a in audits:
+        log(audit_mod.summary(a))
     log(f"results.json, report.md and {len(figures)} weight plots in {out}")
     return summary
