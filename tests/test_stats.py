@@ -59,7 +59,8 @@ def test_one_seed_has_no_interval_and_resolves_nothing():
     assert iv.n == 1 and iv.mean == pytest.approx(-0.3)
     assert iv.low is None and iv.high is None and iv.half_width is None and not iv.resolved
     assert describe(iv) == "-0.3000 (1 seed: not resolved)"
-    assert iv.to_dict()["resolved"] is False
+    assert iv.to_dict() == {"n": 1, "mean": pytest.approx(-0.3), "low": None, "high": None, "half_width": None,
+                            "confidence": 0.95}
 
 
 def test_bad_values_are_refused():

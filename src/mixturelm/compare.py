@@ -437,7 +437,8 @@ def add_differences(rows: list[dict]) -> None:
         mine = [loss for seed, loss in zip(row["seeds"], row["val_loss_per_seed"]) if seed in paired]
         theirs = [paired[seed] for seed in row["seeds"] if seed in paired]
         d = paired_difference(mine, theirs)
-        row["vs_dense"] = {"reference": ref["name"], "per_seed": [a - b for a, b in zip(mine, theirs)]} | d.to_dict()
+        row["vs_dense"] = ({"reference": ref["name"], "per_seed": [a - b for a, b in zip(mine, theirs)]}
+                           | d.to_dict() | {"resolved": d.resolved})  # resolved: the interval excludes 0
 
 
 def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:

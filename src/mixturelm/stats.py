@@ -39,7 +39,7 @@ class Interval:
 
     def to_dict(self) -> dict:
         return {"n": self.n, "mean": self.mean, "low": self.low, "high": self.high,
-                "half_width": self.half_width, "confidence": self.confidence, "resolved": self.resolved}
+                "half_width": self.half_width, "confidence": self.confidence}
 
 
 def t_quantile(confidence: float, dof: int) -> float:
