@@ -139,6 +139,157 @@ def test_interrupted_compare_resumes(corpus_dir, finished, tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------------------------
+# Several seeds: means with intervals, differences to dense paired by seed, resume per (run, seed)
+
+@pytest.fixture(scope="module")
+def seeded(corpus_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("seeded") / "cmp"
+    cc = CompareConfig(data=str(corpus_dir), seeds=(0, 1), **TINY)
+    return out, run_compare(cc, out, progress=False, command="test", log=lambda m: None)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_seeds_are_run_directories_with_their_own_init_and_data_order(seeded, corpus_dir):
+    from mixturelm.data import prepare
+    from mixturelm.data.tokens import train_rows
+
+    out, _ = seeded
+    dirs = {(name, seed): out / "runs" / name / f"seed-{seed}" for name in ("dense-debug", "mod-debug") for seed in (0, 1)}
+    for (name, seed), d in dirs.items():
+        assert (d / "results.json").is_file(), d
+        assert json.loads((d / "config.json").read_text())["train"]["seed"] == seed
+    assert not (out / "runs" / "dense-debug" / "config.json").exists()
+    for name in ("dense-debug", "mod-debug"):
+        a, b = (dirs[name, 0], dirs[name, 1])
+        # the held-out split and tokens are the same at every seed, so the per-seed losses can be paired
+        assert json.loads((a / "data.json").read_text()) == json.loads((b / "data.json").read_text())
+        evals = [[r["val_tokens"] for r in _metrics(d) if r["kind"] == "eval"] for d in (a, b)]
+        assert evals[0] == evals[1]
+        # ... while the initialisation and the data order are not
+        first = [next(r["loss"] for r in _metrics(d) if r["kind"] == "train") for d in (a, b)]
+        assert first[0] != first[1]
+    data = prepare(str(corpus_dir), "bytes", 0.02, log=lambda m: None)
+    assert not train_rows(data.train, 1, 0, 8, 64).equal(train_rows(data.train, 1, 1, 8, 64))
+
+
+def test_seeds_give_means_intervals_and_paired_differences(seeded):
+    from mixturelm.report import differences_sentence, table_rows
+    from mixturelm.stats import mean_interval, paired_difference
+
+    out, results = seeded
+    assert json.loads((out / "results.json").read_text()) == results
+    assert results["settings"]["seeds"] == [0, 1]
+    rows = {r["arch"]: r for r in results["runs"]}
+    assert set(rows) == {"dense", "mod"}  # one row per run, whatever the seeds
+    per_seed = {}
+    for arch, r in rows.items():
+        assert r["seeds"] == [0, 1] and [s["seed"] for s in r["per_seed"]] == [0, 1]
+        losses = [json.loads((out / "runs" / r["name"] / f"seed-{s}" / "results.json").read_text())
+                  for s in (0, 1)]
+        losses = [s.get("val_loss_causal", s["val_loss"]) for s in losses]
+        assert r["val_loss_per_seed"] == pytest.approx(losses, abs=1e-12)
+        assert r["val_loss"] == pytest.approx(sum(losses) / 2, abs=1e-12)
+        assert r["val_loss_interval"] == pytest.approx(mean_interval(losses).to_dict())
+        assert r["val_loss_interval"]["low"] < r["val_loss"] < r["val_loss_interval"]["high"]
+        assert r["curve"][-1][1] == pytest.approx(r["val_loss"], abs=1e-12)  # the mean curve ends at the mean
+        per_seed[arch] = losses
+    assert "vs_dense" not in rows["dense"]
+    d = rows["mod"]["vs_dense"]
+    expected = paired_difference(per_seed["mod"], per_seed["dense"])
+    assert d["reference"] == "dense-debug" and d["n"] == 2
+    assert d["per_seed"] == pytest.approx([m - r for m, r in zip(per_seed["mod"], per_seed["dense"])], abs=1e-12)
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((expected.mean, expected.low, expected.high))
+    assert d["resolved"] == (d["low"] > 0 or d["high"] < 0)
+    table = {row[0]: row for row in table_rows(results["runs"])}
+    assert "±" in table["mod-debug"][7] and table["mod-debug"][10] == "2"
+    assert table["dense-debug"][11] == "reference"
+    assert table["mod-debug"][11].endswith("resolved") and "[" in table["mod-debug"][11]
+    sentence = differences_sentence(results["runs"])
+    assert "over 2 seeds" in sentence and "mod-debug" in sentence
+    page = (out / "report.html").read_text()
+    assert html.escape(sentence) in page and "first seed" in page
+    assert (out / "views" / "mod-debug" / "inspect.json").is_file()  # the first seed's views
+
+
+def test_a_seed_deleted_is_the_only_run_trained_again(seeded, tmp_path):
+    out, before = seeded
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "runs" / "mod-debug" / "seed-1")
+    messages = []
+    cc = CompareConfig(data=before["settings"]["data"], seeds=(0, 1), **TINY)
+    results = run_compare(cc, copy, progress=False, command="test", log=messages.append)
+    skipped = [m for m in messages if "finished earlier, skipped" in m]
+    assert sorted(skipped) == sorted(f"  {n}: finished earlier, skipped"
+                                     for n in ("dense-debug seed 0", "dense-debug seed 1", "mod-debug seed 0"))
+    assert any("mod-debug seed 1:" in m and "steps in" in m for m in messages)
+    for a, b in zip(results["runs"], before["runs"]):
+        assert a["val_loss_per_seed"] == pytest.approx(b["val_loss_per_seed"], abs=1e-6)
+
+
+def test_resume_with_other_seeds_is_refused(seeded, tmp_path):
+    out, _ = seeded
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    before = tree_digest(copy)
+    proc = run_cli("compare", "--data", json.loads((out / "compare.json").read_text())["shared"]["data"],
+                   "--out", str(copy), "--archs", "dense,mod", "--size", "debug", "--flops", "1.2e10",
+                   "--batch-size", "8", "--seq-len", "64", "--eval-tokens", "1024", "--evals", "3", "--seeds", "0,1,2")
+    assert proc.returncode == 2 and "holds a compare with seeds [0, 1], not [0, 1, 2]" in proc.stderr, proc.stderr
+    assert tree_digest(copy) == before
+
+
+def test_one_seed_keeps_the_single_run_layout_and_resumes_older_compares(finished, tmp_path):
+    """--seeds 3 is --seed 3; a compare.json written before `seeds` existed resumes: every run is skipped."""
+    assert CompareConfig(seeds=(3,)) == CompareConfig(seed=3)
+    assert [r.folder for r in plan_runs(CompareConfig(seeds=(3,), **TINY), 257)] == ["dense-debug", "mod-debug"]
+    out, before = finished
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    marker = json.loads((copy / "compare.json").read_text())
+    del marker["shared"]["seeds"]
+    (copy / "compare.json").write_text(json.dumps(marker))
+    messages = []
+    results = run_compare(CompareConfig(data=before["settings"]["data"], **TINY), copy, progress=False,
+                          command="test", log=messages.append)
+    assert sum("finished earlier, skipped" in m for m in messages) == 2
+    for r in results["runs"]:
+        assert r["seeds"] == [0] and r["val_loss_interval"]["low"] is None and "per_seed" not in r
+    assert results["runs"][1]["vs_dense"]["resolved"] is False
+    from mixturelm.report import differences_sentence, table_rows
+
+    assert table_rows(results["runs"])[1][11].endswith("(1 seed: not resolved)")
+    assert differences_sentence(results["runs"]).startswith("One seed: no interval")
+
+
+def test_sweep_with_seeds_marks_the_optimum_by_the_mean():
+    from mixturelm.compare import add_differences, seed_row
+
+    def run(arch, size, seed, loss):
+        return {"name": f"{arch}-{size}", "arch": arch, "size": size, "budget_flops": 1e12, "seed": seed,
+                "val_loss": loss, "curve": [[1e12, loss]], "total_params": 1, "tokens_per_s": 1.0}
+    # at seed 0 the other size wins: the mean decides
+    losses = {("dense", "debug"): (2.0, 2.1), ("dense", "small"): (2.2, 1.85), ("mod", "debug"): (1.9, 1.8),
+              ("mod", "small"): (1.7, 2.3)}
+    rows = [seed_row([run(a, size, s, loss) for s, loss in enumerate(ls)], 1.0) for (a, size), ls in losses.items()]
+    add_differences(rows)
+    mark_isoflop_optimal(rows)
+    best = {r["name"] for r in rows if r["isoflop_optimal"]}
+    assert best == {"dense-small", "mod-debug"}
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["mod-small"]["vs_dense"]["reference"] == "dense-small"  # paired within its size
+    assert by_name["mod-debug"]["vs_dense"]["per_seed"] == pytest.approx([-0.1, -0.3])
+    assert "vs_dense" not in by_name["dense-debug"]
+    plans = plan_runs(CompareConfig(archs=("dense",), sizes=("debug", "tiny"), budgets=(1e12,), sweep=True,
+                                    seeds=(0, 5)), vocab_size=257)
+    assert [(r.folder, r.config.train.seed) for r in plans] == [
+        ("dense-debug/seed-0", 0), ("dense-tiny/seed-0", 0), ("dense-debug/seed-5", 5), ("dense-tiny/seed-5", 5)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Planning and the sweep
 
 def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
@@ -178,6 +329,14 @@ def test_plan_gives_every_arch_the_budget_and_sweep_marks_the_optimum(tmp_path):
     (["--sweep", ""], "--sweep is empty"),
     (["--flops", "6e9,6.0e9"], "names a budget twice"),
     (["--device", "tpu"], "is not a device"),
+    (["--seeds", "0,0"], "names something twice"),
+    (["--seeds", "0,00"], "--seeds=0,0 names a seed twice"),
+    (["--seeds", "a"], "--seeds a is not a list of integers"),
+    (["--seeds", "1.5,2"], "is not a list of integers"),
+    (["--seeds", ""], "--seeds is empty"),
+    (["--seeds", ","], "--seeds is empty"),
+    (["--seeds=-1,2"], "--seeds=-1,2 must be integers >= 0"),
+    (["--seed", "1", "--seeds", "0,1"], "--seed and --seeds both given"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path, args, message):
     out = tmp_path / "cmp"

@@ -466,7 +466,12 @@ def _add_compare(sub) -> None:
     p.add_argument("--data", help="text to train and evaluate on (default: the Python standard library source)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="bytes (default) or bpe:VOCAB")
     p.add_argument("--text-field", default=d.text_field, help="field of .jsonl records that holds the text")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order, the same for every run")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of weights and data order, the same for every run (default {d.seed})")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="train every run at each of these seeds (weights and data order; the held-out tokens stay "
+                        "the same) and report means with 95%% intervals and differences to dense paired by seed; "
+                        "instead of --seed")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
@@ -505,10 +510,20 @@ def compare_config(args):
     if args.sweep is not None and not args.sweep.strip(", "):
         raise UsageError("--sweep is empty; give sizes (e.g. --sweep debug,tiny,small) or --sweep alone for those")
     text = args.text if args.text_file is None else _read_text_file(args.text_file)
+    if args.seed is not None and args.seeds is not None:
+        raise UsageError("--seed and --seeds both given; give the seeds with --seeds alone (e.g. --seeds 0,1,2)")
+    seeds = ()
+    if args.seeds is not None:
+        items = _comma_list(args.seeds, "--seeds")
+        try:
+            seeds = tuple(int(v) for v in items)
+        except ValueError:
+            raise UsageError(f"--seeds {args.seeds} is not a list of integers; give e.g. --seeds 0,1,2") from None
     return CompareConfig(archs=_comma_list(args.archs, "--archs"),
                          sizes=_comma_list(args.sweep, "--sweep") if args.sweep else (args.size,),
                          budgets=budgets, sweep=args.sweep is not None, data=args.data, tokenizer=args.tokenizer,
-                         text_field=args.text_field, seed=args.seed, batch_size=args.batch_size, seq_len=args.seq_len,
+                         text_field=args.text_field, seed=CompareConfig.seed if args.seed is None else args.seed,
+                         seeds=seeds, batch_size=args.batch_size, seq_len=args.seq_len,
                          eval_tokens=args.eval_tokens, evals=args.evals, view_tokens=args.view_tokens, text=text)
 
 

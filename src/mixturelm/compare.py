@@ -7,13 +7,17 @@ changes; the presets `<arch>-<size>` define them. Every run gets the same traini
 mixturelm.flops for what the run actually computes, so an architecture cheaper per token trains on more
 tokens: the isoFLOP protocol of the MoD and PEER papers. All runs see the same data order (seed), tokenizer,
 held-out split, batch, sequence length and validation tokens; the learning rate is the size's preset one.
+With several seeds (`seeds`) every run is trained at each seed, which sets its initialisation and its data
+order (the same order for every architecture at one seed) and never the held-out split; each architecture
+is reported by its mean over the seeds with a 95 % t interval, and by its difference to dense paired by seed
+(mixturelm.stats).
 Mixture-of-Depths models are scored with causal routing (the token-by-token decisions of sampling), since
 the top-k routing of training looks at future tokens.
 
-Layout of --out: compare.json (the settings every run shares), runs/<name>/ (ordinary run directories),
-views/<name>/ (routing views), results.json, loss_vs_flops.png, loss_vs_forward_flops.png, isoflop.png
+Layout of --out: compare.json (the settings every run shares), runs/<name>/ (ordinary run directories; with
+several seeds runs/<name>/seed-<s>/, one per seed), views/<name>/ (routing views, of the first seed), results.json, loss_vs_flops.png, loss_vs_forward_flops.png, isoflop.png
 (with --sweep) and report.html. Run again with the same --out, it skips finished runs and resumes the one in
-progress.
+progress (with several seeds, per run and seed).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .flops import TRAIN_FLOPS_MULTIPLIER, active_params, forward_flops_per_toke
 from .mechanisms import registry
 from .model import MixtureLM
 from .presets import DEFAULT_ARCHS, PRESETS
+from .stats import mean_interval, paired_difference
 from .training import RunConfig, Trainer, loss_metrics, new_run_config, steps_in_budget
 from .training.metrics import metric_records
 from .training.run import train_flops_per_step
@@ -51,13 +56,15 @@ FAIR_RULE = (
     "and changes only what its mechanism changes, as its preset <arch>-<size> says (each run's description). "
     "Every run gets the "
     "same training-FLOP budget, counted for what it computes, so a cheaper architecture trains on more tokens "
-    "(the isoFLOP protocol of the MoD and PEER papers). Same data order, tokenizer, held-out split, batch, "
+    "(the isoFLOP protocol of the MoD and PEER papers). Same data order (at each seed), tokenizer, held-out "
+    "split, batch, "
     "sequence length and validation tokens; learning rate of the size's preset. MoD models are scored with "
     "causal routing (as they sample).")
 
 # Settings every run of a compare shares; a compare resumed in the same --out must give the same ones.
 SHARED_FIELDS = ("data", "tokenizer", "text_field", "val_fraction", "seed", "batch_size", "seq_len", "eval_tokens",
-                 "evals", "budgets")
+                 "evals", "budgets", "seeds")
+REFERENCE_ARCH = "dense"  # the architecture every other one is compared with, paired by seed
 
 
 @dataclass
@@ -71,6 +78,8 @@ class CompareConfig:
     text_field: str = "text"
     val_fraction: float = 0.02
     seed: int = 0
+    # several seeds: every run trained at each (initialisation and data order, never the held-out split); empty: `seed`
+    seeds: tuple[int, ...] = ()
     batch_size: int = 16
     seq_len: int = 256
     eval_tokens: int = 65536
@@ -93,29 +102,65 @@ class CompareConfig:
             raise UsageError(f"CompareConfig.budgets={budgets} must be positive and finite, e.g. 4e12")
         if len(set(self.budgets)) < len(self.budgets):
             raise UsageError(f"CompareConfig.budgets={budgets} names a budget twice; give each once")
+        self._check_seeds()
         if self.text is not None and not self.text.strip():
             raise UsageError("CompareConfig.text is empty; give some text for the routing views or none")
 
+    def _check_seeds(self) -> None:
+        seeds = ",".join(str(s) for s in self.seeds)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise UsageError(f"CompareConfig.seeds={seeds} must be integers >= 0, e.g. 0,1,2")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise UsageError(f"CompareConfig.seeds={seeds} names a seed twice; give each once")
+        if self.seeds and self.seed != 0 and tuple(self.seeds) != (self.seed,):
+            raise UsageError(f"CompareConfig.seed={self.seed} and CompareConfig.seeds={seeds} both given; give the "
+                             "seeds with CompareConfig.seeds alone")
+        if len(self.seeds) == 1:  # one seed is `seed`: the same compare, the same folders
+            self.seed, self.seeds = self.seeds[0], ()
+        self.seeds = tuple(self.seeds)
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every run is trained at."""
+        return self.seeds or (self.seed,)
+
     def shared(self) -> dict:
-        d = asdict(self)
+        d = asdict(self) | {"seeds": list(self.run_seeds)}
         return {k: list(d[k]) if isinstance(d[k], tuple) else d[k] for k in SHARED_FIELDS}
 
 
 @dataclass
 class RunPlan:
-    name: str
+    name: str  # the architecture at its size and budget, one row of the results whatever the seeds
     arch: str
     size: str
     budget: float
     config: RunConfig
     steps: int
+    seed: int = 0
+    folder: str = ""  # its run directory under runs/: the name, or name/seed-<s> with several seeds
+
+    def __post_init__(self) -> None:
+        self.folder = self.folder or self.name
+
+    @property
+    def label(self) -> str:
+        return self.name if self.folder == self.name else f"{self.name} seed {self.seed}"
 
 
 # ----------------------------------------------------------------------------------------------
 # Planning: everything that could reject the compare is checked before --out is touched
 
 def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
-    """One run per architecture, size and budget, with its steps in the budget."""
+    """One run per seed, architecture, size and budget, with its steps in the budget: seed by seed, so that a
+    compare stopped early has whole comparisons at its first seeds."""
+    runs = []
+    for seed in cc.run_seeds:
+        runs += _plan_seed(cc, vocab_size, seed)
+    return runs
+
+
+def _plan_seed(cc: CompareConfig, vocab_size: int, seed: int) -> list[RunPlan]:
     runs = []
     for arch in cc.archs:
         for size in cc.sizes:
@@ -127,7 +172,7 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
             for budget in cc.budgets:
                 cfg = new_run_config(preset, {
                     "max_flops": budget, "data": cc.data, "tokenizer": cc.tokenizer, "text_field": cc.text_field,
-                    "val_fraction": cc.val_fraction, "seed": cc.seed, "batch_size": cc.batch_size,
+                    "val_fraction": cc.val_fraction, "seed": seed, "batch_size": cc.batch_size,
                     "seq_len": cc.seq_len, "eval_tokens": cc.eval_tokens, "keep_ckpts": 1, "log_every": 1})
                 cfg.model = replace(cfg.model, vocab_size=vocab_size)
                 per_step = train_flops_per_step(cfg)
@@ -143,7 +188,8 @@ def plan_runs(cc: CompareConfig, vocab_size: int) -> list[RunPlan]:
                 # four checkpoints a run: a resume loses at most a quarter of it (peer-tiny's are 3 GB each)
                 cfg.train = replace(cfg.train, eval_every=every, ckpt_every=every * math.ceil(cc.evals / 4))
                 name = preset if len(cc.budgets) == 1 else f"{preset}-{budget:.3g}"
-                runs.append(RunPlan(name, arch, size, budget, cfg, steps))
+                folder = name if len(cc.run_seeds) == 1 else f"{name}/seed-{seed}"
+                runs.append(RunPlan(name, arch, size, budget, cfg, steps, seed, folder))
     return runs
 
 
@@ -164,7 +210,8 @@ def check_out_dir(out: Path, cc: CompareConfig, overwrite: bool) -> tuple[Output
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{marker} is unreadable; the compare is damaged, add `overwrite=True` to start it "
                          "again") from None
-    diff = [k for k in SHARED_FIELDS if saved.get(k) != cc.shared()[k]]
+    saved = {"seeds": [saved.get("seed")]} | saved  # compares from before several seeds had one
+    diff = [k for k in SHARED_FIELDS if k != "seed" and saved.get(k) != cc.shared()[k]]  # seeds holds seed
     if diff:
         k = diff[0]
         raise UsageError(f"`out` {out} holds a compare with {k} {saved.get(k)!r}, not {cc.shared()[k]!r}; give the "
@@ -207,18 +254,18 @@ def run_compare(cc: CompareConfig, out: Path, *, overwrite: bool = False, device
     runs = plan_runs(cc, data.tokenizer.vocab_size)
     if resume:  # every run folder checked before any run trains
         for r in runs:
-            finished_run(r, out / "runs" / r.name)
+            finished_run(r, out / "runs" / r.folder)
     folder.claim()  # every value checked: lock, empty when replacing, mark
     if not resume:
         write_json_atomic(out / "compare.json", {"shared": cc.shared(), "command": command,
                                                  "corpus": data.stats})
-    done_steps = {r.name: _finished_steps(out / "runs" / r.name) for r in runs}
-    bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.name], r.steps) for r in runs))
+    done_steps = {r.folder: _finished_steps(out / "runs" / r.folder) for r in runs}
+    bar = _outer_bar(progress, sum(r.steps for r in runs), sum(min(done_steps[r.folder], r.steps) for r in runs))
     rows = []
     try:
         for i, r in enumerate(runs):
-            run_dir = out / "runs" / r.name
-            _say(bar, log, f"[{i + 1}/{len(runs)}] {r.name}: {r.steps} steps in {r.budget:.3g} FLOPs")
+            run_dir = out / "runs" / r.folder
+            _say(bar, log, f"[{i + 1}/{len(runs)}] {r.label}: {r.steps} steps in {r.budget:.3g} FLOPs")
             rows.append(_run_one(r, run_dir, device, progress, bar, log))
         if bar is not None:
             bar.close()
@@ -282,7 +329,7 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
     """Train (or resume, or skip) one run; its summary with the load average around it."""
     finished = finished_run(r, run_dir)
     if finished is not None:
-        log(f"  {r.name}: finished earlier, skipped")
+        log(f"  {r.label}: finished earlier, skipped")
         return finished | {"skipped": True}
     started = (run_dir / checkpoint.CONFIG_FILE).is_file()
     resume = started and checkpoint.latest_pointer(run_dir) is not None
@@ -294,7 +341,7 @@ def _run_one(r: RunPlan, run_dir: Path, device: str, progress: bool, bar, log) -
     try:
         summary = trainer.run() | {"load_before": load_before, "load_after": os.getloadavg()[0]}
     except TrainingDiverged as e:  # compare sets every run's settings: the fix is not a resume with other ones
-        raise TrainingDiverged(f"{r.name} diverged at step {e.step} (its loss stopped being finite); a resumed "
+        raise TrainingDiverged(f"{r.label} diverged at step {e.step} (its loss stopped being finite); a resumed "
                                "compare would repeat it: start the compare again with `overwrite=True` and another "
                                "`seed` or `batch_size`, or leave that architecture out of `archs`", e.step) from None
     if trainer.dist.main:  # kept with the run, so a resumed compare still reports it
@@ -330,11 +377,68 @@ def _say(bar, log, msg: str) -> None:
 # Results
 
 def collect(cc: CompareConfig, out: Path, runs: list[RunPlan], summaries: list[dict], data, command: str) -> dict:
-    rows = [_row(r, s, data, out / "runs" / r.name) for r, s in zip(runs, summaries)]
+    """The results: one row per architecture, size and budget, over its seeds (see seed_row)."""
+    by_name: dict[str, list[dict]] = {}
+    for r, s in zip(runs, summaries):
+        by_name.setdefault(r.name, []).append(_row(r, s, data, out / "runs" / r.folder) | {"seed": r.seed})
+    rows = [seed_row(seed_rows, data.val.bytes_per_token) for seed_rows in by_name.values()]
+    add_differences(rows)
     if cc.sweep:
         mark_isoflop_optimal(rows)
     return {"command": command, "machine": machine(), "rule": FAIR_RULE, "settings": json.loads(json.dumps(asdict(cc))),
             "corpus": data.stats, "runs": rows}
+
+
+# What differs between the seeds of a run and is averaged in its row (the rest is the same at every seed, or is
+# the routers' statistics, kept in per_seed).
+MEAN_FIELDS = ("val_loss_topk", "train_flops_realized", "tokens_per_s", "wall_s")
+
+
+def seed_row(seed_rows: list[dict], bytes_per_token: float) -> dict:
+    """One run's row over its seeds. One seed: the run's own row. Several: val_loss (with val_ppl and val_bpb
+    from it), the curve and MEAN_FIELDS are means over the seeds, and per_seed holds every seed's own row. Both
+    have seeds, val_loss_per_seed and val_loss_interval (mixturelm.stats: none for one seed)."""
+    losses = [r["val_loss"] for r in seed_rows]
+    stats = {"seeds": [r["seed"] for r in seed_rows], "val_loss_per_seed": losses,
+             "val_loss_interval": mean_interval(losses).to_dict()}
+    if len(seed_rows) == 1:
+        return seed_rows[0] | stats
+    first = seed_rows[0]
+    routers = {m.summary_key for m in registry.all_mechanisms()}  # their statistics stay with each seed
+    row = {k: v for k, v in first.items() if k not in {"seed", "curve", "load_average", *MEAN_FIELDS, *routers}}
+    row |= loss_metrics(stats["val_loss_interval"]["mean"], bytes_per_token)
+    for k in MEAN_FIELDS:
+        values = [r.get(k) for r in seed_rows]
+        if all(v is not None for v in values):
+            row[k] = sum(values) / len(values)
+    return row | {"curve": mean_curve([r["curve"] for r in seed_rows])} | stats | {"per_seed": seed_rows}
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """The mean loss at each evaluation the seeds' curves share (all of them: the steps are the budget's)."""
+    common = set.intersection(*({x for x, _ in c} for c in curves))
+    points: dict[float, list[float]] = {}
+    for c in curves:
+        for x, y in c:
+            if x in common:
+                points.setdefault(x, []).append(y)
+    return [[x, sum(ys) / len(ys)] for x, ys in sorted(points.items())]
+
+
+def add_differences(rows: list[dict]) -> None:
+    """Every row's difference to dense of its size and budget, paired by seed: vs_dense (none for dense itself,
+    or where no dense was trained)."""
+    reference = {(r["size"], r["budget_flops"]): r for r in rows if r["arch"] == REFERENCE_ARCH}
+    for row in rows:
+        ref = reference.get((row["size"], row["budget_flops"]))
+        if ref is None or ref is row:
+            continue
+        paired = dict(zip(ref["seeds"], ref["val_loss_per_seed"]))
+        mine = [loss for seed, loss in zip(row["seeds"], row["val_loss_per_seed"]) if seed in paired]
+        theirs = [paired[seed] for seed in row["seeds"] if seed in paired]
+        d = paired_difference(mine, theirs)
+        row["vs_dense"] = ({"reference": ref["name"], "per_seed": [a - b for a, b in zip(mine, theirs)]}
+                           | d.to_dict() | {"resolved": d.resolved})  # resolved: the interval excludes 0
 
 
 def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:

@@ -11,10 +11,28 @@ from pathlib import Path
 from .ensemble.report import print_table
 from .files import write_text_atomic
 from .plotting import pyplot
+from .stats import Interval, describe
 from .training.summary import describe_summary
 
 TABLE_HEADER = ["run", "total params", "active params", "fwd FLOPs/token", "train FLOPs", "steps", "tokens",
-                "val loss", "ppl", "bits/byte", "tokens/s", "wall s"]
+                "val loss", "ppl", "bits/byte", "seeds", "vs dense, paired by seed", "tokens/s", "wall s"]
+
+
+def interval(d: dict) -> Interval:
+    """A results.json interval (mixturelm.stats.Interval.to_dict) back as an Interval."""
+    return Interval(d["n"], d["mean"], d["low"], d["high"], d["confidence"])
+
+
+def loss_cell(r: dict) -> str:
+    """The mean validation loss, ± the half-width of its 95 % interval with several seeds."""
+    half = r.get("val_loss_interval", {}).get("half_width")
+    return f"{r['val_loss']:.4f}" + (f" ± {half:.4f}" if half is not None else "")
+
+
+def difference_cell(r: dict) -> str:
+    if "vs_dense" in r:
+        return describe(interval(r["vs_dense"]))
+    return "reference" if r["arch"] == "dense" else "-"
 
 
 def table_rows(runs: list[dict]) -> list[list[str]]:
@@ -23,10 +41,42 @@ def table_rows(runs: list[dict]) -> list[list[str]]:
         name = r["name"] + (" *" if r.get("isoflop_optimal") else "")
         rows.append([name, f"{r['total_params']:,}", f"{r['active_params']:,.0f}",
                      f"{r['forward_flops_per_token']:.3g}", f"{r['train_flops']:.3g}", f"{r['steps']:,}",
-                     f"{r['tokens']:,}", f"{r['val_loss']:.4f}", f"{r['val_ppl']:.3f}", f"{r['val_bpb']:.4f}",
+                     f"{r['tokens']:,}", loss_cell(r), f"{r['val_ppl']:.3f}", f"{r['val_bpb']:.4f}",
+                     str(len(r.get("seeds", [None]))), difference_cell(r),
                      f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-",
                      f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"])
     return rows
+
+
+def differences_sentence(runs: list[dict]) -> str:
+    """Which differences to dense are resolved (their 95 % interval excludes 0) and which are not."""
+    compared = [r for r in runs if "vs_dense" in r]
+    if not compared:
+        return "No dense run of the same size and budget: no differences to dense."
+    resolved = [r for r in compared if r["vs_dense"]["resolved"]]
+    unresolved = [r for r in compared if not r["vs_dense"]["resolved"]]
+    n = min(r["vs_dense"]["n"] for r in compared)
+    if n == 1:
+        return ("One seed: no interval, so no difference to dense is resolved (" +
+                "; ".join(f"{r['name']} {r['vs_dense']['mean']:+.4f}" for r in compared) + "). Give --seeds to tell.")
+
+    def listed(group: list[dict]) -> str:
+        return "; ".join(f"{r['name']} {describe(interval(r['vs_dense'])).rsplit(',', 1)[0]}" for r in group) or "none"
+    return (f"Differences to dense, paired by seed, with 95 % t intervals over {n} seeds. Resolved (the interval "
+            f"excludes 0): {listed(resolved)}. Not resolved (the interval holds 0): {listed(unresolved)}.")
+
+
+def first_seed(row: dict) -> dict:
+    """The row of a run's first seed: its routing views and routers' statistics are that seed's."""
+    return row["per_seed"][0] if "per_seed" in row else row
+
+
+def _error_bars(ax, xs: list[float], runs: list[dict], color: str) -> None:
+    """The 95 % intervals of the mean losses, where there are several seeds."""
+    for x, r in zip(xs, runs):
+        half = r.get("val_loss_interval", {}).get("half_width")
+        if half is not None:
+            ax.errorbar([x], [r["val_loss"]], yerr=[half], fmt="none", ecolor=color, capsize=3, lw=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +130,10 @@ def plot_loss_vs_flops(runs: list[dict], path: Path) -> None:
     for r in runs:
         if r["curve"]:
             x, y = zip(*r["curve"])
-            ax.plot(x, y, styles[r["size"]], color=colors[r["arch"]], marker="o", ms=3, label=r["name"])
+            n = len(r.get("seeds", [None]))
+            ax.plot(x, y, styles[r["size"]], color=colors[r["arch"]], marker="o", ms=3,
+                    label=r["name"] + (f" (mean of {n} seeds)" if n > 1 else ""))
+            _error_bars(ax, [x[-1]], [r], colors[r["arch"]])
     _save(fig, ax, path, "training FLOPs", "validation loss (nats/token)", "Validation loss against training compute")
 
 
@@ -97,6 +150,7 @@ def plot_loss_vs_forward_flops(runs: list[dict], path: Path) -> None:
             if group:
                 ax.plot([r["forward_flops_per_token"] for r in group], [r["val_loss"] for r in group], styles[b],
                         marker="o", color=colors[arch], label=arch if len(budgets) == 1 else f"{arch}, {b:.3g} FLOPs")
+                _error_bars(ax, [r["forward_flops_per_token"] for r in group], group, colors[arch])
     for r in runs:
         ax.annotate(r["name"], (r["forward_flops_per_token"], r["val_loss"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
@@ -116,6 +170,7 @@ def plot_isoflop(runs: list[dict], path: Path) -> None:
                            key=lambda r: r["total_params"])
             ax.plot([r["total_params"] for r in group], [r["val_loss"] for r in group], styles[b], marker="o",
                     color=colors[arch], label=f"{arch}, {b:.3g} FLOPs")
+            _error_bars(ax, [r["total_params"] for r in group], group, colors[arch])
             best = [r for r in group if r.get("isoflop_optimal")]
             ax.plot([r["total_params"] for r in best], [r["val_loss"] for r in best], "*", ms=16,
                     color=colors[arch], markeredgecolor="black")
@@ -163,29 +218,38 @@ def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str
     head = "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
     best = min(results["runs"], key=lambda r: r["val_loss"])
+    n_seeds = len(best.get("seeds", [None]))
     runs_by_name = {r["name"]: r for r in results["runs"]}
     m = results["machine"]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         "<title>mixturelm compare</title>", f"<style>{CSS}</style></head><body>",
         "<h1>mixturelm compare: architectures at equal training compute</h1>",
-        f"<p>Lowest validation loss: <b>{e(best['name'])}</b> ({best['val_loss']:.4f} nats/token, "
-        f"{best['val_bpb']:.4f} bits/byte).</p>",
+        f"<p>Lowest {'mean ' if n_seeds > 1 else ''}validation loss: <b>{e(best['name'])}</b> "
+        f"({loss_cell(best)} nats/token, {best['val_bpb']:.4f} bits/byte"
+        f"{f', over {n_seeds} seeds' if n_seeds > 1 else ', one seed'}).</p>",
+        f"<p>{e(differences_sentence(results['runs']))}</p>",
         f"<table class=\"results\"><tr>{head}</tr>{body}</table>",
-        "<p>Validation loss in nats per token over the same held-out tokens for every run; MoD models are "
-        "scored with causal routing. Active parameters: those one token uses, on average. "
-        "A star marks the isoFLOP-optimal size of an architecture (with --sweep).</p>",
+        "<p>Validation loss in nats per token over the same held-out tokens for every run and seed; MoD models "
+        "are scored with causal routing. With several seeds (each sets a run's initialisation and data order, "
+        "never the held-out tokens) the loss is the mean over the seeds ± the half-width of its 95 % Student-t "
+        "interval, perplexity and bits per byte are those of the mean loss, and a run's difference to dense of "
+        "its size and budget is the mean of the per-seed differences with its 95 % t interval: resolved when "
+        "the interval excludes 0. One seed gives no interval and resolves nothing. Active parameters: those one "
+        "token uses, on average. A star marks the isoFLOP-optimal size of an architecture (with --sweep, by the "
+        "mean loss).</p>",
         f"<h2>How the sizes were chosen</h2><p>{e(results['rule'])}</p>",
         "<ul>" + "".join(f"<li><b>{e(r['name'])}</b>: {e(r['description'])}</li>" for r in results["runs"]) + "</ul>",
         "<h2>Plots</h2>", *(_img(out / p, p) for p in plots),
         "<h2>Routing views</h2>",
+        *(["<p>The views and statistics are those of each run's first seed.</p>"] if n_seeds > 1 else []),
         "<p>What each run's routers did on the same text (the start of the held-out split unless --text was "
         "given). The line above each run's views is measured on other tokens: the last training batch and "
         "the whole validation split, as it says. Shares measured on one text differ from those: MoD's top-k "
         "takes exactly its capacity of every window, but its causal rule (what sampling does) lets a token in "
         "when its score passes a threshold set during training, so it takes more of some texts and less of "
         "others; PEER's usage grows with the number of tokens it sees.</p>",
-        *(f'<section class="run"><h3>{e(name)}</h3><p>{e(routing_statistics(runs_by_name[name]))}</p>{fragment}'
+        *(f'<section class="run"><h3>{e(name)}</h3><p>{e(routing_statistics(first_seed(runs_by_name[name])))}</p>{fragment}'
           "</section>" for name, fragment in views.items()),
         "<h2>Command and machine</h2>", f"<pre>{e(results['command'])}</pre>",
         f"<pre>{e(json.dumps(m, indent=1))}</pre>",
@@ -223,8 +287,8 @@ def routing_views_of_runs(out: Path, runs, data, cc) -> dict[str, str]:
     else:
         ids = torch.from_numpy(np.asarray(data.val.tokens[:cc.view_tokens], dtype=np.int64))
     fragments = {}
-    for r in runs:
-        model, _, tokenizer, _ = checkpoint.load_model(out / "runs" / r.name)
+    for r in [r for r in runs if r.seed == runs[0].seed]:  # the first seed's: one view per run
+        model, _, tokenizer, _ = checkpoint.load_model(out / "runs" / r.folder)
         views = routing_views(model, tokenizer, ids, title=r.name, window=cc.seq_len)  # windows as trained
         view_dir = out / "views" / r.name
         view_dir.mkdir(parents=True, exist_ok=True)
