@@ -148,6 +148,19 @@ def choose(variant: Variant, dev: list[Scored], n: int) -> tuple[dict, list[dict
     return tried[best]["params"], tried
 
 
+def shown(identity: str) -> str:
+    """A document's identity as results.json records it: relative to the working folder, or under "stdlib/"
+    for the standard library's, so that a record names no machine's paths."""
+    import os
+    import sysconfig
+
+    std = sysconfig.get_paths()["stdlib"]
+    if identity.startswith(std + os.sep):
+        return "stdlib/" + os.path.relpath(identity, std)
+    rel = os.path.relpath(identity) if os.path.isabs(identity) else identity
+    return identity if rel.startswith("..") else rel
+
+
 def _params_text(params: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in params.items()) or "(none)"
 
@@ -225,7 +238,7 @@ def run_tune(expert_paths: list[str], dev_data: str, test_data: str, out, segmen
 
     log("mixing the test streams with the development choices ...")
     test_results = [{"sources": s.sources, "segments": [{"source": s.sources[g.source], "bytes": g.n_bytes,
-                                                          "documents": list(g.documents)} for g in s.segments],
+                                                          "documents": [shown(d) for d in g.documents]} for g in s.segments],
                      "result": evaluate([s])} for s in test]
     pooled = evaluate(test) if len(test) > 1 else None
     dev_rows = evaluate(dev)
@@ -239,7 +252,7 @@ def run_tune(expert_paths: list[str], dev_data: str, test_data: str, out, segmen
                     "one shares a document with a stream of the other",
         "grids": {v.name: {k: list(vals) for k, vals in v.grid.items()} for v in all_variants},
         "dev": {"streams": [{"sources": s.sources, "segments": [{"source": s.sources[g.source], "bytes": g.n_bytes,
-                                                                  "documents": list(g.documents)}
+                                                                  "documents": [shown(d) for d in g.documents]}
                                                                  for g in s.segments]} for s in dev],
                 "chosen": chosen, "tried": grid_results, "result": dev_rows},
         "test": test_results, "test_pooled": pooled,
