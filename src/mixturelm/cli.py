@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shlex
@@ -411,6 +412,53 @@ def _add_ensemble(sub) -> None:
     m.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
     m.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
     m.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    _add_ensemble_tune(what)
+
+
+def _floats(text: str, what: str, low: float, high: float, high_included: bool = False) -> tuple[float, ...]:
+    """A comma-separated grid of numbers in (low, high) (or (low, high]), or one line naming the bad value."""
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: give numbers separated by commas") from None
+    bad = [v for v in vals if not (low < v < high or (high_included and v == high))]
+    if not vals or bad:
+        interval = f"({low:g}, {high:g}{']' if high_included else ')'}"
+        raise UsageError(f"{what} {text!r}: every value must be in {interval}"
+                         + (f", got {bad[0]:g}" if bad else ", and at least one given"))
+    return vals
+
+
+def _add_ensemble_tune(what) -> None:
+    from .ensemble import tune
+
+    g = lambda vals: ",".join(f"{v:g}" for v in vals)  # noqa: E731
+    t = what.add_parser("tune", help="choose aggregators on development streams, report them on test streams",
+                        description="Each aggregator variant's hyper-parameters are chosen on development streams "
+                                    "(the dev half of each source's held-out documents), then every variant is "
+                                    "reported on test streams (the test half; other source pairs too) against "
+                                    "Fixed-Share and the best expert, with 95 percent intervals over segments.")
+    t.add_argument("--experts", nargs="+", required=True, help="run directories, checkpoints or Hugging Face folders "
+                                                               "of causal LMs, all with the same tokenizer")
+    t.add_argument("--dev-data", required=True, help="development streams: sources separated by ',', streams by ';'")
+    t.add_argument("--test-data", required=True, help="test streams, written like --dev-data, e.g. 'A,B;A,C'")
+    t.add_argument("--out", required=True, help="folder for results.json and report.md")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
+    t.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
+    t.add_argument("--segments", type=int, default=12, help="segments per stream (default 12)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction defining each source's unseen documents (default: the smallest of the "
+                        "mixturelm experts)")
+    t.add_argument("--switch-rates", default=g(tune.SWITCH_RATES),
+                   help=f"grid of switching rates per token, fixed-share and moe-f (default {g(tune.SWITCH_RATES)})")
+    t.add_argument("--noises", default=g(tune.NOISES), help=f"grid of moe-f's noise (default {g(tune.NOISES)})")
+    t.add_argument("--discounts", default=g(tune.DISCOUNTS),
+                   help=f"grid of the Gibbs scores' discount, in (0, 1] (default {g(tune.DISCOUNTS)})")
+    t.add_argument("--windows", default=g(tune.WINDOWS), help=f"grid of window-softmin's window (default "
+                                                               f"{g(tune.WINDOWS)})")
+    t.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
+    t.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
+    t.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
 
 
 def cmd_ensemble(args) -> None:
@@ -437,6 +485,19 @@ def cmd_ensemble(args) -> None:
             raise UsageError(f"--permutations must be >= 100, got {args.permutations}")
         nifty.run_benchmark(root, seeds, pools, args.resamples, not args.no_history, out, log=log, audit=args.audit,
                             permutations=args.permutations)
+    elif args.what == "tune":
+        from .ensemble import tune
+        from .training import resolve_device
+
+        windows = _floats(args.windows, "--windows", 0, math.inf)
+        if any(w != int(w) for w in windows):
+            raise UsageError(f"--windows {args.windows!r}: windows are whole numbers of tokens")
+        grids = {"switch_rates": _floats(args.switch_rates, "--switch-rates", 0, 1),
+                 "noises": _floats(args.noises, "--noises", 0, math.inf),
+                 "discounts": _floats(args.discounts, "--discounts", 0, 1, high_included=True),
+                 "windows": tuple(int(w) for w in windows)}
+        tune.run_tune(args.experts, args.dev_data, args.test_data, out, args.segment_len, args.segments,
+                      args.val_fraction, args.text_field, resolve_device(args.device), args.resamples, grids, log=log)
     else:
         from .ensemble import lm_stream
         from .training import resolve_device

@@ -69,7 +69,9 @@ def resolve(data: str | None) -> list[Source]:
     for spec in (s.strip() for s in data.split(",")):
         if not spec:
             continue
-        if spec.startswith("hf:"):
+        if spec == DEFAULT_CORPUS:  # the standard library's code beside other sources: "stdlib,notes/"
+            sources.append(Source(DEFAULT_CORPUS, stdlib_files(), root=Path(sysconfig.get_paths()["stdlib"])))
+        elif spec.startswith("hf:"):
             parts = spec[3:].split(":")
             if not parts[0] or len(parts) > 2:
                 raise UsageError(f"`data` {spec!r}: write hf:NAME or hf:NAME:CONFIG")

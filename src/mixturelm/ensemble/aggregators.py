@@ -203,20 +203,40 @@ class MoEF(Aggregator):
     Switches `use_filter`, `use_gibbs`, `use_q_update` turn each step off for ablation: without filters each
     proposal is its own expert (Step 2 alone is then Hedge); without Gibbs the proposals are averaged;
     without Step 3 Q stays at its start, the generator of uniform pibar (Fixed-Share's transition).
+
+    Two variants, off by default:
+    `score_discount` gamma in (0, 1]: S_n <- gamma S_n + (loss of proposal n), so the Gibbs step forgets
+      old losses at rate 1 - gamma (gamma = 1: the paper's cumulative scores).
+    `mixture="posterior"`: no Gibbs step; the weights are the posterior of one filter that conditions on all
+      N losses, p(i | l_1..l_N) ∝ p(i) prod_n N(l_n; A[n, i], V[n, i] + noise^2), the losses being taken as
+      independent given the state. That is the product of the N filters' one-step posteriors divided by
+      the prior^(N-1) only while the state cannot move; once it can, the N separately predicted posteriors
+      no longer multiply to the joint one, so one joint filter is kept. Its transition is the generator of
+      uniform pibar (Fixed-Share's): Step 3 with pibar = the filter's own posterior would leave it
+      unchanged (post @ (alpha I + (1 - alpha) 1 post^T) = post), i.e. never switch.
     """
 
     name = "moe-f"
 
     def __init__(self, n: int, alpha: float = 0.9, lam: float | str = "anytime", noise: float = 0.5,
                  dt: float = 1.0, mix: str = "linear", scale: float = 1.0, use_filter: bool = True,
-                 use_gibbs: bool = True, use_q_update: bool = True) -> None:
+                 use_gibbs: bool = True, use_q_update: bool = True, score_discount: float = 1.0,
+                 mixture: str = "gibbs") -> None:
         super().__init__(n)
         if not 0 < alpha < 1:
             raise UsageError(f"moe-f alpha must be in (0, 1), got {alpha}")
         if mix not in ("linear", "log"):
             raise UsageError(f"mix must be 'linear' or 'log', got {mix!r}")
+        if not 0 < score_discount <= 1:
+            raise UsageError(f"moe-f score_discount must be in (0, 1], got {score_discount}")
+        if mixture not in ("gibbs", "posterior"):
+            raise UsageError(f"moe-f mixture must be 'gibbs' or 'posterior', got {mixture!r}")
+        if noise <= 0 and mixture == "posterior":
+            raise UsageError(f"moe-f noise must be > 0 for the posterior mixture, got {noise}")
         self.alpha, self.lam, self.noise, self.dt, self.mix, self.scale = alpha, lam, noise, dt, mix, scale
         self.use_filter, self.use_gibbs, self.use_q_update = use_filter, use_gibbs, use_q_update
+        self.score_discount, self.mixture = score_discount, mixture
+        self.pi_N = np.full(n, 1.0 / n)  # mixture "posterior": the joint filter's predicted posterior
         self.pi_NN = np.full((n, n), 1.0 / n)  # row n: filter n's predicted posterior over states
         self.scores = np.zeros(n)
         self.Q = moef_generator(np.full(n, 1.0 / n), alpha)
@@ -232,17 +252,30 @@ class MoEF(Aggregator):
         return softmin(self.scores / self.scale, lam)
 
     def weights(self) -> np.ndarray:
+        if self.mixture == "posterior":
+            return self.pi_N.copy()
         return self.gibbs() @ self.proposals()
+
+    def _loglik(self, losses_N: np.ndarray, signal) -> np.ndarray:
+        """(N, N): log N(l_n; A[n, i], V[n, i] + noise^2), row n the filter of expert n, column i the state."""
+        if signal is None:
+            raise UsageError("moe-f needs the forecasts' signal (A, V) at every step; see losses.py")
+        a_NN, v_NN = (np.asarray(s, dtype=float) for s in signal)
+        var = v_NN + self.noise ** 2
+        return -0.5 * (losses_N[:, None] - a_NN) ** 2 / var - 0.5 * np.log(var)
 
     def update(self, losses, signal=None) -> None:
         losses_N = self._check(losses)
-        self.scores += mixture_loss(self.proposals(), losses_N, self.mix)  # what each proposal just lost
+        if self.mixture == "posterior":  # one filter conditioned on every expert's loss
+            joint = self._loglik(losses_N, signal).sum(0)
+            post = self.pi_N * np.exp(joint - joint.max())
+            self.pi_N = (post / post.sum()) @ self._transition
+            self.pi_N /= self.pi_N.sum()
+            return
+        # what each proposal just lost, older losses discounted by score_discount (1: cumulative)
+        self.scores = self.score_discount * self.scores + mixture_loss(self.proposals(), losses_N, self.mix)
         if self.use_filter:
-            if signal is None:
-                raise UsageError("moe-f needs the forecasts' signal (A, V) at every step; see losses.py")
-            a_NN, v_NN = (np.asarray(s, dtype=float) for s in signal)
-            var = v_NN + self.noise ** 2
-            loglik = -0.5 * (losses_N[:, None] - a_NN) ** 2 / var - 0.5 * np.log(var)  # filter n, state i
+            loglik = self._loglik(losses_N, signal)
             post = self.pi_NN * np.exp(loglik - loglik.max(1, keepdims=True))
             post /= post.sum(1, keepdims=True)
         if self.use_q_update:

@@ -9,6 +9,9 @@ Dimension letters: N experts, L tokens of a segment, V vocabulary, T tokens of t
   puts in validation at the smallest val_fraction of the mixturelm experts, so none of them trained on them
   (the validation sets of larger fractions contain it). With Hugging Face experts alone `val_fraction` must
   be given: which documents such a model trained on is unknown.
+- `part` "dev" or "test" halves that held-out set again, by a hash of each document's name with its own salt
+  (dev_or_test): the development streams, on which variants and hyper-parameters are chosen, and the test
+  streams, on which they are reported, never share a document. "all" keeps the whole held-out set.
 - Segment k comes from source k mod S: `segment_len` + 1 consecutive tokens of that source's held-out
   stream, the segments of a source spread evenly over it; the first token is context, the others are
   scored. Each expert conditions on the segment only (no BOS is added), in windows of its context that
@@ -26,7 +29,9 @@ Dimension letters: N experts, L tokens of a segment, V vocabulary, T tokens of t
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +44,11 @@ from . import aggregators as ag
 from .experts import MIXTURELM, Expert, expert_kind, load_experts
 from .losses import LogLoss
 
-__all__ = ["Expert", "Segment", "build_stream", "load_experts", "next_token_logprobs", "run_lm", "segment_losses"]
+__all__ = ["Expert", "PARTS", "Segment", "build_stream", "dev_or_test", "load_experts", "next_token_logprobs",
+           "run_lm", "segment_losses"]
+
+PARTS = ("all", "dev", "test")
+DEV_TEST_SALT = "mixturelm: development or test half of the held-out documents\n"
 
 
 @dataclass
@@ -47,6 +56,51 @@ class Segment:
     source: int
     tokens: np.ndarray  # (L + 1,), the first is context only
     n_bytes: int  # bytes of text of the L scored tokens
+    documents: tuple[str, ...] = ()  # the documents its tokens come from (part "dev" or "test": file paths)
+
+
+def dev_or_test(name: str) -> str:
+    """The half of the held-out documents a document belongs to: a hash of its name, salted so that it is
+    independent of the training/validation split (corpus.is_validation hashes the bare name)."""
+    h = hashlib.sha256((DEV_TEST_SALT + name).encode("utf-8", "surrogatepass")).digest()
+    return "dev" if h[0] < 128 else "test"
+
+
+def held_out_documents(source: str, val_fraction: float, part: str, text_field: str = "text"):
+    """(identity, document) of the held-out documents of `source` in half `part`, in corpus order. The
+    identity is the document's real path (with ':line' for .jsonl records), so that two spellings of one
+    source (a folder and a glob inside it) are seen to share documents."""
+    from ..data import corpus
+
+    if part not in ("dev", "test"):
+        raise UsageError(f"`part` must be one of {', '.join(PARTS)}, got {part!r}")
+    found = []
+    for src in corpus.resolve(source):
+        docs = corpus.read_documents([src], text_field)
+        _, val, how = corpus.split(docs, val_fraction)
+        if how != "by document":
+            raise UsageError(f"source {src.spec!r} has too few documents to hold whole documents out at val_fraction "
+                             f"{val_fraction} ({how}); a development/test split needs a source of many documents")
+        base = src.root if src.root is not None else (src.files[0].parent if src.files else None)
+        for d in val:
+            if dev_or_test(d.name) == part:
+                found.append((os.path.realpath(base / d.name) if base is not None else f"{src.spec}:{d.name}", d))
+    return found
+
+
+def _part_stream(source: str, tokenizer, val_fraction: float, part: str, text_field: str):
+    """The tokens of a source's held-out documents of one half, joined by the end-of-document token, and the
+    identity of the document each token comes from."""
+    docs = held_out_documents(source, val_fraction, part, text_field)
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    pieces, owner = [], []
+    for k, (_, d) in enumerate(docs):
+        ids = np.concatenate([np.asarray(tokenizer.encode(d.data), dtype=np.int64), np.array(eos, dtype=np.int64)])
+        pieces.append(ids)
+        owner.append(np.full(len(ids), k))
+    if not pieces:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), []
+    return np.concatenate(pieces), np.concatenate(owner), [i for i, _ in docs]
 
 
 def _bytes_of(tokenizer, ids: np.ndarray) -> int:
@@ -56,22 +110,34 @@ def _bytes_of(tokenizer, ids: np.ndarray) -> int:
 
 
 def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fraction: float, text_field: str,
-                 segment_len: int, n_segments: int, log=print) -> list[Segment]:
+                 segment_len: int, n_segments: int, log=print, part: str = "all") -> list[Segment]:
+    """Segments taken in turn from `sources`, from the documents the split at `val_fraction` holds out:
+    all of them (`part` "all") or the development or test half of them ("dev", "test"; each segment then
+    names its documents)."""
     from ..data.tokens import prepare
 
     if len(sources) < 2:
         raise UsageError(f"`data` needs at least two sources separated by commas, got {len(sources)}")
     if segment_len < 1 or n_segments < 1:
         raise UsageError(f"`segment_len` and `segments` must be >= 1, got {segment_len} and {n_segments}")
-    held_out = []
+    if part not in PARTS:
+        raise UsageError(f"`part` must be one of {', '.join(PARTS)}, got {part!r}")
+    held_out, owners, identities = [], [], []
     for src in sources:
-        data = prepare(src, tokenizer_spec, val_fraction, text_field, tokenizer, log=log)
-        held_out.append(np.asarray(data.val.tokens))
+        if part == "all":
+            data = prepare(src, tokenizer_spec, val_fraction, text_field, tokenizer, log=log)
+            held_out.append(np.asarray(data.val.tokens))
+        else:
+            toks, owner, ids = _part_stream(src, tokenizer, val_fraction, part, text_field)
+            held_out.append(toks)
+            owners.append(owner)
+            identities.append(ids)
     starts = []
+    what = "held-out tokens" if part == "all" else f"held-out tokens in the {part} half"
     for s, toks in enumerate(held_out):
         count = len(range(s, n_segments, len(sources)))
         if len(toks) < count * (segment_len + 1):
-            raise UsageError(f"source {sources[s]!r} has {len(toks):,} held-out tokens, fewer than the "
+            raise UsageError(f"source {sources[s]!r} has {len(toks):,} {what}, fewer than the "
                              f"{count} segments of {segment_len} + 1 it must give; lower `segments` or "
                              "`segment_len`, or give more text")
         # spread evenly over the held-out text, so that the stream is not just its first documents
@@ -79,8 +145,10 @@ def build_stream(sources: list[str], tokenizer, tokenizer_spec: str, val_fractio
     segs = []
     for k in range(n_segments):
         s, j = k % len(sources), k // len(sources)
-        toks = held_out[s][starts[s][j]: starts[s][j] + segment_len + 1].astype(np.int64)
-        segs.append(Segment(s, toks, _bytes_of(tokenizer, toks[1:])))
+        a = starts[s][j]
+        toks = held_out[s][a: a + segment_len + 1].astype(np.int64)
+        docs = () if part == "all" else tuple(identities[s][k] for k in np.unique(owners[s][a: a + segment_len + 1]))
+        segs.append(Segment(s, toks, _bytes_of(tokenizer, toks[1:]), docs))
     return segs
 
 
