@@ -36,7 +36,7 @@ def test_skinny_kernel_matches_the_written_out_sum(M, N, K):
 @needs_kernel
 def test_linear_takes_the_kernel_only_without_autograd_and_at_few_rows():
     layer = Linear(24, 12, bias=True).double()
-    few, many = torch.randn(2, 3, 24, dtype=torch.float64), torch.randn(SKINNY_ROWS[1] + 1, 24, dtype=torch.float64)
+    few, many = torch.randn(2, 3, 24, dtype=torch.float64), torch.randn(SKINNY_ROWS + 1, 24, dtype=torch.float64)
     with torch.no_grad():
         assert _use_skinny(few, layer.weight) and not _use_skinny(many, layer.weight)
         torch.testing.assert_close(layer(few), F.linear(few, layer.weight, layer.bias), rtol=1e-12, atol=1e-12)

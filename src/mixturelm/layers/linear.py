@@ -16,14 +16,12 @@ from torch import nn
 
 from . import kernels
 
-# The rows where the kernel beats torch's CPU matmul (benchmarks/mod/skinny_matmul.py): from 4, below which
-# torch has a matrix-vector path, up to 16, above which its blocked matmul wins.
-SKINNY_ROWS = (4, 16)
+SKINNY_ROWS = 8  # above this, torch's blocked matmul is the faster one (benchmarks/mod/skinny_matmul.py)
 
 
 def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (SKINNY_ROWS[0] <= rows <= SKINNY_ROWS[1] and x.device.type == "cpu" and x.dtype == weight.dtype
+    return (0 < rows <= SKINNY_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype
             and x.dtype in (torch.float32, torch.float64)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
