@@ -31,7 +31,6 @@ import torch
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 #define PF 4  /* rows prefetched ahead */
 
 #define GATHER_DOT(NAME, T)                                                                           \
@@ -147,67 +146,6 @@ static inline double sqrtf_double(double x) { return sqrt(x); }
 ROW_ADAM(row_adam_f32, float)
 ROW_ADAM(row_adam_f64, double)
 
-/* Decoding's weight products: y (M, N) = x (M, K) w (N, K)^T (+ bias), for a few rows M. Each thread streams
-   its share of w once, four rows at a time, and takes all M rows' dot products with them while they sit in L1,
-   two rows of x at a time: eight vector accumulators, six loads per eight fused multiply-adds. torch's CPU
-   matmul at a few rows reads the weight at a fraction of the memory's rate. */
-#ifdef __AVX512F__
-#define VBYTES 64
-#else
-#define VBYTES 32
-#endif
-typedef float vec_float __attribute__((vector_size(VBYTES)));
-typedef double vec_double __attribute__((vector_size(VBYTES)));
-
-/* y[m, n..n+3] and, when two, y[m+1, n..n+3]: the accumulators are named, not an array, so that they live in
-   registers (eight of them, plus four of w and two of x) */
-#define LOADV(T, v, p) vec_##T v; memcpy(&v, (p), VBYTES)
-#define SKINNY_TILE(T)                                                                             \
-static inline T hsum_##T(vec_##T v) { T s = 0; for (int l = 0; l < (int)(VBYTES / sizeof(T)); ++l) s += v[l]; return s; } \
-static inline void skinny_tile_##T(const T* x, const T* w, T* y, int two, int64_t N, int64_t K) {  \
-    const int64_t L = VBYTES / sizeof(T);                                                          \
-    const T *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K, *x1 = two ? x + K : x;        \
-    vec_##T a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};        \
-    int64_t k = 0;                                                                                 \
-    for (; k + L <= K; k += L) {                                                                   \
-        LOADV(T, v0, w0 + k); LOADV(T, v1, w1 + k); LOADV(T, v2, w2 + k); LOADV(T, v3, w3 + k);    \
-        LOADV(T, u, x + k);                                                                        \
-        a0 += u * v0; a1 += u * v1; a2 += u * v2; a3 += u * v3;                                    \
-        if (two) { LOADV(T, z, x1 + k); b0 += z * v0; b1 += z * v1; b2 += z * v2; b3 += z * v3; }  \
-    }                                                                                              \
-    T s[8] = {hsum_##T(a0), hsum_##T(a1), hsum_##T(a2), hsum_##T(a3),                              \
-              hsum_##T(b0), hsum_##T(b1), hsum_##T(b2), hsum_##T(b3)};                             \
-    for (; k < K; ++k)                                                                             \
-        for (int j = 0; j < 4; ++j) { s[j] += x[k] * w[j * K + k]; s[4 + j] += x1[k] * w[j * K + k]; } \
-    for (int j = 0; j < 4; ++j) { y[j] = s[j]; if (two) y[N + j] = s[4 + j]; }                     \
-}
-SKINNY_TILE(float)
-SKINNY_TILE(double)
-
-#define SKINNY_LINEAR(NAME, T)                                                                     \
-void NAME(const T* x, const T* w, const T* bias, T* y, int64_t M, int64_t N, int64_t K,            \
-          int n_threads) {                                                                         \
-    int64_t blocks = (N + 3) / 4;                                                                  \
-    _Pragma("omp parallel for num_threads(n_threads) schedule(static)")                            \
-    for (int64_t blk = 0; blk < blocks; ++blk) {                                                   \
-        int64_t n = blk * 4, end = n + 4 < N ? n + 4 : N;                                          \
-        for (int64_t m = 0; m < M; m += 2) {                                                       \
-            int two = m + 1 < M;                                                                   \
-            if (end - n == 4) { skinny_tile_##T(x + m * K, w + n * K, y + m * N + n, two, N, K); continue; } \
-            for (int64_t i = m; i < m + 1 + two; ++i)                                              \
-                for (int64_t j = n; j < end; ++j) {                                                \
-                    T acc = 0;                                                                     \
-                    for (int64_t r = 0; r < K; ++r) acc += x[i * K + r] * w[j * K + r];            \
-                    y[i * N + j] = acc;                                                            \
-                }                                                                                  \
-        }                                                                                          \
-        if (bias)                                                                                  \
-            for (int64_t i = 0; i < M; ++i) for (int64_t j = n; j < end; ++j) y[i * N + j] += bias[j]; \
-    }                                                                                              \
-}
-SKINNY_LINEAR(skinny_linear_f32, float)
-SKINNY_LINEAR(skinny_linear_f64, double)
-
 /* Group the n pairs by row id (a stable counting sort; ids in [0, n_rows), count zeroed, n_rows + 1
    long): order (pairs by row), token (= order / J), the distinct rows ascending and where each
    row's pairs start. Returns the number of distinct rows. */
@@ -262,8 +200,6 @@ def _build() -> ctypes.CDLL | None:
     lib.group_rows.restype = ctypes.c_int64
     for name in ("row_adam_f32", "row_adam_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 5 + [ctypes.c_int]
-    for name in ("skinny_linear_f32", "skinny_linear_f64"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -411,14 +347,3 @@ def row_adam(param_ND: torch.Tensor, exp_avg_ND: torch.Tensor, exp_avg_sq_ND: to
     fn = library().row_adam_f32 if param_ND.dtype == torch.float32 else library().row_adam_f64
     fn(param_ND.data_ptr(), exp_avg_ND.data_ptr(), exp_avg_sq_ND.data_ptr(), rows_R.data_ptr(), grad_RD.data_ptr(),
        rows_R.numel(), param_ND.shape[1], beta1, beta2, eps, step_size, decay, torch.get_num_threads())
-
-
-def skinny_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a few rows of contiguous CPU float32/float64 tensors of one dtype, reading the weight once."""
-    M, K = x_MK.shape
-    N = weight_NK.shape[0]
-    y = torch.empty(M, N, dtype=x_MK.dtype)
-    fn = library().skinny_linear_f32 if x_MK.dtype == torch.float32 else library().skinny_linear_f64
-    fn(x_MK.data_ptr(), weight_NK.data_ptr(), None if bias_N is None else bias_N.data_ptr(), y.data_ptr(), M, N, K,
-       torch.get_num_threads())
-    return y
