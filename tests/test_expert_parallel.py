@@ -27,6 +27,7 @@ CASES = {
     "sigmoid_bias_shared": dict(n_experts=4, top_k=2, d_expert=6, router="sigmoid_bias", route_scale=2.5,
                                 n_shared=1, shared_gate=True),
     "capacity": dict(n_experts=4, top_k=2, d_expert=6, capacity_factor=1.0),
+    "noop_experts": dict(n_experts=4, top_k=2, d_expert=6, n_noop=2),  # their choices never leave the process
     "expert_choice": dict(n_experts=4, top_k=1, d_expert=6, router="expert_choice"),
     # every token of both processes goes to process 0's experts: process 1 receives no rows
     "one_process_receives_nothing": dict(n_experts=4, top_k=2, d_expert=6, steer=(1.0, 1.0)),
