@@ -249,13 +249,14 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor, weight_A: torch.Tensor,
+def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor, weight_A: torch.Tensor | None,
                     w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, impl: str = "auto",
                     k_per_token: int | None = None) -> torch.Tensor:
     """sum over assignments a of token t: weight_a * SwiGLU_{expert_a}(x_t), for every token (zeros if none).
 
     k_per_token: set when the assignments are token-major with exactly k per token (token choice without
-    dropping), which allows a gather-only permutation; otherwise a gather and a scatter-add."""
+    dropping), which allows a gather-only permutation; otherwise a gather and a scatter-add.
+    weight_A None: no gate (every weight 1), as for the rows an expert-parallel process computes for others."""
     order_A, counts_E = sort_by_expert(expert_A, w_gate_up_ED2F.shape[0])
     compute_dtype = _autocast_dtype(x_TD)  # our grouped matmuls are not autocast ops: cast as autocast would
     if compute_dtype is not None:
@@ -264,7 +265,7 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     D, F = x_TD.shape[-1], w_down_EFD.shape[1]
     # The gate multiplies either the hidden activation (A x F) or, in the combine, the output (A x D):
     # the same sum, done on the smaller of the two (fine-grained experts have F < D).
-    gate_in_combine = bool(k_per_token) and D < F
+    gate_in_combine = bool(k_per_token) and D < F and weight_A is not None
     if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop" and not torch.compiler.is_compiling():
         y_AD = ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A,
                                    None if gate_in_combine else weight_A, counts_E.tolist(), k_per_token)
@@ -283,7 +284,7 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     else:
         x_AD = x_TD.index_select(0, token_sorted_A)
     h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
-    act_AF = swiglu_activation(h_A2F, None if gate_in_combine else weight_A[order_A])
+    act_AF = swiglu_activation(h_A2F, None if gate_in_combine or weight_A is None else weight_A[order_A])
     y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)
     if k_per_token:
         weight_TK = weight_A.view(-1, k_per_token) if gate_in_combine else None

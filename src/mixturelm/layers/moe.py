@@ -162,9 +162,11 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_down, 0.0, out_std or std)
         nn.init.normal_(self.router.gate.weight, 0.0, std)
 
-    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux]:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None,
+                dispatch=dispatch_swiglu) -> tuple[torch.Tensor, MoEAux]:
         """valid_BT marks real tokens: padding is routed (shapes stay static) but never counted in losses or
-        statistics."""
+        statistics. dispatch: the routed computation, called as `dispatch_swiglu` is; expert parallelism
+        (mixturelm.parallel.expert) passes one that runs the experts on other processes."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         valid_T = None if valid_BT is None else valid_BT.reshape(-1)
@@ -176,8 +178,7 @@ class MoE(nn.Module):
         if self.n_noop:  # choices of a no-op expert compute nothing: drop them before dispatch
             real_A = expert_A < self.n_experts
             token_A, expert_A, weight_A, k_per_token = token_A[real_A], expert_A[real_A], weight_A[real_A], None
-        y_TD = dispatch_swiglu(x_TD, token_A, expert_A, weight_A, self.w_gate_up, self.w_down, self.impl,
-                               k_per_token)
+        y_TD = dispatch(x_TD, token_A, expert_A, weight_A, self.w_gate_up, self.w_down, self.impl, k_per_token)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)[0]
             if self.shared_gate is not None:
