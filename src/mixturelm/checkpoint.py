@@ -43,8 +43,9 @@ def step_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, run_config: dict, tokenizer,
+def save(run_dir: Path, step: int, model: torch.nn.Module | dict, run_config: dict, tokenizer,
          train_state: dict | None, keep: int = 2) -> Path:
+    """model: the module, or its state dict (one gathered from processes that each hold a part of it)."""
     final = step_folder(run_dir, step)
     ckpts, name = final.parent, final.name
     tmp = ckpts / f".tmp-{name}-{os.getpid()}"
@@ -80,11 +81,12 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def _write(tmp: Path, step: int, model: torch.nn.Module, run_config: dict, tokenizer, train_state) -> None:
+def _write(tmp: Path, step: int, model: torch.nn.Module | dict, run_config: dict, tokenizer, train_state) -> None:
     """Every file of a checkpoint into tmp, on disk, its manifest (meta.json) last."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
+    state = model if isinstance(model, dict) else model.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / MODEL_FILE)
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))

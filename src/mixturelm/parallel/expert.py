@@ -85,6 +85,11 @@ class ExpertParallelMoE(nn.Module):
         y_AD = y_AD * weight_A[order_A, None].to(y_AD.dtype)
         return x_TD.new_zeros(x_TD.shape[0], D).index_add_(0, token_sorted_A, y_AD)
 
+    @property
+    def wrapped(self) -> nn.Module:
+        """The layer inside (its state-dict keys are this module's with `.moe` inserted)."""
+        return self.moe
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """The sharded parameters: reduce their gradients only over processes holding the same experts."""
         return [self.moe.w_gate_up, self.moe.w_down]
@@ -107,6 +112,11 @@ def expert_parallel(moe: MoE, group: dist.ProcessGroup | None = None) -> ExpertP
     if not isinstance(moe, MoE):
         raise UsageError(f"expert_parallel takes a mixturelm.layers.MoE, got {type(moe).__name__}")
     return ExpertParallelMoE(moe, group)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """The MoE layers of `model`, by module name: what `expert_parallel` can wrap."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
 def _all_to_all(x_AD: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -21,22 +21,30 @@ def loss_metrics(loss: float, bytes_per_token: float) -> dict:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TokenData, seq_len: int, max_tokens: int, batch: int,
-             device: str, d: Dist = Dist(), autocast=contextlib.nullcontext) -> dict:
+             device: str, d: Dist = Dist(), autocast=contextlib.nullcontext, lockstep: bool = False) -> dict:
     """Mean next-token loss over the fixed validation windows, with perplexity and bits per byte.
 
     A model with a mechanism whose training routing looks ahead (Mixture-of-Depths' top-k over the
     sequence) is also evaluated with causal routing (val_loss_causal): the token-by-token decisions of
     sampling. Each mechanism adds what it measures over the tokens of the first pass
     (Mechanism.eval_value, summed over batches and processes, then eval_metrics: PEER's expert usage,
-    "layer{i}.peer_usage")."""
+    "layer{i}.peer_usage"). lockstep: every process makes the same number of forward calls (expert
+    parallelism's exchanges need them all); a process out of windows runs a discarded one."""
     was_training = model.training
     model.eval()
     present = registry.present(model)
-    windows = val_windows(data.val, seq_len, max_tokens)[d.rank::d.world]
+    every = val_windows(data.val, seq_len, max_tokens)
+    windows = every[d.rank::d.world]
+    calls = -(-len(every) // d.world) if lockstep else len(windows)
     routings = [False, True] if any(m.causal_eval for m in present) else [False]
     total = torch.zeros(len(routings), 2, dtype=torch.float64)
     totals: dict[tuple[str, str], torch.Tensor] = {}  # (layer, kind) -> what the mechanism sums over batches
-    for i in range(0, len(windows), batch):
+    for i in range(0, calls, batch):
+        if i >= len(windows):  # lockstep: this process has no windows left, the others one batch more
+            for causal in routings:
+                with autocast():
+                    model(every[:1, :-1].to(device), every[:1, 1:].to(device), causal_routing=causal)
+            continue
         w = windows[i:i + batch].to(device)
         for j, causal in enumerate(routings):
             with autocast():

@@ -105,11 +105,16 @@ class Optimizers:
         self.side_params = needs.side
         side = {id(p) for p in self.side_params}
         self.clipped_params = [p for p in self.model.parameters() if id(p) not in side]
+        # the norm of the clipped gradients when they are sharded over processes (expert parallelism)
+        self.grad_norm_of = None
 
     def step(self) -> tuple[float, torch.Tensor]:
         """Clip, step, schedule, zero; returns the learning rate used and the gradient norm before clipping."""
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
-        if not self.sparse_params:
+        if self.grad_norm_of is not None:
+            grad_norm = self.grad_norm_of(self.clipped_params).float()
+            torch.nn.utils.clip_grads_with_norm_(self.clipped_params, clip, grad_norm)
+        elif not self.sparse_params:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_params, clip)
         else:  # one norm over dense and sparse gradients alike
             mark_coalesced(self.sparse_params)

@@ -1,0 +1,145 @@
+"""Expert parallelism in training: every MoE layer of a model wrapped with `expert_parallel`, the gradients
+reduced over the right processes, and checkpoints in the ordinary single-device format.
+
+N processes form N / E expert-parallel groups of E consecutive ranks (ranks g*E .. g*E + E - 1); in each,
+rank g*E + j holds the j-th share of every MoE layer's experts. Processes at the same position j of different
+groups hold the same experts: they form the j-th replica group (ranks j, j + E, j + 2E, ...).
+
+Gradient reduction after the backward (no DDP), with each process's loss the mean over its own tokens:
+- replicated parameters (all but the experts): summed over all N processes, divided by N (DDP's mean);
+- expert slices: the holder's gradient already sums what every token of its expert-parallel group sent
+  it, so they are summed over the replica group only (nothing when E == N), and divided by N as well.
+Both then equal the gradient of one process over the global batch, the mean of the N per-process losses.
+The gradient norm counts every expert slice once: its squares are summed over the expert-parallel group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UsageError
+from .expert import ExpertParallelMoE, expert_parallel, moe_layers
+
+
+class ExpertSharding:
+    """The MoE layers of `model` sharded over expert-parallel groups of `ep` consecutive ranks of the
+    `world` processes (torch.distributed initialised). Wraps the layers in place."""
+
+    def __init__(self, model: nn.Module, ep: int, rank: int, world: int) -> None:
+        check_expert_parallel(model, ep, world)
+        self.ep, self.world = ep, world
+        # every process creates every group, in the same order (dist.new_group's contract)
+        ep_groups = [dist.new_group(list(range(g * ep, (g + 1) * ep))) for g in range(world // ep)]
+        replica_groups = [dist.new_group(list(range(j, world, ep))) for j in range(ep)] if world > ep else None
+        self.ep_group = ep_groups[rank // ep]
+        self.replica_group = replica_groups[rank % ep] if replica_groups else None
+        self.layers: dict[str, ExpertParallelMoE] = {}
+        for name, layer in moe_layers(model):
+            parent_name, _, child = name.rpartition(".")
+            wrapped = expert_parallel(layer, self.ep_group)
+            setattr(model.get_submodule(parent_name), child, wrapped)
+            self.layers[name] = wrapped
+        self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
+        experts = {id(p) for p in self.expert_params}
+        self.replicated_params = [p for p in model.parameters() if id(p) not in experts]
+
+    def inner_layers(self) -> set[int]:
+        """The ids of the wrapped MoE layers: their wrappers, not they, take the optimizer-step hook."""
+        return {id(layer.wrapped) for layer in self.layers.values()}
+
+    def is_expert(self, p: torch.Tensor) -> bool:
+        return any(p is q for q in self.expert_params)
+
+    # -- gradients -------------------------------------------------------------------------------
+    def reduce_gradients(self) -> None:
+        """After the last backward of a step: each gradient the mean over processes of the global batch."""
+        _all_reduce_mean(self.replicated_params, None, self.world, reduce=True)
+        _all_reduce_mean(self.expert_params, self.replica_group, self.world, reduce=self.replica_group is not None)
+
+    def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of the gradients of `params` (reduced) as one process holding every expert sees it."""
+        experts = {id(p) for p in self.expert_params}
+        sq = torch.zeros(2, dtype=torch.float64)
+        for p in params:
+            if p.grad is not None:
+                sq[int(id(p) in experts)] += p.grad.detach().double().pow(2).sum().cpu()
+        expert_sq = sq[1:].clone()
+        dist.all_reduce(expert_sq, group=self.ep_group)
+        return (sq[0] + expert_sq[0]).sqrt()
+
+    # -- checkpoints: the single-device format ----------------------------------------------------
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict as the unwrapped model has it, expert slices gathered (a collective)."""
+        state = model.state_dict()
+        for name, layer in self.layers.items():
+            inner = name + "." + next(n for n, m in layer.named_children() if m is layer.wrapped) + "."
+            slices = {id(p) for p in layer.expert_parameters()}
+            for key, p in layer.wrapped.named_parameters():
+                if id(p) in slices:
+                    state[inner + key] = self._gather(p.detach())
+            state = {(name + "." + k[len(inner):] if k.startswith(inner) else k): v for k, v in state.items()}
+        return state
+
+    def full_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> dict:
+        """`state` (opt.state_dict()) with the expert parameters' moments gathered to full size (a collective)."""
+        return self._map_moments(opt, state, self._gather)
+
+    def shard_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> dict:
+        """A full-size optimizer state (a single-device checkpoint's) cut to this process's expert slices."""
+        return self._map_moments(opt, state, self._slice)
+
+    def _map_moments(self, opt, state: dict, fn) -> dict:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        experts = {i for i, p in enumerate(params) if self.is_expert(p)}
+        new = {}
+        for i, s in state["state"].items():
+            if int(i) in experts:
+                s = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+            new[i] = s
+        return state | {"state": new}
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.ep)]
+        dist.all_gather(parts, t.contiguous(), group=self.ep_group)
+        return torch.cat(parts)
+
+    def _slice(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0] // self.ep
+        j = dist.get_rank(self.ep_group)
+        return t[j * n:(j + 1) * n].clone()
+
+
+def check_expert_parallel(model: nn.Module, ep: int, world: int) -> None:
+    """Refuse an expert-parallel size that cannot shard this model over these processes."""
+    if ep < 1:
+        raise UsageError(f"--expert-parallel must be a positive integer, got {ep}")
+    if ep > 1 and world == 1:
+        raise UsageError(f"--expert-parallel {ep} needs {ep} processes or a multiple: run under torchrun "
+                         f"(python -m torch.distributed.run --nproc_per_node={ep} -m mixturelm train ...)")
+    if world % ep:
+        raise UsageError(f"--expert-parallel {ep} does not divide the {world} processes; choose a divisor of "
+                         f"{world}")
+    layers = [m for _, m in moe_layers(model)]
+    if not layers:
+        raise UsageError("--expert-parallel needs a model with MoE layers; choose a moe or mode preset")
+    bad = next((m.n_experts for m in layers if m.n_experts % ep), None)
+    if bad is not None:
+        raise UsageError(f"--expert-parallel {ep} does not divide n_experts={bad}; choose a divisor of {bad}")
+
+
+def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool) -> None:
+    """Sum the gradients over `group` (None: every process) if `reduce` (not for the replica group of one
+    when E == N), then divide by `world`, in one flat buffer. A missing gradient counts as zeros."""
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if reduce:
+        dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
