@@ -157,6 +157,9 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="under torchrun: shard every MoE layer's experts over groups of E consecutive processes "
+                        "(E divides the processes and n_experts; default 1: DDP replicas)")
     options = TRAIN_OPTIONS | _train_flags() | MODEL_OPTIONS
     options |= {flag: (o.type, o.help) for flag, (m, o) in _block_options().items()}
     for name, (typ, helptext) in options.items():
@@ -194,7 +197,7 @@ def cmd_train(args) -> None:
     else:
         cfg = new_run_config(args.preset, train, model, blocks)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, expert_parallel=args.expert_parallel)
     summary = trainer.run()
     distributed = finish_distributed()
     if trainer.dist.main:

@@ -29,6 +29,7 @@ from ..errors import TrainingDiverged, UsageError
 from ..files import write_json_atomic, write_text_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
+from ..parallel.expert_training import ExpertSharding, check_expert_parallel
 from ..runtime import steady_allocator
 from .compiling import check_compiler, compiled
 from .distributed import init_distributed, pick_device, resolve_device
@@ -41,9 +42,12 @@ from .summary import describe_summary, run_summary
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                 device: str = "auto", progress: bool = True, log=None, on_step=None, bar_position: int = 0) -> None:
+                 device: str = "auto", progress: bool = True, log=None, on_step=None, bar_position: int = 0,
+                 expert_parallel: int = 1) -> None:
         """on_step(done): called after every optimizer step (an outer progress bar);
-        bar_position: the line of this run's progress bar (1 below an outer bar, which it then leaves alone)."""
+        bar_position: the line of this run's progress bar (1 below an outer bar, which it then leaves alone);
+        expert_parallel: E > 1 shards every MoE layer's experts over groups of E consecutive processes
+        (mixturelm.parallel.expert_training) instead of replicating the model with DDP."""
         self.out_dir = Path(out_dir)
         self.on_step, self.bar_position = on_step, bar_position
         self.dist = init_distributed(resolve_device(device))
@@ -53,7 +57,14 @@ class Trainer:
         self.resume = resume  # (overwrite is the run folder's: run_folder below)
         self.was_finished = False  # set by run(): resumed a run that had nothing left to train
         self.cfg = cfg
+        self.expert_parallel = expert_parallel
+        self.sharding: ExpertSharding | None = None  # set by _build
         t = cfg.train
+        if expert_parallel != 1:
+            with torch.device("meta"):
+                check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world)
+            if t.compile:
+                raise UsageError("TrainConfig.compile is not supported with --expert-parallel yet; leave one out")
         if t.batch_size % (self.dist.world * t.grad_accum):
             raise UsageError(f"TrainConfig.batch_size={t.batch_size} is not divisible by processes x grad_accum "
                              f"({self.dist.world} x {t.grad_accum}); the global batch is split evenly")
@@ -91,15 +102,23 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
+        if ckpt is not None:  # the single-device format, whole, before the experts are sharded
+            checkpoint.load_weights(self.model, ckpt)
+        self.sharding = None
+        if self.expert_parallel > 1:
+            self.sharding = ExpertSharding(self.model, self.expert_parallel, self.dist.rank, self.dist.world)
         self.optim = Optimizers(self.model, t, self.total_steps)
+        if self.sharding is not None:
+            self.optim.grad_norm_of = self.sharding.grad_norm
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
         if ckpt is not None:
-            checkpoint.load_weights(self.model, ckpt)
             if checkpoint.is_weights_only_start(ckpt):  # written by import-hf or upcycle: weights to start training from
                 self.log(f"starting from the weights of {ckpt} at step 0, with a new optimizer")
                 return self._wrap(0)
             state = checkpoint.load_train_state(ckpt)
+            if self.sharding is not None:
+                state = state | {"optimizer": self.sharding.shard_optimizer_state(self.optim.opt, state["optimizer"])}
             self.optim.load_state_dict(state)
             _set_rng_state(state["rng"])
             start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
@@ -108,7 +127,7 @@ class Trainer:
 
     def _wrap(self, start: int) -> int:
         self.ddp_model = self.model
-        if self.dist.world > 1:
+        if self.dist.world > 1 and self.sharding is None:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
         # the training step's model: compiled when asked. Evaluation, calibration and checkpoints use the
@@ -183,12 +202,20 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _save(self, step: int) -> None:
-        if not self.dist.main:
-            return
-        state = {"step": step, **self.optim.state_dict(), "rng": _rng_state(), "tokens_seen": self.tokens_seen,
-                 "elapsed": self.elapsed}
-        checkpoint.save(self.out_dir, step, self.model, self.cfg.to_dict(), self.data.tokenizer, state,
-                        keep=self.cfg.train.keep_ckpts)
+        """A checkpoint in the single-device format, written by the main process; with expert parallelism
+        every process first joins the gathering of the expert slices."""
+        weights, optim_state = self.model, self.optim.state_dict()
+        if self.sharding is not None:
+            weights = self.sharding.full_state_dict(self.model)
+            optim_state["optimizer"] = self.sharding.full_optimizer_state(self.optim.opt, optim_state["optimizer"])
+
+        def write() -> None:
+            state = {"step": step, **optim_state, "rng": _rng_state(), "tokens_seen": self.tokens_seen,
+                     "elapsed": self.elapsed}
+            checkpoint.save(self.out_dir, step, weights, self.cfg.to_dict(), self.data.tokenizer, state,
+                            keep=self.cfg.train.keep_ckpts)
+
+        self._on_main(write, "write a checkpoint")
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
@@ -200,7 +227,7 @@ class Trainer:
         for m in range(t.grad_accum):
             first = (m * d.world + d.rank) * micro
             chunk = rows[first:first + micro].to(self.device)
-            sync = m == t.grad_accum - 1 or d.world == 1
+            sync = m == t.grad_accum - 1 or d.world == 1 or self.sharding is not None
             with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
                 out = self.step_model(chunk[:, :-1], chunk[:, 1:])
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -209,9 +236,12 @@ class Trainer:
             for prefix, values in (("aux", out.aux_losses), ("stat", out.stats())):
                 for k, v in values.items():
                     sums[f"{prefix}/{k}"] = sums.get(f"{prefix}/{k}", 0.0) + v.item() / t.grad_accum
+        if self.sharding is not None:  # what DDP does, over the right processes for each parameter
+            self.sharding.reduce_gradients()
         lr, grad_norm = self.optim.step()
+        inner = self.sharding.inner_layers() if self.sharding is not None else set()
         for module in self.model.modules():  # online state (the balancing bias), from loads summed over processes
-            if hasattr(module, "after_optimizer_step"):
+            if hasattr(module, "after_optimizer_step") and id(module) not in inner:  # a wrapper calls its layer's
                 module.after_optimizer_step(d.total)
         record = {"loss": d.mean(lm_loss).item(), "lr": lr, "grad_norm": grad_norm.item()}
         if sums:  # the same names on every process: average them over processes
@@ -289,7 +319,7 @@ class Trainer:
                 self._say(bar, f"step {done}/{self.total_steps}: train loss {record['loss']:.4f}, val loss "
                                f"{ev['val_loss']:.4f}, {ev['val_bpb']:.4f} bits/byte")
             if done % t.ckpt_every == 0 or done == self.total_steps or at_decay:
-                self._on_main(lambda: self._save(done), "write a checkpoint")
+                self._save(done)
             if at_decay:  # wsd: the point a longer budget is extended from
                 self._on_main(lambda: checkpoint.keep_stable(checkpoint.step_folder(self.out_dir, done)),
                               "keep the checkpoint of the decay's start")
@@ -366,7 +396,7 @@ class Trainer:
     def _evaluate(self) -> dict:
         t = self.cfg.train
         return evaluate(self.model, self.data, t.seq_len, t.eval_tokens, t.batch_size // self.dist.world,
-                        self.device, self.dist, self._autocast)
+                        self.device, self.dist, self._autocast, lockstep=self.sharding is not None)
 
     def _calibrate(self, done: int) -> None:
         """What a mechanism must re-estimate before evaluation and checkpoints, on this process's share of
