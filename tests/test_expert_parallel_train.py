@@ -88,6 +88,15 @@ def test_four_processes_two_groups_of_two_match_one(corpus_dir, tmp_path):
     _match(tmp_path / "one", tmp_path / "ep")
 
 
+@pytest.mark.slow
+def test_sigmoid_bias_router_with_a_shared_expert(corpus_dir, tmp_path):
+    """The bias moves once per step (the wrapper's hook, not also its layer's), from loads over every process."""
+    args = [*ARGS, "--data", str(corpus_dir), "--router", "sigmoid_bias", "--n-shared", "1"]
+    run_cli(*args, "--grad-accum", "2", "--out", str(tmp_path / "one"), check=True)
+    _torchrun(2, *args, "--expert-parallel", "2", "--out", str(tmp_path / "ep"))
+    _match(tmp_path / "one", tmp_path / "ep")
+
+
 def test_expert_parallel_on_one_process_is_refused(corpus_dir, tmp_path):
     proc = run_cli("train", "--preset", "moe-debug", "--data", str(corpus_dir), "--max-steps", "1",
                    "--expert-parallel", "2", "--out", str(tmp_path / "run"))
