@@ -58,8 +58,9 @@ def _match(one, many):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
 
 
+# 33 validation windows: the processes make unequal shares, so evaluation's lockstep runs a discarded batch
 ARGS = ["train", "--preset", "moe-debug", "--max-steps", "6", "--batch-size", "8", "--eval-every", "3",
-        "--ckpt-every", "3", "--no-progress"]
+        "--ckpt-every", "3", "--eval-tokens", str(33 * 64), "--no-progress"]
 
 
 def test_two_processes_two_expert_shards_match_one(corpus_dir, tmp_path):
@@ -92,6 +93,16 @@ def test_four_processes_two_groups_of_two_match_one(corpus_dir, tmp_path):
 def test_sigmoid_bias_router_with_a_shared_expert(corpus_dir, tmp_path):
     """The bias moves once per step (the wrapper's hook, not also its layer's), from loads over every process."""
     args = [*ARGS, "--data", str(corpus_dir), "--router", "sigmoid_bias", "--n-shared", "1"]
+    run_cli(*args, "--grad-accum", "2", "--out", str(tmp_path / "one"), check=True)
+    _torchrun(2, *args, "--expert-parallel", "2", "--out", str(tmp_path / "ep"))
+    _match(tmp_path / "one", tmp_path / "ep")
+
+
+@pytest.mark.slow
+def test_mod_blocks_around_moe_layers(corpus_dir, tmp_path):
+    """mode-staged: MoD on every other block, so a MoE layer sees a routed subset of the tokens, and
+    evaluation makes a second (causal) pass, both in lockstep."""
+    args = [*ARGS, "--data", str(corpus_dir), "--preset", "mode-staged-debug"]
     run_cli(*args, "--grad-accum", "2", "--out", str(tmp_path / "one"), check=True)
     _torchrun(2, *args, "--expert-parallel", "2", "--out", str(tmp_path / "ep"))
     _match(tmp_path / "one", tmp_path / "ep")
