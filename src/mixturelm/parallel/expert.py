@@ -15,10 +15,10 @@ replicated and see only the process's own tokens. One forward (GShard; MegaBlock
 A process that receives no rows (or sends none) still joins every collective, forward and backward.
 
 Gradients: an expert's gradient on its process already sums the contributions of every process's tokens,
-so expert gradients must be reduced only over the processes holding the same experts (none when the group
-is the whole world), never over the expert-parallel group; the router's and the shared experts' gradients
-are reduced over every process, as in data parallelism. `ExpertParallelMoE.expert_parameters()` names the
-sharded ones.
+so expert gradients are summed only over the processes holding the same experts (none when the group is the
+whole world), never over the expert-parallel group; the router's and the shared experts' gradients are
+summed over every process. With per-process mean losses both are then divided by the number of processes
+(parallel/expert_training.py). `ExpertParallelMoE.expert_parameters()` names the sharded ones.
 
 Dimension letters: T tokens, D d_model, E experts (all), L local experts, A assignments, R received rows.
 """
