@@ -102,7 +102,7 @@ def prose_of_rst(source: str) -> str:
         if stripped.startswith("..") and (directive is None or directive.group(1) in CODE_DIRECTIVES):
             skip_indent = indent  # a comment, target or code directive, with its indented body
             continue
-        if directive or re.match(r":\w[\w ]*:", stripped):  # a signature or an option line: not prose
+        if directive or re.match(r":[\w -]+:(\s|$)", stripped):  # a signature or a field line (not a :role:`x`)
             continue
         if re.fullmatch(r"([=\-~^*#+\"'`])\1{3,}", stripped) or stripped.startswith((">>>", "...", "$ ")):
             continue
@@ -123,10 +123,17 @@ def tidy(text: str) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
+def fail(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def main(out: Path) -> None:
     missing = [p for p in (HANDBOOK, REFERENCE, PYTHON_DOC) if not p.is_dir()]
     if missing:
-        sys.exit(f"{missing[0]} is missing: install the books first (apt-get install -y {PACKAGES})")
+        fail(f"{missing[0]} is missing: install the books first (apt-get install -y {PACKAGES})")
+    if out.exists() and any(out.iterdir()):
+        fail(f"{out} is not empty: give a new folder (the corpus is every .txt file in it)")
     out.mkdir(parents=True, exist_ok=True)
     sources = [("handbook", HANDBOOK, p, prose_of_html) for p in sorted(HANDBOOK.glob("*.html"))]
     sources += [("reference", REFERENCE, p, prose_of_html) for p in sorted(REFERENCE.glob("*.en.html"))]
@@ -134,19 +141,23 @@ def main(out: Path) -> None:
         root = PYTHON_DOC / part
         files = [root] if root.is_file() else sorted(root.rglob("*.rst.txt"))
         sources += [("python-doc", PYTHON_DOC, p, prose_of_rst) for p in files]
-    total = 0
+    total, written = 0, set()
     for book, root, path, extract in sources:
         text = extract(path.read_text(encoding="utf-8", errors="replace"))
         if len(text) < 500:  # index pages and stubs
             continue
         stem = path.relative_to(root).as_posix().removesuffix(".rst.txt").removesuffix(".html")
         name = re.sub(r"[^A-Za-z0-9.]+", "-", stem)
-        (out / f"{book}--{name}.txt").write_text(text, encoding="utf-8")
+        target = out / f"{book}--{name}.txt"
+        if target in written:
+            fail(f"two chapters map to the file name {target.name}; the naming rule needs a fix")
+        target.write_text(text, encoding="utf-8")
+        written.add(target)
         total += len(text.encode())
-    print(f"wrote {len(list(out.glob('*.txt')))} documents, {total / 1e6:.1f} MB of text, to {out}")
+    print(f"wrote {len(written)} documents, {total / 1e6:.1f} MB of text, to {out}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/compare/prose_corpus.py OUT_DIR")
+        fail("usage: python benchmarks/compare/prose_corpus.py OUT_DIR")
     main(Path(sys.argv[1]))
