@@ -15,7 +15,7 @@ mixturelm ensemble lm --experts runs/moef/python runs/moef/prose --data "$STD,ru
 mixturelm ensemble lm --experts runs/moef/python runs/moef/prose runs/moef/both --data "$STD,runs/data/pydoc-topics" --out runs/moef/lm3
 # The tuning protocol, fixed before any result was seen: choose on the dev halves of (stdlib code, pydoc topics);
 # report on the test halves of that pair and of (stdlib code, Debian Handbook + Debian Reference prose).
-python benchmarks/compare/prose_corpus.py runs/data/prose
+[ -d runs/data/prose ] || python benchmarks/compare/prose_corpus.py runs/data/prose
 mixturelm train --preset dense-tiny --data stdlib --val-fraction 0.1 --max-steps 300 --out runs/moef/tune-python --overwrite
 mixturelm train --preset dense-tiny --data runs/data/pydoc-topics --val-fraction 0.1 --max-steps 300 --out runs/moef/tune-prose --overwrite
 mixturelm train --preset dense-tiny --data stdlib,runs/data/pydoc-topics --val-fraction 0.1 --max-steps 300 --out runs/moef/tune-both --overwrite

@@ -49,6 +49,10 @@ __all__ = ["Expert", "PARTS", "Segment", "build_stream", "dev_or_test", "load_ex
 
 PARTS = ("all", "dev", "test")
 DEV_TEST_SALT = "mixturelm: development or test half of the held-out documents\n"
+# Left out of development and test streams: the standard library's pydoc_data/ holds the pydoc topics' English
+# prose as string literals, the same text as a pydoc-topics source (benchmarks/ensemble/pydoc_topics.py) that a
+# prose expert trains on, so as "code" it would put that expert's training text into the streams.
+STDLIB_STREAM_EXCLUDED = ("pydoc_data/",)
 
 
 @dataclass
@@ -83,6 +87,8 @@ def held_out_documents(source: str, val_fraction: float, part: str, text_field: 
                              f"{val_fraction} ({how}); a development/test split needs a source of many documents")
         base = src.root if src.root is not None else (src.files[0].parent if src.files else None)
         for d in val:
+            if src.spec == corpus.DEFAULT_CORPUS and d.name.startswith(STDLIB_STREAM_EXCLUDED):
+                continue
             if dev_or_test(d.name) == part:
                 found.append((os.path.realpath(base / d.name) if base is not None else f"{src.spec}:{d.name}", d))
     return found
