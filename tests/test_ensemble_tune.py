@@ -196,3 +196,10 @@ def test_cli_tune_bad_input(experts, change, message, capsys):
     err = capsys.readouterr().err
     assert code_ == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists() or not any(p.name != ".mixturelm-lock" for p in out.iterdir())
+
+
+def test_streams_leave_out_the_stdlib_copy_of_the_pydoc_topics():
+    from mixturelm.ensemble.lm_stream import held_out_documents
+
+    names = [d.name for part in ("dev", "test") for _, d in held_out_documents("stdlib", 0.1, part)]
+    assert names and not [n for n in names if n.startswith("pydoc_data/")]
