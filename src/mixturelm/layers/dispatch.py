@@ -249,6 +249,20 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def rows_in_expert_order(x_TD: torch.Tensor, token_A: torch.Tensor, order_A: torch.Tensor,
+                         k_per_token: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x's row of each assignment in expert order (order_A from sort_by_expert), with the sorted token ids and,
+    when the assignments are token-major with exactly k per token, the inverse permutation that the combine
+    (SumTopK) needs; then the gather's backward is a gather too (GatherTopK). Shared by the single-device and
+    the expert-parallel dispatch."""
+    token_sorted_A = token_A[order_A]
+    if not k_per_token:
+        return x_TD.index_select(0, token_sorted_A), token_sorted_A, None
+    inverse_A = torch.empty_like(order_A)
+    inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+    return GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token), token_sorted_A, inverse_A
+
+
 def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.Tensor, weight_A: torch.Tensor | None,
                     w_gate_up_ED2F: torch.Tensor, w_down_EFD: torch.Tensor, impl: str = "auto",
                     k_per_token: int | None = None) -> torch.Tensor:
@@ -276,13 +290,7 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
         if not gate_in_combine:
             return y_TKD.sum(1)
         return torch.bmm(weight_A.view(-1, 1, k_per_token).to(y_AD.dtype), y_TKD).squeeze(1)
-    token_sorted_A = token_A[order_A]
-    if k_per_token:
-        inverse_A = torch.empty_like(order_A)
-        inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-        x_AD = GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token)
-    else:
-        x_AD = x_TD.index_select(0, token_sorted_A)
+    x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
     h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
     act_AF = swiglu_activation(h_A2F, None if gate_in_combine or weight_A is None else weight_A[order_A])
     y_AD = grouped_matmul(act_AF, w_down_EFD, counts_E, impl).to(x_TD.dtype)

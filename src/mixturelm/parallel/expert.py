@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UsageError
-from ..layers.dispatch import GatherTopK, SumTopK, dispatch_swiglu, sort_by_expert
+from ..layers.dispatch import SumTopK, dispatch_swiglu, rows_in_expert_order, sort_by_expert
 from ..layers.moe import MoE, MoEAux
 
 
@@ -59,14 +59,8 @@ class ExpertParallelMoE(nn.Module):
         """`dispatch_swiglu`'s contract, the experts on the processes of the group."""
         E, D = self.moe.n_experts, x_TD.shape[-1]
         order_A, counts_E = sort_by_expert(expert_A, E)
-        token_sorted_A = token_A[order_A]
         # 1. rows in expert order, so that each process's rows are one contiguous block
-        if k_per_token:
-            inverse_A = torch.empty_like(order_A)
-            inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-            x_AD = GatherTopK.apply(x_TD, token_sorted_A, inverse_A, k_per_token)
-        else:
-            x_AD = x_TD.index_select(0, token_sorted_A)
+        x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
         # 2. per-expert counts: recv_counts[p * L + l] rows come from process p for local expert l
         recv_counts_PL = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts_PL, counts_E, group=self.group)
