@@ -406,12 +406,7 @@ def _add_ensemble(sub) -> None:
     m.add_argument("--data", required=True, help="sources, comma-separated (file, folder or glob each); segments "
                                                  "are drawn from them in turn, from their held-out documents")
     m.add_argument("--out", required=True, help="folder for results.json, report.md and weights.png")
-    m.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
-    m.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
-    m.add_argument("--segments", type=int, default=12, help="segments in the stream (default 12)")
-    m.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out fraction defining each source's unseen documents (default: the smallest of the "
-                        "mixturelm experts; required when every expert is a Hugging Face model)")
+    _stream_options(m)
     m.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
     m.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
     m.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -446,12 +441,7 @@ def _add_ensemble_tune(what) -> None:
     t.add_argument("--dev-data", required=True, help="development streams: sources separated by ',', streams by ';'")
     t.add_argument("--test-data", required=True, help="test streams, written like --dev-data, e.g. 'A,B;A,C'")
     t.add_argument("--out", required=True, help="folder for results.json and report.md")
-    t.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
-    t.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
-    t.add_argument("--segments", type=int, default=12, help="segments per stream (default 12)")
-    t.add_argument("--val-fraction", type=float, default=None,
-                   help="held-out fraction defining each source's unseen documents (default: the smallest of the "
-                        "mixturelm experts)")
+    _stream_options(t)
     t.add_argument("--switch-rates", default=g(tune.SWITCH_RATES),
                    help=f"grid of switching rates per token, fixed-share and moe-f (default {g(tune.SWITCH_RATES)})")
     t.add_argument("--noises", default=g(tune.NOISES), help=f"grid of moe-f's noise (default {g(tune.NOISES)})")
@@ -462,6 +452,16 @@ def _add_ensemble_tune(what) -> None:
     t.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
     t.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of segments (default 1000)")
     t.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+
+
+def _stream_options(p) -> None:
+    """The options that `ensemble lm` and `ensemble tune` share: how their streams of segments are drawn."""
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier ensemble report in --out")
+    p.add_argument("--segment-len", type=int, default=512, help="scored tokens per segment (default 512)")
+    p.add_argument("--segments", type=int, default=12, help="segments per stream (default 12)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="held-out fraction defining each source's unseen documents (default: the smallest of the "
+                        "mixturelm experts; required when every expert is a Hugging Face model)")
 
 
 def cmd_ensemble(args) -> None:
