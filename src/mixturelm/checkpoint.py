@@ -6,6 +6,13 @@ Layout of a run directory:
     DIR/checkpoints/step_0000100/      model.safetensors, config.json, train_state.pt, [tokenizer.json], meta.json
     DIR/checkpoints/latest             name of the newest complete checkpoint
 
+A checkpoint of a sharded run (`train --fsdp`) holds, instead of model.safetensors, a folder dcp/ written by
+torch.distributed.checkpoint: every process writes its own shards (dcp/__<rank>_0.distcp) of the weights
+and of the optimizer's moments, the main process the index (dcp/.metadata); the tensors are named
+`model.<name>` and `optim.<name>.<moment>`, by the unwrapped model's parameter names. Its train_state.pt holds
+the rest (step, scheduler, RNG, the optimizer's groups and parameter names). One process reads such a
+checkpoint whole (`read_sharded`); a sharded run reads only its shards (training/sharded_checkpoint.py).
+
 A checkpoint is written into a temporary folder, its meta.json (sizes and SHA-256 of every file)
 last, then renamed into place; only then does `latest` move (write a temporary file, then rename).
 A run killed at any instant leaves either the old or the new checkpoint, never half of one.
@@ -18,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +37,8 @@ from .errors import UsageError
 from .files import write_json_atomic, write_text_atomic
 
 MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "train_state.pt", "config.json", "meta.json"
+DCP_DIR = "dcp"  # a sharded checkpoint's weights and moments (torch.distributed.checkpoint)
+DCP_METADATA = DCP_DIR + "/.metadata"
 
 
 def _sha256(path: Path) -> str:
@@ -43,15 +53,17 @@ def step_folder(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module | dict, run_config: dict, tokenizer,
-         train_state: dict | None, keep: int = 2) -> Path:
-    """model: the module, or its state dict (one gathered from processes that each hold a part of it)."""
+def save(run_dir: Path, step: int, model: torch.nn.Module | dict | None, run_config: dict, tokenizer,
+         train_state: dict | None, keep: int = 2, tmp: Path | None = None) -> Path:
+    """model: the module, or its state dict (one gathered from processes that each hold a part of it); None
+    when every process has written its shards into `tmp`/dcp (`sharded_tmp`): the rest joins them there."""
     final = step_folder(run_dir, step)
     ckpts, name = final.parent, final.name
-    tmp = ckpts / f".tmp-{name}-{os.getpid()}"
+    sharded = tmp is not None
+    tmp = tmp if sharded else ckpts / f".tmp-{name}-{os.getpid()}"
     try:
         ckpts.mkdir(parents=True, exist_ok=True)
-        _write(tmp, step, model, run_config, tokenizer, train_state)
+        _write(tmp, step, model, run_config, tokenizer, train_state, fresh=not sharded)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _nearly_full(ckpts)
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder would hold the space a resume needs
@@ -81,21 +93,33 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def _write(tmp: Path, step: int, model: torch.nn.Module | dict, run_config: dict, tokenizer, train_state) -> None:
-    """Every file of a checkpoint into tmp, on disk, its manifest (meta.json) last."""
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = model if isinstance(model, dict) else model.state_dict()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / MODEL_FILE)
+def _write(tmp: Path, step: int, model: torch.nn.Module | dict | None, run_config: dict, tokenizer, train_state,
+           fresh: bool = True) -> None:
+    """Every file of a checkpoint into tmp, on disk, its manifest (meta.json) last. fresh=False: tmp already
+    holds the shards the processes wrote (model None)."""
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if model is not None:
+        state = model if isinstance(model, dict) else model.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / MODEL_FILE)
     if train_state is not None:
         torch.save(train_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(run_config, indent=1))
     tokenizer.save(tmp)
-    for f in tmp.iterdir():  # on disk before the renames make them visible
+    written = sorted(f for f in tmp.rglob("*") if f.is_file())
+    for f in written:  # on disk before the renames make them visible
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    files = {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in written}
     write_json_atomic(tmp / META_FILE, {"step": step, "files": files})
+
+
+def sharded_tmp(run_dir: Path, step: int, token: int) -> Path:
+    """The temporary folder the processes of a sharded run write a checkpoint into (`token`: the main
+    process's pid, the same on every process); cleared with the other leftovers if a kill interrupts it."""
+    final = step_folder(run_dir, step)
+    return final.parent / f".tmp-{final.name}-{token}"
 
 
 def _prune(ckpts: Path, keep: int, newest: str) -> None:
@@ -284,7 +308,7 @@ def verify(ckpt: Path) -> dict:
     except (OSError, ValueError, KeyError):
         raise UsageError(f"checkpoint {ckpt} has no readable {META_FILE}; it is incomplete, "
                          "delete it and use an earlier one") from None
-    if not {MODEL_FILE, CONFIG_FILE} <= set(files):
+    if CONFIG_FILE not in files or not (MODEL_FILE in files or DCP_METADATA in files):
         raise UsageError(f"checkpoint {ckpt} lists no {MODEL_FILE} or {CONFIG_FILE}; it is incomplete, "
                          "delete it and use an earlier one")
     for name, info in files.items():
@@ -316,11 +340,15 @@ LEGACY_NAMES = ((".ffn.main.", ".ffn."), (".ffn.extra.", ".beside.0."))
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    try:
-        state = load_file(ckpt / MODEL_FILE)
-    except Exception as e:  # safetensors' own error type: a file whose manifest was rewritten to match
-        raise UsageError(f"checkpoint {ckpt}: {MODEL_FILE} cannot be read ({str(e)[:120]}); it is damaged, "
-                         "use an earlier checkpoint") from None
+    """The checkpoint's weights into `model` (unsharded), from either format."""
+    if is_sharded(ckpt):
+        state = {k[len("model."):]: v for k, v in read_sharded(ckpt, "model.").items()}
+    else:
+        try:
+            state = load_file(ckpt / MODEL_FILE)
+        except Exception as e:  # safetensors' own error type: a file whose manifest was rewritten to match
+            raise UsageError(f"checkpoint {ckpt}: {MODEL_FILE} cannot be read ({str(e)[:120]}); it is damaged, "
+                             "use an earlier checkpoint") from None
     for old, new in LEGACY_NAMES:
         state = {k.replace(old, new): v for k, v in state.items()}
     try:
@@ -361,3 +389,50 @@ def load_train_state(ckpt: Path) -> dict:
     except Exception as e:  # pickle, zip or EOF errors of a file whose manifest was rewritten to match
         raise UsageError(f"checkpoint {ckpt}: {STATE_FILE} cannot be read ({type(e).__name__}); it is damaged, "
                          "resume from an earlier checkpoint") from None
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Whether the checkpoint was written by a sharded run (torch.distributed.checkpoint, dcp/)."""
+    return (Path(ckpt) / DCP_DIR).is_dir()
+
+
+def sharded_metadata(ckpt: Path):
+    """The index of a sharded checkpoint, every shard file it names checked to be there."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = Path(ckpt) / DCP_DIR
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # pickle or EOF errors of a truncated or altered index
+        raise UsageError(f"checkpoint {ckpt}: {DCP_METADATA} cannot be read ({type(e).__name__}); it is damaged, "
+                         "use an earlier checkpoint") from None
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    missing = next((f for f in files if not (folder / f).is_file()), None)
+    if missing is not None:
+        raise UsageError(f"checkpoint {ckpt}: the shard file {DCP_DIR}/{missing} is missing; copy it back from where "
+                         "the run wrote it, or use an earlier checkpoint")
+    return metadata
+
+
+def read_sharded(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint whose name starts with `prefix`, whole, in this one process
+    (no process group needed): what a reader of weights, or a run that is not sharded, takes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = sharded_metadata(ckpt)
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is meant
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
+    except Exception as e:  # a shard truncated or altered behind the manifest's back
+        raise UsageError(f"checkpoint {ckpt}: its shards in {DCP_DIR}/ cannot be read ({_first_line(e)}); it is "
+                         "damaged, use an earlier checkpoint") from None
+    return state
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:160]

@@ -160,6 +160,10 @@ def _add_train(sub) -> None:
     p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
                    help="under torchrun: shard every MoE layer's experts over groups of E consecutive processes "
                         "(E divides the processes and n_experts; default 1: DDP replicas)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the parameters (all but expert slices), their gradients and "
+                        "optimizer state over every process with FSDP2; checkpoints are written by every process "
+                        "(torch.distributed.checkpoint) and read by any number of processes (not PEER presets)")
     options = TRAIN_OPTIONS | _train_flags() | MODEL_OPTIONS
     options |= {flag: (o.type, o.help) for flag, (m, o) in _block_options().items()}
     for name, (typ, helptext) in options.items():
@@ -197,7 +201,8 @@ def cmd_train(args) -> None:
     else:
         cfg = new_run_config(args.preset, train, model, blocks)
     trainer = Trainer(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                      progress=not args.no_progress, expert_parallel=args.expert_parallel)
+                      progress=not args.no_progress, expert_parallel=args.expert_parallel,
+                      fsdp=args.fsdp)
     summary = trainer.run()
     distributed = finish_distributed()
     if trainer.dist.main:

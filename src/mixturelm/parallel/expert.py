@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import UsageError
 from ..layers.dispatch import SumTopK, dispatch_swiglu, rows_in_expert_order, sort_by_expert
@@ -58,6 +59,7 @@ class ExpertParallelMoE(nn.Module):
     def dispatch(self, x_TD, token_A, expert_A, weight_A, w_gate_up_LD2F, w_down_LFD, impl, k_per_token=None):
         """`dispatch_swiglu`'s contract, the experts on the processes of the group."""
         E, D = self.moe.n_experts, x_TD.shape[-1]
+        w_gate_up_LD2F, w_down_LFD = _local(w_gate_up_LD2F), _local(w_down_LFD)  # DTensors under --fsdp
         order_A, counts_E = sort_by_expert(expert_A, E)
         # 1. rows in expert order, so that each process's rows are one contiguous block
         x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
@@ -88,6 +90,16 @@ class ExpertParallelMoE(nn.Module):
         """The sharded parameters: reduce their gradients only over processes holding the same experts."""
         return [self.moe.w_gate_up, self.moe.w_down]
 
+    def distribute(self, mesh, placements) -> None:
+        """The expert slices as DTensors on `mesh` (their local tensors the slices kept), so that they share
+        an optimizer with FSDP's DTensors and reach distributed checkpoints sharded. The forward still
+        computes with the local slices; their gradients come back as DTensors of the same placements."""
+        with torch.no_grad():
+            for name in ("w_gate_up", "w_down"):
+                slice_ = getattr(self.moe, name)
+                setattr(self.moe, name, nn.Parameter(DTensor.from_local(slice_.detach(), mesh, placements,
+                                                                        run_check=False)))
+
     def after_optimizer_step(self, reduce=None) -> None:
         """The sigmoid_bias router's load summed over the group first: every process routes with the same bias,
         so it must see the same load. A further `reduce` (over data-parallel processes, or all of them) may
@@ -111,6 +123,10 @@ def expert_parallel(moe: MoE, group: dist.ProcessGroup | None = None) -> ExpertP
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     """The MoE layers of `model`, by module name: what `expert_parallel` can wrap."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def _all_to_all(x_AD: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -52,10 +52,29 @@ class ExpertSharding:
     def is_expert(self, p: torch.Tensor) -> bool:
         return any(p is q for q in self.expert_params)
 
+    def distribute(self, mesh) -> None:
+        """The expert slices as DTensors on the 2-D mesh (replica, ep) of shape (world / ep, ep), whose rows are
+        the expert-parallel groups and columns the replica groups: Replicate over replicas, Shard(0) over the
+        group (parallel/fsdp.py)."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        for layer in self.layers.values():
+            layer.distribute(mesh, [Replicate(), Shard(0)])
+        self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
+
+    def canonical(self, name: str) -> str:
+        """A parameter's or state-dict key's name in the unwrapped model (the wrapper's `.moe` taken out)."""
+        for layer_name in self.layers:
+            if name.startswith(layer_name + ".moe."):
+                return layer_name + "." + name[len(layer_name) + 5:]
+        return name
+
     # -- gradients -------------------------------------------------------------------------------
-    def reduce_gradients(self) -> None:
-        """After the last backward of a step: each gradient the mean over processes of the global batch."""
-        _all_reduce_mean(self.replicated_params, None, self.world, reduce=True)
+    def reduce_gradients(self, replicated: bool = True) -> None:
+        """After the last backward of a step: each gradient the mean over processes of the global batch.
+        replicated=False: FSDP has reduced the other parameters' gradients; only the experts' are left."""
+        if replicated:
+            _all_reduce_mean(self.replicated_params, None, self.world, reduce=True)
         _all_reduce_mean(self.expert_params, self.replica_group, self.world, reduce=self.replica_group is not None)
 
     def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
@@ -134,12 +153,21 @@ def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool
     when E == N), then divide by `world`, in one flat buffer. A missing gradient counts as zeros."""
     if not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [_local(p.grad) for p in params]  # a DTensor's (expert slices under --fsdp) local tensor
     flat = torch.cat([g.reshape(-1) for g in grads])
     if reduce:
         dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t

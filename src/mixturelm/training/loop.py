@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -30,6 +31,8 @@ from ..files import write_json_atomic, write_text_atomic
 from ..flops import measure_matmul_flops
 from ..model import MixtureLM
 from ..parallel.expert_training import ExpertSharding, check_expert_parallel
+from ..parallel.fsdp import FullyShardedModel, check_fsdp
+from . import sharded_checkpoint
 from ..runtime import steady_allocator
 from .compiling import check_compiler, compiled
 from .distributed import init_distributed, pick_device, resolve_device
@@ -43,11 +46,13 @@ from .summary import describe_summary, run_summary
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                  device: str = "auto", progress: bool = True, log=None, on_step=None, bar_position: int = 0,
-                 expert_parallel: int = 1) -> None:
+                 expert_parallel: int = 1, fsdp: bool = False) -> None:
         """on_step(done): called after every optimizer step (an outer progress bar);
         bar_position: the line of this run's progress bar (1 below an outer bar, which it then leaves alone);
         expert_parallel: E > 1 shards every MoE layer's experts over groups of E consecutive processes
-        (mixturelm.parallel.expert_training) instead of replicating the model with DDP."""
+        (mixturelm.parallel.expert_training) instead of replicating the model with DDP;
+        fsdp: shard the other parameters, their gradients and optimizer state over every process with FSDP2
+        (mixturelm.parallel.fsdp), checkpoints written by every process (training/sharded_checkpoint.py)."""
         self.out_dir = Path(out_dir)
         self.on_step, self.bar_position = on_step, bar_position
         self.dist = init_distributed(resolve_device(device))
@@ -59,7 +64,11 @@ class Trainer:
         self.cfg = cfg
         self.expert_parallel = expert_parallel
         self.sharding: ExpertSharding | None = None  # set by _build
+        self.fsdp, self.fsdp_model = fsdp, None  # FullyShardedModel, set by _build
         t = cfg.train
+        if fsdp:
+            with torch.device("meta"):
+                check_fsdp(MixtureLM(cfg.model), self.dist.world, t.compile, t.mechanisms)
         if expert_parallel != 1:
             with torch.device("meta"):
                 check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world)
@@ -102,13 +111,18 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
-        if ckpt is not None:  # the single-device format, whole, before the experts are sharded
+        sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
+        if ckpt is not None and not (self.fsdp and sharded_ckpt):  # whole, before anything is sharded
             checkpoint.load_weights(self.model, ckpt)
-        self.sharding = None
+        self.sharding, self.fsdp_model = None, None
         if self.expert_parallel > 1:
             self.sharding = ExpertSharding(self.model, self.expert_parallel, self.dist.rank, self.dist.world)
+        if self.fsdp:
+            self.fsdp_model = FullyShardedModel(self.model, self.dist.world, self.sharding)
         self.optim = Optimizers(self.model, t, self.total_steps)
-        if self.sharding is not None:
+        if self.fsdp_model is not None:
+            self.optim.grad_norm_of = self.fsdp_model.grad_norm
+        elif self.sharding is not None:
             self.optim.grad_norm_of = self.sharding.grad_norm
         self.tokens_seen, self.elapsed = 0, 0.0
         start = 0
@@ -117,17 +131,33 @@ class Trainer:
                 self.log(f"starting from the weights of {ckpt} at step 0, with a new optimizer")
                 return self._wrap(0)
             state = checkpoint.load_train_state(ckpt)
-            if self.sharding is not None:
-                state = state | {"optimizer": self.sharding.shard_optimizer_state(self.optim.opt, state["optimizer"])}
+            state = state | {"optimizer": self._optimizer_state(ckpt, state)}
             self.optim.load_state_dict(state)
             _set_rng_state(state["rng"])
             start, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
             self.log(f"resuming from {ckpt} at step {start}")
         return self._wrap(start)
 
+    def _optimizer_state(self, ckpt: Path, state: dict) -> dict:
+        """The checkpoint's optimizer state as this run holds it (loading a sharded run's weights meanwhile):
+        either format into any layout."""
+        opt, canonical = self.optim.opt, self._canonical
+        if checkpoint.is_sharded(ckpt) and self.fsdp:
+            return sharded_checkpoint.load_shards(self.model, opt, canonical, ckpt, state)
+        full = (sharded_checkpoint.full_optimizer_state(self.model, opt, canonical, ckpt, state)
+                if checkpoint.is_sharded(ckpt) else state["optimizer"])
+        if self.fsdp:
+            return sharded_checkpoint.shard_optimizer_state(opt, full)
+        if self.sharding is not None:
+            return self.sharding.shard_optimizer_state(opt, full)
+        return full
+
+    def _canonical(self, name: str) -> str:
+        return self.sharding.canonical(name) if self.sharding is not None else name
+
     def _wrap(self, start: int) -> int:
         self.ddp_model = self.model
-        if self.dist.world > 1 and self.sharding is None:
+        if self.dist.world > 1 and self.sharding is None and not self.fsdp:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
         # the training step's model: compiled when asked. Evaluation, calibration and checkpoints use the
@@ -203,7 +233,10 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         """A checkpoint in the single-device format, written by the main process; with expert parallelism
-        every process first joins the gathering of the expert slices."""
+        every process first joins the gathering of the expert slices. Sharded (--fsdp): every process writes
+        its shards, the main process the rest."""
+        if self.fsdp:
+            return self._save_sharded(step)
         weights, optim_state = self.model, self.optim.state_dict()
         if self.sharding is not None:
             weights = self.sharding.full_state_dict(self.model)
@@ -217,6 +250,28 @@ class Trainer:
 
         self._on_main(write, "write a checkpoint")
 
+    def _save_sharded(self, step: int) -> None:
+        """Into a temporary folder named alike on every process (the main process's pid), renamed into place
+        by the main process once every shard and the rest are on disk: a kill leaves the previous checkpoint."""
+        token = [os.getpid()]
+        torch.distributed.broadcast_object_list(token, src=0)
+        tmp = checkpoint.sharded_tmp(self.out_dir, step, token[0])
+
+        def fresh() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        self._on_main(fresh, "write a checkpoint")
+        extra = sharded_checkpoint.save_shards(self.model, self.optim.opt, self._canonical, tmp / checkpoint.DCP_DIR)
+
+        def write() -> None:
+            state = {"step": step, "scheduler": self.optim.sched.state_dict(), **extra, "rng": _rng_state(),
+                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed}
+            checkpoint.save(self.out_dir, step, None, self.cfg.to_dict(), self.data.tokenizer, state,
+                            keep=self.cfg.train.keep_ckpts, tmp=tmp)
+
+        self._on_main(write, "write a checkpoint")
+
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
         t, d = self.cfg.train, self.dist
@@ -227,7 +282,10 @@ class Trainer:
         for m in range(t.grad_accum):
             first = (m * d.world + d.rank) * micro
             chunk = rows[first:first + micro].to(self.device)
-            sync = m == t.grad_accum - 1 or d.world == 1 or self.sharding is not None
+            last = m == t.grad_accum - 1
+            sync = last or d.world == 1 or self.sharding is not None or self.fsdp
+            if self.fsdp_model is not None:
+                self.fsdp_model.set_gradient_sync(last)
             with (contextlib.nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
                 out = self.step_model(chunk[:, :-1], chunk[:, 1:])
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
@@ -237,7 +295,7 @@ class Trainer:
                 for k, v in values.items():
                     sums[f"{prefix}/{k}"] = sums.get(f"{prefix}/{k}", 0.0) + v.item() / t.grad_accum
         if self.sharding is not None:  # what DDP does, over the right processes for each parameter
-            self.sharding.reduce_gradients()
+            self.sharding.reduce_gradients(replicated=not self.fsdp)  # FSDP reduced the others
         lr, grad_norm = self.optim.step()
         inner = self.sharding.inner_layers() if self.sharding is not None else set()
         for module in self.model.modules():  # online state (the balancing bias), from loads summed over processes
@@ -396,7 +454,7 @@ class Trainer:
     def _evaluate(self) -> dict:
         t = self.cfg.train
         return evaluate(self.model, self.data, t.seq_len, t.eval_tokens, t.batch_size // self.dist.world,
-                        self.device, self.dist, self._autocast, lockstep=self.sharding is not None)
+                        self.device, self.dist, self._autocast, lockstep=self.sharding is not None or self.fsdp)
 
     def _calibrate(self, done: int) -> None:
         """What a mechanism must re-estimate before evaluation and checkpoints, on this process's share of

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config import TrainConfig
 from ..errors import UsageError
@@ -105,7 +106,7 @@ class Optimizers:
         self.side_params = needs.side
         side = {id(p) for p in self.side_params}
         self.clipped_params = [p for p in self.model.parameters() if id(p) not in side]
-        # the norm of the clipped gradients when they are sharded over processes (expert parallelism)
+        # the norm of the clipped gradients when they are sharded over processes (expert parallelism, FSDP)
         self.grad_norm_of = None
 
     def step(self) -> tuple[float, torch.Tensor]:
@@ -113,13 +114,15 @@ class Optimizers:
         clip = self.train.grad_clip if self.train.grad_clip > 0 else float("inf")
         if self.grad_norm_of is not None:
             grad_norm = self.grad_norm_of(self.clipped_params).float()
-            torch.nn.utils.clip_grads_with_norm_(self.clipped_params, clip, grad_norm)
+            _clip_with_norm(self.clipped_params, clip, grad_norm)
         elif not self.sparse_params:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.clipped_params, clip)
         else:  # one norm over dense and sparse gradients alike
             mark_coalesced(self.sparse_params)
             grad_norm = clip_grad_norm(self.clipped_params, clip)
-        if self.side_params:
+        if self.side_params and self.grad_norm_of is not None:  # sharded: the norm over every process
+            _clip_with_norm(self.side_params, clip, self.grad_norm_of(self.side_params).float())
+        elif self.side_params:
             clip_grad_norm(self.side_params, clip)
         lr = self.opt.param_groups[0]["lr"]
         self.opt.step()
@@ -138,6 +141,17 @@ class Optimizers:
         self.sched.load_state_dict({k: v for k, v in state["scheduler"].items() if k != "base_lrs"}
                                    | {"base_lrs": base, "lr_lambdas": [None] * len(base)})
         _set_base_lrs(self.sched, base)
+
+
+@torch.no_grad()
+def _clip_with_norm(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """torch.nn.utils.clip_grads_with_norm_'s arithmetic on each process's part of the gradients: the
+    gradients may be DTensors on different meshes (FSDP's, the experts'), which one foreach call refuses."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g.mul_(coef.to(g.device))
 
 
 def _merge_legacy(state: dict, opt: torch.optim.Optimizer) -> dict:

@@ -1,0 +1,98 @@
+"""Sharded data parallelism in training: FSDP2 (`fully_shard`) over every process for the parameters that are
+not expert slices, composed with expert parallelism, and the gradient norm of a model held in pieces.
+
+Over N processes, each block and then the model are `fully_shard`-ed on a 1-D mesh of all N: every
+non-expert parameter (and its gradient and Adam moments) becomes a DTensor sharded on dim 0, each process
+holding 1/N of it; FSDP gathers a block's parameters for its forward and backward and reduce-scatters its
+gradients, averaged over the N processes (DDP's mean).
+
+With `--expert-parallel E`, the expert slices of `ExpertSharding` are left out of FSDP (`ignored_params`):
+they become DTensors on a 2-D mesh (replica, ep) of shape (N / E, E), Replicate on the first dimension and
+Shard(0) on the second, whose local tensor is the slice expert parallelism already keeps. Their gradients
+are still reduced by hand over the replica group (ExpertSharding.reduce_gradients); as DTensors they share
+the optimizer (one fused AdamW over DTensors: a mixture of DTensors and plain tensors is refused by
+`aten._fused_adamw_`) and they reach distributed checkpoints sharded, without a gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..errors import UsageError
+from .expert_training import ExpertSharding
+
+
+def check_fsdp(model: nn.Module, world: int, compile: bool, mechanisms: dict | None = None) -> None:
+    """Refuse what `--fsdp` cannot train: one process, and row-sparse gradients (PEER's tables)."""
+    from ..optim import mechanism_needs
+
+    if world == 1:
+        raise UsageError("--fsdp shards the model over processes: run under torchrun "
+                         "(python -m torch.distributed.run --nproc_per_node=N -m mixturelm train ... --fsdp)")
+    if mechanism_needs(model, mechanisms).sparse:
+        raise UsageError("--fsdp cannot shard PEER's expert tables: their row-sparse gradients have no "
+                         "reduce-scatter in FSDP2; train this preset without --fsdp (DDP)")
+    if compile:
+        raise UsageError("--fsdp with --compile is not supported yet; leave one out")
+
+
+class FullyShardedModel:
+    """`model` (its MoE layers already wrapped by `sharding`, if any) sharded in place: blocks, then the root."""
+
+    def __init__(self, model: nn.Module, world: int, sharding: ExpertSharding | None = None) -> None:
+        self.model, self.sharding = model, sharding
+        self.mesh: DeviceMesh = init_device_mesh("cpu" if _on_cpu(model) else "cuda", (world,))
+        self.expert_mesh: DeviceMesh | None = None
+        ignored: set[nn.Parameter] = set()
+        if sharding is not None:
+            self.expert_mesh = init_device_mesh(self.mesh.device_type, (world // sharding.ep, sharding.ep),
+                                                mesh_dim_names=("replica", "ep"))
+            sharding.distribute(self.expert_mesh)
+            ignored = set(sharding.expert_params)
+        for block in model.blocks:  # one all-gather and one reduce-scatter per block, overlapping the next
+            fully_shard(block, mesh=self.mesh, ignored_params=ignored)
+        fully_shard(model, mesh=self.mesh, ignored_params=ignored)
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        """False for an accumulation micro-step but the last: FSDP keeps the unsharded gradients and
+        reduce-scatters once per optimizer step."""
+        self.model.set_requires_gradient_sync(sync)
+
+    def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of the (reduced) gradients of `params` as one process holding the whole model sees
+        it: squares of FSDP shards summed over every process, of expert slices over their expert-parallel
+        group (each expert once), of anything else (replicated) taken as they are."""
+        experts = {id(p) for p in self.sharding.expert_params} if self.sharding is not None else set()
+        sq = torch.zeros(3, dtype=torch.float64)  # replicated, FSDP shards, expert slices
+        for p in params:
+            if p.grad is None:
+                continue
+            kind = 2 if id(p) in experts else int(isinstance(p.grad, DTensor))
+            sq[kind] += local(p.grad).detach().double().pow(2).sum().cpu()
+        sharded, expert = sq[1:2].clone(), sq[2:3].clone()
+        dist.all_reduce(sharded)
+        if self.sharding is not None:
+            dist.all_reduce(expert, group=self.sharding.ep_group)
+        return (sq[0] + sharded[0] + expert[0]).sqrt()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this process holds: a DTensor's local tensor, or `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` cut as `like` (a parameter, DTensor or not) is; every process holds `full`, so each keeps its
+    own piece without communication (src_data_rank=None)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"

@@ -1,0 +1,138 @@
+"""`mixturelm train --fsdp` under torchrun (CPU, gloo): the parameters sharded with FSDP2 (the expert slices
+apart under --expert-parallel), the per-step losses equal to one process with the same micro-batches, and
+checkpoints written by every process with torch.distributed.checkpoint that one process reads.
+
+As in test_expert_parallel_train.py, the single process accumulates as many micro-batches as the parallel
+run has over all its processes (the balance loss is per micro-batch)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from mixturelm import checkpoint
+from test_expert_parallel_train import ARGS, _losses
+
+STEP6 = "step_0000006"
+
+
+def _torchrun(n: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           "-m", "mixturelm", *args], capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, whole, whichever its format."""
+    if checkpoint.is_sharded(ckpt):
+        return {k.removeprefix("model."): v for k, v in checkpoint.read_sharded(ckpt, "model.").items()}
+    return load_file(ckpt / checkpoint.MODEL_FILE)
+
+
+def _same_losses(one, many):
+    (train1, eval1), (train2, eval2) = _losses(one), _losses(many)
+    assert list(train1) == list(train2) == list(range(1, 7))
+    for step in train1:
+        assert train2[step] == pytest.approx(train1[step], abs=2e-5), f"step {step}"
+    assert list(eval1) == list(eval2)
+    for step in eval1:
+        assert eval2[step] == pytest.approx(eval1[step], abs=2e-5), f"eval at step {step}"
+
+
+def _same_weights(a, b, atol):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=0, msg=k)
+
+
+# the sigmoid_bias router: its bias moves from loads summed over processes; its balance loss (weight 1e-4) is
+# the only term a micro-batch's size changes, so one process may resume the 2-process run (next test)
+SIGMOID = ["--router", "sigmoid_bias"]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_dir, tmp_path_factory):
+    """One process (--grad-accum 2) and 2 processes with --fsdp --expert-parallel 2, 6 steps of moe-debug."""
+    root = tmp_path_factory.mktemp("fsdp")
+    args = [*ARGS, "--data", str(corpus_dir), *SIGMOID]
+    run_cli(*args, "--grad-accum", "2", "--out", str(root / "one"), check=True)
+    _torchrun(2, *args, "--fsdp", "--expert-parallel", "2", "--out", str(root / "fsdp-ep"))
+    return root
+
+
+def test_fsdp_with_expert_parallel_matches_one_process(runs):
+    _same_losses(runs / "one", runs / "fsdp-ep")
+    ckpt = runs / "fsdp-ep" / "checkpoints" / STEP6
+    assert checkpoint.is_sharded(ckpt) and not (ckpt / checkpoint.MODEL_FILE).exists()
+    shards = sorted(p.name for p in (ckpt / checkpoint.DCP_DIR).glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+    _same_weights(runs / "one" / "checkpoints" / STEP6, ckpt, atol=1e-5)
+
+
+def test_fsdp_alone_matches_one_process(corpus_dir, tmp_path):
+    """The softmax router with its balance loss; the experts sharded by FSDP like any parameter."""
+    args = [*ARGS, "--data", str(corpus_dir)]
+    run_cli(*args, "--grad-accum", "2", "--out", str(tmp_path / "one"), check=True)
+    _torchrun(2, *args, "--fsdp", "--out", str(tmp_path / "fsdp"))
+    _same_losses(tmp_path / "one", tmp_path / "fsdp")
+    _same_weights(tmp_path / "one" / "checkpoints" / STEP6, tmp_path / "fsdp" / "checkpoints" / STEP6, atol=1e-5)
+
+
+def test_one_process_resumes_a_sharded_checkpoint_exactly(corpus_dir, runs, tmp_path):
+    """From the step-3 checkpoint of the 2-process run, one process (no --fsdp, no expert parallelism; the
+    run's --grad-accum 1, so micro-batches of 8 rows instead of 4) trains on to the weights the 2-process run
+    ended on (up to the float sums' order and the 1e-4 balance loss of bigger micro-batches)."""
+    run = tmp_path / "resumed"
+    shutil.copytree(runs / "fsdp-ep", run)
+    shutil.rmtree(run / "checkpoints" / STEP6)
+    (run / "checkpoints" / "latest").write_text("step_0000003")
+    (run / "results.json").unlink()
+    run_cli(*ARGS, "--data", str(corpus_dir), *SIGMOID, "--out", str(run), "--resume", check=True)
+    assert not checkpoint.is_sharded(run / "checkpoints" / STEP6)
+    _same_weights(runs / "fsdp-ep" / "checkpoints" / STEP6, run / "checkpoints" / STEP6, atol=1e-5)
+
+
+def test_eval_reads_a_sharded_checkpoint(runs):
+    ckpt = runs / "fsdp-ep" / "checkpoints" / STEP6
+    proc = run_cli("eval", "--ckpt", str(ckpt), check=True)
+    one = run_cli("eval", "--ckpt", str(runs / "one" / "checkpoints" / STEP6), check=True)
+    assert proc.stdout.split()[:4] == one.stdout.split()[:4] or "val" in proc.stdout, proc.stdout
+
+
+def test_a_missing_shard_is_one_line(runs, tmp_path):
+    ckpt = tmp_path / STEP6
+    shutil.copytree(runs / "fsdp-ep" / "checkpoints" / STEP6, ckpt)
+    (ckpt / checkpoint.DCP_DIR / "__1_0.distcp").unlink()
+    proc = run_cli("eval", "--ckpt", str(ckpt))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "__1_0.distcp" in proc.stderr, proc.stderr
+
+
+def test_a_corrupt_index_is_one_line(runs, tmp_path, monkeypatch):
+    """Even with a manifest that agrees (rewritten), the index that cannot be read is named."""
+    ckpt = tmp_path / STEP6
+    shutil.copytree(runs / "fsdp-ep" / "checkpoints" / STEP6, ckpt)
+    (ckpt / checkpoint.DCP_METADATA).write_bytes(b"not a pickle")
+    with pytest.raises(checkpoint.UsageError, match=r"dcp/\.metadata cannot be read"):
+        checkpoint.read_sharded(ckpt, "model.")
+
+
+def test_fsdp_refuses_peer_and_one_process(corpus_dir, tmp_path):
+    proc = _torchrun(2, "train", "--preset", "peer-debug", "--data", str(corpus_dir), "--max-steps", "1",
+                     "--fsdp", "--no-progress", "--out", str(tmp_path / "peer"), check=False)
+    assert proc.returncode != 0 and "row-sparse" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "peer").exists()
+    proc = run_cli("train", "--preset", "peer-debug", "--data", str(corpus_dir), "--max-steps", "1", "--fsdp",
+                   "--out", str(tmp_path / "one"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "torchrun" in proc.stderr, proc.stderr
