@@ -27,8 +27,9 @@ from ..errors import UsageError
 from .expert_training import ExpertSharding
 
 
-def check_fsdp(model: nn.Module, world: int, compile: bool, mechanisms: dict | None = None) -> None:
-    """Refuse what `--fsdp` cannot train: one process, and row-sparse gradients (PEER's tables)."""
+def check_fsdp(model: nn.Module, world: int, mechanisms: dict | None = None) -> None:
+    """Refuse what `--fsdp` cannot train: one process, and row-sparse gradients (PEER's tables). With
+    --compile it runs (tests/test_fsdp_train.py)."""
     from ..optim import mechanism_needs
 
     if world == 1:
@@ -37,8 +38,6 @@ def check_fsdp(model: nn.Module, world: int, compile: bool, mechanisms: dict | N
     if mechanism_needs(model, mechanisms).sparse:
         raise UsageError("--fsdp cannot shard PEER's expert tables: their row-sparse gradients have no "
                          "reduce-scatter in FSDP2; train this preset without --fsdp (DDP)")
-    if compile:
-        raise UsageError("--fsdp with --compile is not supported yet; leave one out")
 
 
 class FullyShardedModel:

@@ -68,7 +68,7 @@ class Trainer:
         t = cfg.train
         if fsdp:
             with torch.device("meta"):
-                check_fsdp(MixtureLM(cfg.model), self.dist.world, t.compile, t.mechanisms)
+                check_fsdp(MixtureLM(cfg.model), self.dist.world, t.mechanisms)
         if expert_parallel != 1:
             with torch.device("meta"):
                 check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world)
