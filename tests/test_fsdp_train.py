@@ -150,6 +150,17 @@ def test_fsdp_refuses_peer(corpus_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_mod_blocks_around_moe_layers(corpus_dir, tmp_path):
+    """mode-staged: MoD's predictor (a side network, clipped under its own norm over the shards), a MoE
+    layer seeing a routed subset of the tokens, and evaluation's second (causal) pass, all sharded."""
+    args = [*ARGS, "--data", str(corpus_dir), "--preset", "mode-staged-debug", "--mod-causal", "predictor"]
+    run_cli(*args, "--grad-accum", "2", "--out", str(tmp_path / "one"), check=True)
+    _torchrun(2, *args, "--fsdp", "--expert-parallel", "2", "--out", str(tmp_path / "fsdp"))
+    _same_losses(tmp_path / "one", tmp_path / "fsdp")
+    _same_weights(tmp_path / "one" / "checkpoints" / STEP6, tmp_path / "fsdp" / "checkpoints" / STEP6, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_compiled_matches_eager(runs, corpus_dir, tmp_path):
     """torch.compile over the FSDP2 model: the losses of one process (as the eager run's)."""
     args = [*ARGS, "--data", str(corpus_dir), *SIGMOID]
@@ -192,9 +203,9 @@ def test_four_processes_then_two(corpus_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_kill_during_a_sharded_checkpoint_resumes_exactly(corpus_dir, tmp_path):
-    """SIGKILL to every process as soon as a checkpoint's temporary folder appears (or, if that moment is
-    missed, after the 8th checkpoint): the run resumes from the previous checkpoint and ends on the weights
-    of an uninterrupted run, bit for bit."""
+    """SIGKILL to every process once a shard of the 5th or a later checkpoint is in its temporary folder (or,
+    if that moment is missed, after the 8th checkpoint): the run resumes from the previous checkpoint and
+    ends on the weights of an uninterrupted run, bit for bit."""
     args = [*ARGS, "--data", str(corpus_dir), "--max-steps", "12", "--ckpt-every", "1", "--eval-every", "100",
             "--fsdp", "--expert-parallel", "2"]
     _torchrun(2, *args, "--out", str(tmp_path / "whole"))
@@ -206,12 +217,15 @@ def test_a_kill_during_a_sharded_checkpoint_resumes_exactly(corpus_dir, tmp_path
     ckpts = run / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and (any(ckpts.glob(".tmp-*")) or (ckpts / "step_0000008").is_dir()):
+        if (ckpts / "step_0000008").is_dir():
+            break
+        if (ckpts / "step_0000004").is_dir() and any(any(p.rglob("*.distcp")) for p in ckpts.glob(".tmp-*")):
             break
         time.sleep(0.001)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "results.json").exists(), "the run finished before the kill"
+    assert (ckpts / "latest").read_text() >= "step_0000004"
     _torchrun(2, *args, "--out", str(run), "--resume")
     last = "step_0000012"
     a, b = _weights(tmp_path / "whole" / "checkpoints" / last), _weights(ckpts / last)

@@ -65,12 +65,10 @@ def save(run_dir: Path, step: int, model: torch.nn.Module | dict | None, run_con
         ckpts.mkdir(parents=True, exist_ok=True)
         _write(tmp, step, model, run_config, tokenizer, train_state, fresh=not sharded)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or _nearly_full(ckpts)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or nearly_full(ckpts)
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder would hold the space a resume needs
         if full:
-            raise UsageError(f"no space left on the device while writing checkpoint {name} into {ckpts}; the "
-                             "earlier checkpoints are intact: free some space, then resume the run "
-                             "(`resume=True`)") from None
+            raise no_space(name, ckpts) from None
         raise
     if final.exists():  # the same step again after a resume: replace the old copy
         old = ckpts / f".old-{name}-{os.getpid()}"
@@ -85,7 +83,12 @@ def save(run_dir: Path, step: int, model: torch.nn.Module | dict | None, run_con
     return final
 
 
-def _nearly_full(folder: Path) -> bool:
+def no_space(name: str, ckpts: Path) -> UsageError:
+    return UsageError(f"no space left on the device while writing checkpoint {name} into {ckpts}; the earlier "
+                      "checkpoints are intact: free some space, then resume the run (`resume=True`)")
+
+
+def nearly_full(folder: Path) -> bool:
     """Whether a failed write met a full device (under 16 MiB left), whatever error type reported it."""
     try:
         return shutil.disk_usage(folder).free < 16 << 20

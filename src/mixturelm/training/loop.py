@@ -32,8 +32,8 @@ from ..flops import measure_matmul_flops
 from ..model import MixtureLM
 from ..parallel.expert_training import ExpertSharding, check_expert_parallel
 from ..parallel.fsdp import FullyShardedModel, check_fsdp
-from . import sharded_checkpoint
 from ..runtime import steady_allocator
+from . import sharded_checkpoint
 from .compiling import check_compiler, compiled
 from .distributed import init_distributed, pick_device, resolve_device
 from .evaluation import calibrate, evaluate
@@ -262,7 +262,15 @@ class Trainer:
             tmp.mkdir(parents=True)
 
         self._on_main(fresh, "write a checkpoint")
-        extra = sharded_checkpoint.save_shards(self.model, self.optim.opt, self._canonical, tmp / checkpoint.DCP_DIR)
+        try:
+            extra = sharded_checkpoint.save_shards(self.model, self.optim.opt, self._canonical,
+                                                   tmp / checkpoint.DCP_DIR)
+        except Exception:  # every process gets DCP's error; the half-written folder would hold the space
+            if self.dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if checkpoint.nearly_full(tmp.parent):
+                raise checkpoint.no_space(checkpoint.step_folder(self.out_dir, step).name, tmp.parent) from None
+            raise
 
         def write() -> None:
             state = {"step": step, "scheduler": self.optim.sched.state_dict(), **extra, "rng": _rng_state(),
