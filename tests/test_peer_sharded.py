@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mixturelm.errors import UsageError
+from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER
 from mixturelm.parallel import peer_sharded
 from mixturelm.parallel.peer import traffic_per_step
@@ -31,6 +32,8 @@ CASES = {
                                          sparse_grad=True),
     # process r has 3 + 4r tokens in one sequence: the exchanges' splits differ by process
     "uneven_tokens": dict(n_experts=36, n_heads=2, top_k=3, d_key=8, uneven=True),
+    # PyTorch ops instead of the compiled CPU kernels (CUDA's path)
+    "sparse_grad_torch_ops": dict(n_experts=36, n_heads=2, top_k=3, d_key=8, sparse_grad=True, torch_ops=True),
 }
 
 
@@ -70,6 +73,18 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
 
 def _check_case(name: str, group) -> None:
     options = dict(CASES[name])
+    if not options.pop("torch_ops", False):
+        _check_options(options, group)
+        return
+    library = kernels.library
+    kernels.library = lambda: None
+    try:
+        _check_options(options, group)
+    finally:
+        kernels.library = library
+
+
+def _check_options(options: dict, group) -> None:
     uneven = options.pop("uneven", False)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
