@@ -3,8 +3,9 @@ layer with `peer_sharded` (its tables cut by columns), the gradients reduced ove
 checkpoints in the ordinary single-device format.
 
 N processes form N / E expert-parallel groups of E consecutive ranks (ranks g*E .. g*E + E - 1); in each,
-rank g*E + j holds the j-th share of every MoE layer's experts (and of every PEER layer's table columns). Processes at the same position j of different
-groups hold the same experts: they form the j-th replica group (ranks j, j + E, j + 2E, ...).
+rank g*E + j holds the j-th share of every MoE layer's experts (and of every PEER layer's table columns).
+Processes at the same position j of different groups hold the same experts: they form the j-th replica group
+(ranks j, j + E, j + 2E, ...).
 
 Gradient reduction after the backward (no DDP), with each process's loss the mean over its own tokens:
 - replicated parameters (all but the experts): summed over all N processes, divided by N (DDP's mean);
