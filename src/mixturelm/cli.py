@@ -158,8 +158,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
-                   help="under torchrun: shard every MoE layer's experts over groups of E consecutive processes "
-                        "(E divides the processes and n_experts; default 1: DDP replicas)")
+                   help="under torchrun: shard every MoE layer's experts (and every PEER layer's table columns) "
+                        "over groups of E consecutive processes (E divides the processes, n_experts and a PEER "
+                        "layer's d_model; default 1: DDP replicas)")
     options = TRAIN_OPTIONS | _train_flags() | MODEL_OPTIONS
     options |= {flag: (o.type, o.help) for flag, (m, o) in _block_options().items()}
     for name, (typ, helptext) in options.items():

@@ -89,6 +89,8 @@ class ExpertParallelMoE(nn.Module):
         y_AD = y_AD * weight_A[order_A, None].to(y_AD.dtype)
         return x_TD.new_zeros(x_TD.shape[0], D).index_add_(0, token_sorted_A, y_AD)
 
+    shard_dim = 0  # the experts are cut along this dimension: gather or slice checkpoints along it
+
     @property
     def wrapped(self) -> nn.Module:
         """The layer inside (its state-dict keys are this module's with `.moe` inserted)."""
