@@ -77,13 +77,7 @@ class ShardedPEER(nn.Module):
     shard_dim = 1  # the tables are cut along this dimension: gather or slice checkpoints along it
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, PEERAux]:
-        shape = x_BTD.shape
-        x_TD = x_BTD.reshape(-1, shape[-1])
-        ids_THK, g_THK = self.peer.retrieve(x_TD)
-        T, J = x_TD.shape[0], self.peer.n_heads * self.peer.top_k
-        ids_TJ, g_TJ = ids_THK.reshape(T, J), g_THK.reshape(T, J)
-        y_TD = self._experts(x_TD, ids_TJ, g_TJ).to(x_BTD.dtype).reshape(shape)
-        return y_TD, PEERAux(ids_TJ=ids_TJ, scores_TJ=g_TJ, n_experts=self.peer.n_experts)
+        return self.peer(x_BTD, experts=self._experts)
 
     @torch.compiler.disable  # as the layer's: row-sparse gradients and data-dependent shapes
     def _experts(self, x_TD: torch.Tensor, ids_TJ: torch.Tensor, g_TJ: torch.Tensor) -> torch.Tensor:
