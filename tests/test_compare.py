@@ -492,3 +492,30 @@ def test_log_axis_tick_labels_do_not_overlap(low, high):
     pyplot().close(fig)
     assert len(boxes) >= 2
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_pairwise_differences_rank_the_runs_paired_by_seed():
+    """Every pair of the same size and budget, better minus worse over their common seeds, against a hand
+    computation: differences (-0.1, -0.3) have mean -0.2, s = 0.1414, t_{0.975,1} = 12.706, half-width
+    12.706 * 0.1414 / sqrt(2) = 1.2706."""
+    from mixturelm.compare import pairwise_differences, seed_row
+    from mixturelm.report import ranking_sentence
+
+    def run(arch, size, seed, loss):
+        return {"name": f"{arch}-{size}", "arch": arch, "size": size, "budget_flops": 1e12, "seed": seed,
+                "val_loss": loss, "curve": [[1e12, loss]], "total_params": 1, "tokens_per_s": 1.0}
+    losses = {("dense", "debug"): (2.0, 2.1), ("mod", "debug"): (1.9, 1.8), ("peer", "debug"): (1.95, 1.85),
+              ("mod", "small"): (1.7, 2.3)}
+    rows = [seed_row([run(a, size, s, loss) for s, loss in enumerate(ls)], 1.0) for (a, size), ls in losses.items()]
+    pairs = {(p["better"], p["worse"]): p for p in pairwise_differences(rows)}
+    assert set(pairs) == {("mod-debug", "dense-debug"), ("peer-debug", "dense-debug"), ("mod-debug", "peer-debug")}
+    d = pairs[("mod-debug", "dense-debug")]
+    assert d["mean"] == pytest.approx(-0.2) and d["half_width"] == pytest.approx(1.2706, abs=1e-4)
+    assert d["resolved"] is False and d["seeds"] == [0, 1]
+    # a constant gap has no spread: resolved
+    close = pairs[("mod-debug", "peer-debug")]
+    assert close["mean"] == pytest.approx(-0.05) and close["half_width"] == pytest.approx(0, abs=1e-12)
+    assert close["resolved"] is True
+    sentence = ranking_sentence({"runs": rows, "pairwise": list(pairs.values())})
+    assert sentence.index("mod-debug") < sentence.index("< peer-debug") < sentence.index("< dense-debug")
+    assert "-0.0500 [-0.0500, -0.0500], resolved" in sentence and "not resolved" in sentence

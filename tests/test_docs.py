@@ -78,14 +78,14 @@ def test_a_mechanism_is_named_in_code_only_in_its_home(kind):
     """Outside layers/, the benchmarks, the Hugging Face translations and the preset catalogue, a mechanism's kind
     string and classes appear only in its home module: the trainer, FLOP counter, compare, report, views and
     CLI go through the registry. (bench/ sets each mechanism against its peers and hf/ maps each onto other
-    libraries' architectures: both are about particular mechanisms by nature; so is parallel/expert.py, which
-    shards a MoE layer's experts.)"""
+    libraries' architectures: both are about particular mechanisms by nature; so are parallel/expert.py, which
+    shards a MoE layer's experts, and parallel/peer.py, which shards a PEER layer's tables.)"""
     mechanism = registry.get(kind)
     layer = mechanism.module_types[0]
     words = {kind, layer.__name__, mechanism.config_class.__name__, f"{layer.__name__}Aux"}
     # the home, the preset catalogue, and the package that imports the built-in homes (their one registration)
     allowed = {SRC / "mechanisms" / f"{kind}.py", SRC / "presets.py", SRC / "mechanisms" / "__init__.py",
-               SRC / "parallel" / "expert.py"}
+               SRC / "parallel" / "expert.py", SRC / "parallel" / "peer.py"}
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC).parts
         if rel[0] in ("layers", "bench", "hf") or path in allowed:

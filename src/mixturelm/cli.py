@@ -158,8 +158,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
-                   help="under torchrun: shard every MoE layer's experts over groups of E consecutive processes "
-                        "(E divides the processes and n_experts; default 1: DDP replicas)")
+                   help="under torchrun: shard every MoE layer's experts (and every PEER layer's table columns) "
+                        "over groups of E consecutive processes (E divides the processes, n_experts and a PEER "
+                        "layer's d_model; default 1: DDP replicas)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the parameters (all but expert slices), their gradients and "
                         "optimizer state over every process with FSDP2; checkpoints are written by every process "
@@ -342,7 +343,8 @@ def _add_bench(sub) -> None:
                         "transformers' Mixtral block and the dense floor; mod: Mixture-of-Depths against the "
                         "dense model of the same shape (FLOPs, prefill, training step, decoding); peer: one "
                         "PEER layer against PEER-pytorch and a large copy; compile: the training step of "
-                        "presets eager against torch.compile'd, with their graph breaks")
+                        "presets eager against torch.compile'd, with their graph breaks; parallel: expert parallelism "
+                        "over 1, 2, 4 processes (tokens/s, all-to-all time and bytes, peak memory per process)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the models")
     p.add_argument("--batch-size", type=int, default=None, help="train: 16, mod: 2 (training step), compile: 8")
@@ -353,15 +355,25 @@ def _add_bench(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=32, help="mod: tokens decoded after each prompt")
     p.add_argument("--decode-batches", default="1,4,16,64",
                    help="mod: batch sizes to decode at, comma-separated (default 1,4,16,64)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--tokens", type=int, default=None, help="moe, peer: tokens per call (default 4096, 2048)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; parallel: per process, the cores / processes)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="moe, peer: tokens per call (default 4096, 2048); parallel: tokens per process (2048)")
     p.add_argument("--no-memory", action="store_true", help="moe, peer: skip the peak-memory measurement")
-    p.add_argument("--n-experts", type=int, default=1024 * 1024, help="peer: experts N, a perfect square")
-    p.add_argument("--d-model", type=int, default=256, help="peer: model width")
+    p.add_argument("--n-experts", type=int, default=None,
+                   help="peer: experts N, a perfect square (default 1048576); parallel: experts per layer (8)")
+    p.add_argument("--d-model", type=int, default=None, help="peer, parallel: model width (default 256)")
     p.add_argument("--heads", type=int, default=8, help="peer: retrieval heads")
-    p.add_argument("--top-k", type=int, default=16, help="peer: experts per head")
+    p.add_argument("--top-k", type=int, default=None, help="peer: experts per head (default 16); parallel: "
+                                                            "experts per token (2)")
     p.add_argument("--d-key", type=int, default=128, help="peer: query / key size")
     p.add_argument("--no-peer", action="store_true", help="peer: time ours alone (no PEER-pytorch)")
+    p.add_argument("--procs", default=None, help="parallel: process counts, comma-separated, each also the "
+                                                 "expert-parallel size (default 1,2,4)")
+    p.add_argument("--device", default=None,
+                   help="parallel: cpu with gloo (default) or cuda with nccl, one GPU per process")
+    p.add_argument("--d-expert", type=int, default=None, help="parallel: hidden size of each expert (default 512)")
+    p.add_argument("--layers", type=int, default=None, help="parallel: MoE layers in the stack (default 2)")
     p.add_argument("--compile", action="store_true",
                    help="train, moe, peer: also time a torch.compile'd copy of ours (compile time not counted); "
                         "mod: the training step of both models compiled")

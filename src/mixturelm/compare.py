@@ -386,7 +386,7 @@ def collect(cc: CompareConfig, out: Path, runs: list[RunPlan], summaries: list[d
     if cc.sweep:
         mark_isoflop_optimal(rows)
     return {"command": command, "machine": machine(), "rule": FAIR_RULE, "settings": json.loads(json.dumps(asdict(cc))),
-            "corpus": data.stats, "runs": rows}
+            "corpus": data.stats, "runs": rows, "pairwise": pairwise_differences(rows)}
 
 
 # What differs between the seeds of a run and is averaged in its row (the rest is the same at every seed, or is
@@ -439,6 +439,27 @@ def add_differences(rows: list[dict]) -> None:
         d = paired_difference(mine, theirs)
         row["vs_dense"] = ({"reference": ref["name"], "per_seed": [a - b for a, b in zip(mine, theirs)]}
                            | d.to_dict() | {"resolved": d.resolved})  # resolved: the interval excludes 0
+
+
+def pairwise_differences(rows: list[dict]) -> list[dict]:
+    """Every pair of runs of the same size and budget, paired by the seeds both have: better (lower mean loss)
+    minus worse, with its interval, and whether it is resolved. Dense against the rest is in each row's
+    vs_dense; this tells the others apart (is MoD ahead of PEER?)."""
+    pairs = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if (a["size"], a["budget_flops"]) != (b["size"], b["budget_flops"]):
+                continue
+            better, worse = (a, b) if a["val_loss"] <= b["val_loss"] else (b, a)
+            theirs = dict(zip(worse["seeds"], worse["val_loss_per_seed"]))
+            seeds = [s for s in better["seeds"] if s in theirs]
+            if not seeds:
+                continue
+            mine = dict(zip(better["seeds"], better["val_loss_per_seed"]))
+            d = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds])
+            pairs.append({"better": better["name"], "worse": worse["name"], "seeds": seeds}
+                         | d.to_dict() | {"resolved": d.resolved})
+    return pairs
 
 
 def _row(r: RunPlan, s: dict, data, run_dir: Path) -> dict:

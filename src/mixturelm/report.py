@@ -66,6 +66,30 @@ def differences_sentence(runs: list[dict]) -> str:
             f"excludes 0): {listed(resolved)}. Not resolved (the interval holds 0): {listed(unresolved)}.")
 
 
+def ranking_sentence(results: dict) -> str:
+    """The runs of each size and budget from the lowest mean loss up, with each step to the next one: the
+    paired difference and whether it is resolved (empty for one run)."""
+    steps = {(p["better"], p["worse"]): p for p in results.get("pairwise", [])}
+    groups: dict[tuple, list[dict]] = {}
+    for r in results["runs"]:
+        groups.setdefault((r["size"], r["budget_flops"]), []).append(r)
+    sentences = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["val_loss"])
+        links = [ranked[0]["name"]]
+        for better, worse in zip(ranked, ranked[1:]):
+            p = steps.get((better["name"], worse["name"]))
+            gap = describe(interval(p)) if p else "no seed in common"
+            links.append(f"< {worse['name']} ({gap})")
+        if len(ranked) > 1:
+            sentences.append(" ".join(links))
+    if not sentences:
+        return ""
+    n = min(len(r.get("seeds", [None])) for r in results["runs"])
+    return ("From the lowest mean loss up, each run against the next, paired by seed"
+            f"{'' if n > 1 else ' (one seed: nothing resolved)'}: " + "; ".join(sentences) + ".")
+
+
 def first_seed(row: dict) -> dict:
     """The row of a run's first seed: its routing views and routers' statistics are that seed's."""
     return row["per_seed"][0] if "per_seed" in row else row
@@ -229,6 +253,7 @@ def render_html(results: dict, out: Path, plots: list[str], views: dict[str, str
         f"({loss_cell(best)} nats/token, {best['val_bpb']:.4f} bits/byte"
         f"{f', over {n_seeds} seeds' if n_seeds > 1 else ', one seed'}).</p>",
         f"<p>{e(differences_sentence(results['runs']))}</p>",
+        f"<p>{e(ranking_sentence(results))}</p>",
         f"<table class=\"results\"><tr>{head}</tr>{body}</table>",
         "<p>Validation loss in nats per token over the same held-out tokens for every run and seed; MoD models "
         "are scored with causal routing. With several seeds (each sets a run's initialisation and data order, "
@@ -271,6 +296,9 @@ def write_report(out: Path, results: dict, runs, data, cc, log=print) -> None:
     views = routing_views_of_runs(out, runs, data, cc)
     write_text_atomic(out / "report.html", render_html(results, out, plots, views))
     print_table("mixturelm compare: equal training FLOPs", TABLE_HEADER, table_rows(results["runs"]))
+    for sentence in (differences_sentence(results["runs"]), ranking_sentence(results)):
+        if sentence:
+            log(sentence)
     log(f"results in {out / 'results.json'}, report in {out / 'report.html'}")
 
 

@@ -431,13 +431,15 @@ class PEER(nn.Module):
         # softmax in float32 at least (bf16 autocast), float64 stays float64
         return a_THK * S + b_THK, score.to(torch.promote_types(score.dtype, torch.float32)).softmax(-1)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, PEERAux]:
+    def forward(self, x_BTD: torch.Tensor, experts=None) -> tuple[torch.Tensor, PEERAux]:
+        """experts: what computes the experts' sum from (x_TD, ids_TJ, g_TJ), `_experts` by default (the
+        tables sharded over processes bring their own, mixturelm.parallel.peer_sharded)."""
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
         ids_THK, g_THK = self.retrieve(x_TD)
         T, J = x_TD.shape[0], self.n_heads * self.top_k
         ids_TJ, g_TJ = ids_THK.reshape(T, J), g_THK.reshape(T, J)
-        y = self._experts(x_TD, ids_TJ, g_TJ).to(x_BTD.dtype).reshape(shape)
+        y = (experts or self._experts)(x_TD, ids_TJ, g_TJ).to(x_BTD.dtype).reshape(shape)
         return y, PEERAux(ids_TJ=ids_TJ, scores_TJ=g_TJ, n_experts=self.n_experts)
 
     # Eager under torch.compile (a graph break per PEER layer): the table gradients are row-sparse tensors,

@@ -20,10 +20,20 @@ whole world), never over the expert-parallel group; the router's and the shared 
 summed over every process. With per-process mean losses both are then divided by the number of processes
 (parallel/expert_training.py). `ExpertParallelMoE.expert_parameters()` names the sharded ones.
 
+Measuring the exchanges: inside `with record_exchanges() as stats:` every all-to-all of this process adds its
+bytes and seconds to `stats` (by kind: counts, dispatch, combine, and the backward of the last two); outside,
+the exchanges only test that no recorder is set (`mixturelm bench parallel` uses it).
+
 Dimension letters: T tokens, D d_model, E experts (all), L local experts, A assignments, R received rows.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -65,21 +75,23 @@ class ExpertParallelMoE(nn.Module):
         x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
         # 2. per-expert counts: recv_counts[p * L + l] rows come from process p for local expert l
         recv_counts_PL = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts_PL, counts_E, group=self.group)
+        _exchange(recv_counts_PL, counts_E, None, None, self.group, "counts")
         send_splits = counts_E.view(self.ep_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.view(self.ep_size, -1).sum(1).tolist()
         # 3. the rows to the processes of their experts
-        x_RD = _all_to_all(x_AD, recv_splits, send_splits, self.group)
+        x_RD = _all_to_all(x_AD, recv_splits, send_splits, self.group, "dispatch")
         # 4. local experts; rows arrive by source process, then expert: dispatch_swiglu regroups them by expert
         local_R = torch.arange(self.n_local, device=x_TD.device).repeat(self.ep_size).repeat_interleave(recv_counts_PL)
         rows_R = torch.arange(local_R.numel(), device=x_TD.device)
         y_RD = dispatch_swiglu(x_RD, rows_R, local_R, None, w_gate_up_LD2F, w_down_LFD, impl, 1)
         # 5. outputs back to their tokens' processes, in the order sent; combined with the gates
-        y_AD = _all_to_all(y_RD, send_splits, recv_splits, self.group)
+        y_AD = _all_to_all(y_RD, send_splits, recv_splits, self.group, "combine")
         if k_per_token:
             return SumTopK.apply(y_AD, weight_A.view(-1, k_per_token), order_A, inverse_A, k_per_token)
         y_AD = y_AD * weight_A[order_A, None].to(y_AD.dtype)
         return x_TD.new_zeros(x_TD.shape[0], D).index_add_(0, token_sorted_A, y_AD)
+
+    shard_dim = 0  # the experts are cut along this dimension: gather or slice checkpoints along it
 
     @property
     def wrapped(self) -> nn.Module:
@@ -129,9 +141,9 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if isinstance(w, DTensor) else w
 
 
-def _all_to_all(x_AD: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+def _all_to_all(x_AD: torch.Tensor, out_splits: list[int], in_splits: list[int], group, kind: str) -> torch.Tensor:
     """Rows split by process, exchanged; differentiable (the backward is the reverse exchange)."""
-    return _AllToAll.apply(x_AD, out_splits, in_splits, group)
+    return _AllToAll.apply(x_AD, out_splits, in_splits, group, kind)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -140,13 +152,78 @@ class _AllToAll(torch.autograd.Function):
     process that received nothing still joins the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x_AD, out_splits: list[int], in_splits: list[int], group):
-        ctx.splits, ctx.group = (in_splits, out_splits), group
+    def forward(ctx, x_AD, out_splits: list[int], in_splits: list[int], group, kind: str):
+        ctx.splits, ctx.group, ctx.kind = (in_splits, out_splits), group, kind
         out_RD = x_AD.new_empty(sum(out_splits), *x_AD.shape[1:])
-        dist.all_to_all_single(out_RD, x_AD.contiguous(), out_splits, in_splits, group=group)
+        _exchange(out_RD, x_AD.contiguous(), out_splits, in_splits, group, kind)
         return out_RD
 
     @staticmethod
     def backward(ctx, d_out_RD):
         in_splits, out_splits = ctx.splits
-        return _AllToAll.apply(d_out_RD.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+        d_x = _AllToAll.apply(d_out_RD.contiguous(), in_splits, out_splits, ctx.group, ctx.kind + " backward")
+        return d_x, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring the exchanges (off unless a recorder is set)
+
+@dataclass
+class ExchangeTotals:
+    """What one kind of exchange moved on this process. Bytes are those of the send and receive buffers:
+    `sent` counts every row this process put in its send buffer (the rows for its own experts too, which
+    all_to_all_single copies locally), `sent_to_self` those rows alone."""
+
+    calls: int = 0
+    sent: int = 0
+    sent_to_self: int = 0
+    received: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ExchangeStats:
+    """Totals by kind: counts, dispatch, combine, dispatch backward, combine backward."""
+
+    kinds: dict[str, ExchangeTotals] = field(default_factory=dict)
+
+    def add(self, kind: str, sent: int, sent_to_self: int, received: int, seconds: float) -> None:
+        t = self.kinds.setdefault(kind, ExchangeTotals())
+        t.calls += 1
+        t.sent += sent
+        t.sent_to_self += sent_to_self
+        t.received += received
+        t.seconds += seconds
+
+
+_recorder: ExchangeStats | None = None  # set only inside record_exchanges()
+
+
+@contextmanager
+def record_exchanges() -> Iterator[ExchangeStats]:
+    """Every expert-parallel exchange of this process inside the block adds its bytes and wall time (on CUDA
+    synchronised before and after, so the time is the exchange's, not the queued work's) to the stats."""
+    global _recorder
+    previous, _recorder = _recorder, ExchangeStats()
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+def _exchange(out: torch.Tensor, x: torch.Tensor, out_splits, in_splits, group, kind: str) -> None:
+    """dist.all_to_all_single (splits None: equal shares), recorded when a recorder is set."""
+    if _recorder is None:  # the normal path: one test, nothing else
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    row_bytes = x.element_size() * math.prod(x.shape[1:])  # a process may send no rows
+    own_rows = in_splits[rank] if in_splits is not None else x.shape[0] // ep
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    _recorder.add(kind, x.shape[0] * row_bytes, own_rows * row_bytes, out.shape[0] * row_bytes,
+                  time.perf_counter() - t0)

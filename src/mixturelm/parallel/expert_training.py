@@ -1,9 +1,11 @@
-"""Expert parallelism in training: every MoE layer of a model wrapped with `expert_parallel`, the gradients
-reduced over the right processes, and checkpoints in the ordinary single-device format.
+"""Expert parallelism in training: every MoE layer of a model wrapped with `expert_parallel` and every PEER
+layer with `peer_sharded` (its tables cut by columns), the gradients reduced over the right processes, and
+checkpoints in the ordinary single-device format.
 
 N processes form N / E expert-parallel groups of E consecutive ranks (ranks g*E .. g*E + E - 1); in each,
-rank g*E + j holds the j-th share of every MoE layer's experts. Processes at the same position j of different
-groups hold the same experts: they form the j-th replica group (ranks j, j + E, j + 2E, ...).
+rank g*E + j holds the j-th share of every MoE layer's experts (and of every PEER layer's table columns).
+Processes at the same position j of different groups hold the same experts: they form the j-th replica group
+(ranks j, j + E, j + 2E, ...).
 
 Gradient reduction after the backward (no DDP), with each process's loss the mean over its own tokens:
 - replicated parameters (all but the experts): summed over all N processes, divided by N (DDP's mean);
@@ -21,10 +23,11 @@ from torch import nn
 
 from ..errors import UsageError
 from .expert import ExpertParallelMoE, expert_parallel, moe_layers
+from .peer import ShardedPEER, peer_layers, peer_sharded
 
 
 class ExpertSharding:
-    """The MoE layers of `model` sharded over expert-parallel groups of `ep` consecutive ranks of the
+    """The MoE and PEER layers of `model` sharded over expert-parallel groups of `ep` consecutive ranks of the
     `world` processes (torch.distributed initialised). Wraps the layers in place."""
 
     def __init__(self, model: nn.Module, ep: int, rank: int, world: int) -> None:
@@ -35,13 +38,17 @@ class ExpertSharding:
         replica_groups = [dist.new_group(list(range(j, world, ep))) for j in range(ep)] if world > ep else None
         self.ep_group = ep_groups[rank // ep]
         self.replica_group = replica_groups[rank % ep] if replica_groups else None
-        self.layers: dict[str, ExpertParallelMoE] = {}
-        for name, layer in moe_layers(model):
+        self.layers: dict[str, ExpertParallelMoE | ShardedPEER] = {}
+        wrappers = [(name, layer, expert_parallel) for name, layer in moe_layers(model)]
+        wrappers += [(name, layer, peer_sharded) for name, layer in peer_layers(model)]
+        for name, layer, wrap in wrappers:
             parent_name, _, child = name.rpartition(".")
-            wrapped = expert_parallel(layer, self.ep_group)
+            wrapped = wrap(layer, self.ep_group)
             setattr(model.get_submodule(parent_name), child, wrapped)
             self.layers[name] = wrapped
         self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
+        # the dimension each slice was cut along: experts (MoE, 0) or columns (PEER's tables, 1)
+        self.shard_dims = {id(p): layer.shard_dim for layer in self.layers.values() for p in layer.expert_parameters()}
         experts = {id(p) for p in self.expert_params}
         self.replicated_params = [p for p in model.parameters() if id(p) not in experts]
 
@@ -54,19 +61,21 @@ class ExpertSharding:
 
     def distribute(self, mesh) -> None:
         """The expert slices as DTensors on the 2-D mesh (replica, ep) of shape (world / ep, ep), whose rows are
-        the expert-parallel groups and columns the replica groups: Replicate over replicas, Shard(0) over the
-        group (parallel/fsdp.py)."""
+        the expert-parallel groups and columns the replica groups: Replicate over replicas, sharded over the
+        group along the dimension they were cut (parallel/fsdp.py; MoE layers only: --fsdp refuses PEER)."""
         from torch.distributed.tensor import Replicate, Shard
 
         for layer in self.layers.values():
-            layer.distribute(mesh, [Replicate(), Shard(0)])
+            layer.distribute(mesh, [Replicate(), Shard(layer.shard_dim)])
         self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
 
     def canonical(self, name: str) -> str:
-        """A parameter's or state-dict key's name in the unwrapped model (the wrapper's `.moe` taken out)."""
-        for layer_name in self.layers:
-            if name.startswith(layer_name + ".moe."):
-                return layer_name + "." + name[len(layer_name) + 5:]
+        """A parameter's or state-dict key's name in the unwrapped model (the wrapper's `.moe` or `.peer`
+        taken out)."""
+        for layer_name, layer in self.layers.items():
+            inner = next(n for n, m in layer.named_children() if m is layer.wrapped)
+            if name.startswith(f"{layer_name}.{inner}."):
+                return f"{layer_name}.{name[len(layer_name) + len(inner) + 2:]}"
         return name
 
     # -- gradients -------------------------------------------------------------------------------
@@ -83,7 +92,9 @@ class ExpertSharding:
         sq = torch.zeros(2, dtype=torch.float64)
         for p in params:
             if p.grad is not None:
-                sq[int(id(p) in experts)] += p.grad.detach().double().pow(2).sum().cpu()
+                g = p.grad.detach()
+                g = g.coalesce()._values() if g.is_sparse else g  # PEER's row-sparse table gradients
+                sq[int(id(p) in experts)] += g.double().pow(2).sum().cpu()
         expert_sq = sq[1:].clone()
         dist.all_reduce(expert_sq, group=self.ep_group)
         return (sq[0] + expert_sq[0]).sqrt()
@@ -97,7 +108,7 @@ class ExpertSharding:
             slices = {id(p) for p in layer.expert_parameters()}
             for key, p in layer.wrapped.named_parameters():
                 if id(p) in slices:
-                    state[inner + key] = self._gather(p.detach())
+                    state[inner + key] = self._gather(p.detach(), self.shard_dims[id(p)])
             state = {(name + "." + k[len(inner):] if k.startswith(inner) else k): v for k, v in state.items()}
         return state
 
@@ -111,23 +122,23 @@ class ExpertSharding:
 
     def _map_moments(self, opt, state: dict, fn) -> dict:
         params = [p for g in opt.param_groups for p in g["params"]]
-        experts = {i for i, p in enumerate(params) if self.is_expert(p)}
+        dims = {i: self.shard_dims[id(p)] for i, p in enumerate(params) if self.is_expert(p)}
         new = {}
         for i, s in state["state"].items():
-            if int(i) in experts:
-                s = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
+            if int(i) in dims:
+                s = {k: fn(v, dims[int(i)]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in s.items()}
             new[i] = s
         return state | {"state": new}
 
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+    def _gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(self.ep)]
         dist.all_gather(parts, t.contiguous(), group=self.ep_group)
-        return torch.cat(parts)
+        return torch.cat(parts, dim)
 
-    def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        n = t.shape[0] // self.ep
+    def _slice(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        n = t.shape[dim] // self.ep
         j = dist.get_rank(self.ep_group)
-        return t[j * n:(j + 1) * n].clone()
+        return t.narrow(dim, j * n, n).contiguous().clone()
 
 
 def check_expert_parallel(model: nn.Module, ep: int, world: int) -> None:
@@ -140,17 +151,29 @@ def check_expert_parallel(model: nn.Module, ep: int, world: int) -> None:
     if world % ep:
         raise UsageError(f"--expert-parallel {ep} does not divide the {world} processes; choose a divisor of "
                          f"{world}")
-    layers = [m for _, m in moe_layers(model)]
-    if not layers:
-        raise UsageError("--expert-parallel needs a model with MoE layers; choose a moe or mode preset")
+    layers, peers = [m for _, m in moe_layers(model)], [m for _, m in peer_layers(model)]
+    if not layers and not peers:
+        raise UsageError("--expert-parallel needs a model with MoE or PEER layers; choose a moe, mode or peer preset")
     bad = next((m.n_experts for m in layers if m.n_experts % ep), None)
     if bad is not None:
         raise UsageError(f"--expert-parallel {ep} does not divide n_experts={bad}; choose a divisor of {bad}")
+    bad = next((m.d_model for m in peers if m.d_model % ep), None)
+    if bad is not None:  # PEER's tables are cut by columns
+        raise UsageError(f"--expert-parallel {ep} does not divide a PEER layer's d_model={bad}; choose a divisor "
+                         f"of {bad}")
 
 
 def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool) -> None:
     """Sum the gradients over `group` (None: every process) if `reduce` (not for the replica group of one
-    when E == N), then divide by `world`, in one flat buffer. A missing gradient counts as zeros."""
+    when E == N), then divide by `world`, in one flat buffer. A missing gradient counts as zeros. Row-sparse
+    gradients (PEER's tables) stay sparse: reduced one by one (the rows of the union), not in the buffer."""
+    sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+    for p in sparse:
+        g = p.grad.coalesce()
+        if reduce:
+            dist.all_reduce(g, group=group)  # gloo returns the rows of every process: coalesced again below
+        p.grad = (g / world).coalesce()
+    params = [p for p in params if not any(p is q for q in sparse)]
     if not params:
         return
     for p in params:
