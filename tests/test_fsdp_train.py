@@ -121,10 +121,18 @@ def test_a_missing_shard_is_one_line(runs, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "__1_0.distcp" in proc.stderr, proc.stderr
 
 
-def test_a_corrupt_index_is_one_line(runs, tmp_path, monkeypatch):
-    """Even with a manifest that agrees (rewritten), the index that cannot be read is named."""
+def test_a_corrupt_index_or_shard_behind_the_manifest_is_a_usage_error(runs, tmp_path):
+    """Past meta.json (as if rewritten to match): an index that cannot be read, a shard it names that is gone,
+    a truncated shard (DCP raises a BaseException for it) each give a UsageError naming the file."""
     ckpt = tmp_path / STEP6
     shutil.copytree(runs / "fsdp-ep" / "checkpoints" / STEP6, ckpt)
+    shard = ckpt / checkpoint.DCP_DIR / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(checkpoint.UsageError, match=r"shards in dcp/ cannot be read"):
+        checkpoint.read_sharded(ckpt, "model.")
+    shard.unlink()
+    with pytest.raises(checkpoint.UsageError, match=r"shard file dcp/__1_0\.distcp is missing"):
+        checkpoint.read_sharded(ckpt, "model.")
     (ckpt / checkpoint.DCP_METADATA).write_bytes(b"not a pickle")
     with pytest.raises(checkpoint.UsageError, match=r"dcp/\.metadata cannot be read"):
         checkpoint.read_sharded(ckpt, "model.")

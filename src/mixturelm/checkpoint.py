@@ -421,6 +421,7 @@ def read_sharded(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a sharded checkpoint whose name starts with `prefix`, whole, in this one process
     (no process group needed): what a reader of weights, or a run that is not sharded, takes."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = sharded_metadata(ckpt)
@@ -430,12 +431,13 @@ def read_sharded(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is meant
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
-    except Exception as e:  # a shard truncated or altered behind the manifest's back
-        raise UsageError(f"checkpoint {ckpt}: its shards in {DCP_DIR}/ cannot be read ({_first_line(e)}); it is "
+    except (Exception, CheckpointException) as e:  # a shard truncated or altered behind the manifest's back
+        raise UsageError(f"checkpoint {ckpt}: its shards in {DCP_DIR}/ cannot be read ({error_line(e)}); it is "
                          "damaged, use an earlier checkpoint") from None
     return state
 
 
-def _first_line(e: Exception) -> str:
+def error_line(e: Exception) -> str:
+    """The last non-empty line of an error's message (DCP wraps the cause in lines of context), or its type."""
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (lines[-1] if lines else type(e).__name__)[:160]

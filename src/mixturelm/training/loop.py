@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from .. import checkpoint
 from ..config import TrainConfig
@@ -265,7 +266,7 @@ class Trainer:
         try:
             extra = sharded_checkpoint.save_shards(self.model, self.optim.opt, self._canonical,
                                                    tmp / checkpoint.DCP_DIR)
-        except Exception:  # every process gets DCP's error; the half-written folder would hold the space
+        except (Exception, CheckpointException):  # on every process; the half-written folder would hold the space
             if self.dist.main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if checkpoint.nearly_full(tmp.parent):

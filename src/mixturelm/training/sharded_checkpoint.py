@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .. import checkpoint
@@ -75,10 +76,9 @@ def load_shards(model: nn.Module, opt: torch.optim.Optimizer, canonical, ckpt: P
                          "another version of mixturelm")
     try:
         dcp.load(targets, checkpoint_id=str(ckpt / checkpoint.DCP_DIR))
-    except Exception as e:  # noqa: BLE001 (a shard truncated or altered behind the manifest's back)
+    except (Exception, CheckpointException) as e:  # a shard truncated or altered behind the manifest's back
         raise UsageError(f"checkpoint {ckpt}: its shards in {checkpoint.DCP_DIR}/ cannot be read "
-                         f"({str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__}); "
-                         "it is damaged, resume from an earlier checkpoint") from None
+                         f"({checkpoint.error_line(e)}); it is damaged, resume from an earlier checkpoint") from None
     set_model_state_dict(model, model_state)
     return {"state": moments, "param_groups": saved["param_groups"]}
 
