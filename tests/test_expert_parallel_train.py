@@ -52,6 +52,9 @@ def _match(one, many, uncounted=()):
     assert list(eval1) == list(eval2)
     for step in eval1:
         assert eval2[step] == pytest.approx(eval1[step], abs=2e-5), f"eval at step {step}"
+    # the summary counts the whole model, not one process's share of it
+    params = [json.loads((run / "results.json").read_text())["params"] for run in (one, many)]
+    assert params[1] == params[0]
     # the checkpoint of the parallel run has the single-device format, the experts gathered
     w1, w2 = _weights(one), _weights(many)
     assert w1.keys() == w2.keys()

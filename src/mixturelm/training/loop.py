@@ -112,6 +112,7 @@ class Trainer:
         t = self.cfg.train
         torch.manual_seed(t.seed)
         self.model = MixtureLM(self.cfg.model).to(self.device)
+        self.n_params = self.model.num_params()  # the whole model's: sharding below keeps a share per process
         sharded_ckpt = ckpt is not None and checkpoint.is_sharded(ckpt)
         if ckpt is not None and not (self.fsdp and sharded_ckpt):  # whole, before anything is sharded
             checkpoint.load_weights(self.model, ckpt)
@@ -478,7 +479,7 @@ class Trainer:
         calibrate(self.model, batches, lambda mechanism: mechanism.train_options(t), self._autocast, d)
 
     def _finish(self, record: dict) -> dict:
-        summary = run_summary(self.cfg, self.total_steps, self.tokens_seen, self.model.num_params(), self.elapsed,
+        summary = run_summary(self.cfg, self.total_steps, self.tokens_seen, self.n_params, self.elapsed,
                               self.data.stats, record)
         for line in describe_summary(summary):
             self.log(line)
