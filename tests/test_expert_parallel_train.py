@@ -171,3 +171,15 @@ def test_bad_expert_parallel_sizes(preset, ep, world, message):
         model = MixtureLM(cfg.model)
     with pytest.raises(UsageError, match=message):
         check_expert_parallel(model, ep, world)
+
+
+def test_peer_replicas_on_cuda_are_refused_before_nccl_meets_a_sparse_gradient():
+    """NCCL has no sparse all-reduce: PEER's row-sparse table gradients can be summed over replica groups
+    (processes > expert-parallel size) with gloo only. Checked on CPU by saying the devices are CUDA."""
+    with torch.device("meta"):
+        model = MixtureLM(new_run_config("peer-debug", {}).model)
+    assert any(m.sparse_grad for m in model.modules() if hasattr(m, "sparse_grad"))
+    with pytest.raises(UsageError, match="NCCL has no sparse all-reduce.*--expert-parallel 4"):
+        check_expert_parallel(model, 2, 4, cuda=True)
+    check_expert_parallel(model, 4, 4, cuda=True)  # every process its own share: nothing summed
+    check_expert_parallel(model, 2, 4)  # gloo sums them

@@ -240,3 +240,24 @@ def test_a_kill_during_a_sharded_checkpoint_resumes_exactly(corpus_dir, tmp_path
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
     assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_a_failed_shard_write_reports_its_cause_in_one_line(tmp_path, monkeypatch):
+    """DCP wraps a write's OSError in a CheckpointException (a BaseException, which the command line would
+    print as a traceback): the trainer reports the OSError itself (one line for a full, read-only or
+    forbidden disk), or a UsageError naming the cause when there is none."""
+    import torch.distributed.checkpoint as dcp
+
+    from mixturelm.checkpoint import write_failure
+    from mixturelm.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file where the checkpoint's folder should go")
+    with pytest.warns(UserWarning):  # DCP's "saving in a single process"
+        with pytest.raises(BaseException) as caught:
+            dcp.save({"a": torch.zeros(3)}, checkpoint_id="taken", no_dist=True)
+    assert not isinstance(caught.value, Exception)
+    assert isinstance(write_failure(caught.value), FileExistsError)
+    wrapped = type(caught.value)("save failed", {0: (ValueError("bad tensor"), None)})
+    line = write_failure(wrapped)
+    assert isinstance(line, UsageError) and "bad tensor" in str(line) and "\n" not in str(line)

@@ -437,6 +437,21 @@ def read_sharded(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     return state
 
 
+def write_failure(e: BaseException) -> BaseException:
+    """What a failed sharded write reports: the OSError inside DCP's CheckpointException (a BaseException
+    the command line would print as a traceback), which the command line turns into one line, or the error
+    itself when it holds none."""
+    failures = getattr(e, "failures", None) or {}
+    for failure in failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)  # (exception, trace)
+        if isinstance(cause, OSError):
+            return cause
+    if isinstance(e, Exception) and not failures:
+        return e
+    return UsageError(f"writing a sharded checkpoint failed: {error_line(e)}; the earlier checkpoints are intact: "
+                      "fix the cause, then resume the run")
+
+
 def error_line(e: Exception) -> str:
     """The last non-empty line of an error's message (DCP wraps the cause in lines of context), or its type."""
     lines = [line for line in str(e).splitlines() if line.strip()]

@@ -46,9 +46,7 @@ class ExpertSharding:
             wrapped = wrap(layer, self.ep_group)
             setattr(model.get_submodule(parent_name), child, wrapped)
             self.layers[name] = wrapped
-        self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
-        # the dimension each slice was cut along: experts (MoE, 0) or columns (PEER's tables, 1)
-        self.shard_dims = {id(p): layer.shard_dim for layer in self.layers.values() for p in layer.expert_parameters()}
+        self._collect_expert_params()
         experts = {id(p) for p in self.expert_params}
         self.replicated_params = [p for p in model.parameters() if id(p) not in experts]
 
@@ -67,7 +65,13 @@ class ExpertSharding:
 
         for layer in self.layers.values():
             layer.distribute(mesh, [Replicate(), Shard(layer.shard_dim)])
+        self._collect_expert_params()  # new Parameter objects
+
+    def _collect_expert_params(self) -> None:
+        """The sharded parameters, and the dimension each was cut along: experts (MoE, 0) or columns (PEER's
+        tables, 1), by id, so rebuilt whenever the parameters are replaced."""
         self.expert_params = [p for layer in self.layers.values() for p in layer.expert_parameters()]
+        self.shard_dims = {id(p): layer.shard_dim for layer in self.layers.values() for p in layer.expert_parameters()}
 
     def canonical(self, name: str) -> str:
         """A parameter's or state-dict key's name in the unwrapped model (the wrapper's `.moe` or `.peer`
@@ -141,8 +145,9 @@ class ExpertSharding:
         return t.narrow(dim, j * n, n).contiguous().clone()
 
 
-def check_expert_parallel(model: nn.Module, ep: int, world: int) -> None:
-    """Refuse an expert-parallel size that cannot shard this model over these processes."""
+def check_expert_parallel(model: nn.Module, ep: int, world: int, cuda: bool = False) -> None:
+    """Refuse an expert-parallel size that cannot shard this model over these processes (on CUDA devices
+    when `cuda`: NCCL has no sparse all-reduce)."""
     if ep < 1:
         raise UsageError(f"--expert-parallel must be a positive integer, got {ep}")
     if ep > 1 and world == 1:
@@ -161,6 +166,10 @@ def check_expert_parallel(model: nn.Module, ep: int, world: int) -> None:
     if bad is not None:  # PEER's tables are cut by columns
         raise UsageError(f"--expert-parallel {ep} does not divide a PEER layer's d_model={bad}; choose a divisor "
                          f"of {bad}")
+    if cuda and world > ep and any(m.sparse_grad for m in peers):  # replica groups sum row-sparse gradients
+        raise UsageError(f"PEER's row-sparse table gradients cannot be summed over the {world // ep} copies of each "
+                         f"share on CUDA (NCCL has no sparse all-reduce); use --expert-parallel {world}, so that "
+                         "every process holds its own share")
 
 
 def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool) -> None:

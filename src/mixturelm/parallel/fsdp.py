@@ -28,16 +28,14 @@ from .expert_training import ExpertSharding
 from .peer import peer_layers
 
 
-def check_fsdp(model: nn.Module, world: int, mechanisms: dict | None = None) -> None:
+def check_fsdp(model: nn.Module, world: int) -> None:
     """Refuse what `--fsdp` cannot train: one process, and PEER layers (their tables take row-sparse
     gradients; with dense ones, expert parallelism's column shards would still need FSDP2 around them, not
     built). With --compile it runs (tests/test_fsdp_train.py)."""
-    from ..optim import mechanism_needs
-
     if world == 1:
         raise UsageError("--fsdp shards the model over processes: run under torchrun "
                          "(python -m torch.distributed.run --nproc_per_node=N -m mixturelm train ... --fsdp)")
-    if mechanism_needs(model, mechanisms).sparse or peer_layers(model):
+    if peer_layers(model):
         raise UsageError("--fsdp cannot shard PEER's expert tables: their row-sparse gradients have no "
                          "reduce-scatter in FSDP2; train PEER presets without --fsdp (DDP or --expert-parallel)")
 

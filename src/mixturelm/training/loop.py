@@ -69,10 +69,11 @@ class Trainer:
         t = cfg.train
         if fsdp:
             with torch.device("meta"):
-                check_fsdp(MixtureLM(cfg.model), self.dist.world, t.mechanisms)
+                check_fsdp(MixtureLM(cfg.model), self.dist.world)
         if expert_parallel != 1:
             with torch.device("meta"):
-                check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world)
+                check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world,
+                                      cuda=torch.device(self.device).type == "cuda")
             if t.compile:
                 raise UsageError("TrainConfig.compile is not supported with --expert-parallel yet; leave one out")
         if t.batch_size % (self.dist.world * t.grad_accum):
@@ -267,12 +268,12 @@ class Trainer:
         try:
             extra = sharded_checkpoint.save_shards(self.model, self.optim.opt, self._canonical,
                                                    tmp / checkpoint.DCP_DIR)
-        except (Exception, CheckpointException):  # on every process; the half-written folder would hold the space
+        except (Exception, CheckpointException) as e:  # on every process; the half-written folder would hold the space
             if self.dist.main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if checkpoint.nearly_full(tmp.parent):
                 raise checkpoint.no_space(checkpoint.step_folder(self.out_dir, step).name, tmp.parent) from None
-            raise
+            raise checkpoint.write_failure(e) from None
 
         def write() -> None:
             state = {"step": step, "scheduler": self.optim.sched.state_dict(), **extra, "rng": _rng_state(),
