@@ -62,6 +62,18 @@ def _match(one, many, uncounted=()):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
 
 
+def _resume_from_step_3_ends_the_same(run, args, tmp_path) -> None:
+    """The 2-process run, resumed from its step-3 checkpoint, ends on the weights it ended on, bit for bit."""
+    shutil.copytree(run / "checkpoints" / "step_0000006", tmp_path / "step6")
+    shutil.rmtree(run / "checkpoints" / "step_0000006")
+    (run / "checkpoints" / "latest").write_text("step_0000003")
+    (run / "results.json").unlink()
+    _torchrun(2, *args, "--expert-parallel", "2", "--out", str(run), "--resume")
+    again = _weights(run)
+    for k, v in load_file(tmp_path / "step6" / "model.safetensors").items():
+        torch.testing.assert_close(again[k], v, atol=0, rtol=0, msg=k)
+
+
 # 33 validation windows: the processes make unequal shares, so evaluation's lockstep runs a discarded batch
 ARGS = ["train", "--preset", "moe-debug", "--max-steps", "6", "--batch-size", "8", "--eval-every", "3",
         "--ckpt-every", "3", "--eval-tokens", str(33 * 64), "--no-progress"]
@@ -73,15 +85,7 @@ def test_two_processes_two_expert_shards_match_one(corpus_dir, tmp_path):
     _torchrun(2, *args, "--expert-parallel", "2", "--out", str(tmp_path / "ep"))
     _match(tmp_path / "one", tmp_path / "ep")
     # resumed from its step-3 checkpoint (experts split again, the optimizer's moments too): the same weights
-    run = tmp_path / "ep"
-    shutil.copytree(run / "checkpoints" / "step_0000006", tmp_path / "step6")
-    shutil.rmtree(run / "checkpoints" / "step_0000006")
-    (run / "checkpoints" / "latest").write_text("step_0000003")
-    (run / "results.json").unlink()
-    _torchrun(2, *args, "--expert-parallel", "2", "--out", str(run), "--resume")
-    again = _weights(run)
-    for k, v in load_file(tmp_path / "step6" / "model.safetensors").items():
-        torch.testing.assert_close(again[k], v, atol=0, rtol=0, msg=k)
+    _resume_from_step_3_ends_the_same(tmp_path / "ep", args, tmp_path)
 
 
 @pytest.mark.slow
@@ -127,15 +131,7 @@ def test_peer_tables_sharded_over_two_processes_match_one(corpus_dir, tmp_path):
     torch.testing.assert_close(_weights(tmp_path / "ep")[norm + "running_var"],
                                _weights(tmp_path / "one")[norm + "running_var"], rtol=2e-2, atol=1e-6)
     # resumed from its step-3 checkpoint (table columns and their Adam moments split again): the same weights
-    run = tmp_path / "ep"
-    shutil.copytree(run / "checkpoints" / "step_0000006", tmp_path / "step6")
-    shutil.rmtree(run / "checkpoints" / "step_0000006")
-    (run / "checkpoints" / "latest").write_text("step_0000003")
-    (run / "results.json").unlink()
-    _torchrun(2, *args, "--expert-parallel", "2", "--out", str(run), "--resume")
-    again = _weights(run)
-    for k, v in load_file(tmp_path / "step6" / "model.safetensors").items():
-        torch.testing.assert_close(again[k], v, atol=0, rtol=0, msg=k)
+    _resume_from_step_3_ends_the_same(tmp_path / "ep", args, tmp_path)
 
 
 @pytest.mark.slow

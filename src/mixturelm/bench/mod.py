@@ -21,8 +21,8 @@ from ..model import MixtureLM
 from ..training.compiling import compiled
 from .decode_bound import Machine
 from .mod_decode import decode_at, prefilled_pool, ragged_lengths
-from .timing import (check_config, machine_line, prepare, read_bandwidth, save_results, time_alternating,
-                     train_step_fn)
+from .timing import (check_config, machine_line, positive_int_list, prepare, read_bandwidth, save_results,
+                     time_alternating, train_step_fn)
 
 MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 1024, 2
@@ -53,19 +53,7 @@ class MoDBenchConfig:
 
 def batch_sizes(value) -> tuple[int, ...]:
     """Positive integers, as a tuple: a sequence of them, or the command line's text "1,4,16,64"."""
-    items = value.split(",") if isinstance(value, str) else value
-    sizes = []
-    for item in items if isinstance(items, (list, tuple)) else [None]:
-        if isinstance(item, str) and item.strip().isdigit():
-            item = int(item)
-        if not isinstance(item, int) or isinstance(item, bool) or item <= 0:
-            sizes = []
-            break
-        sizes.append(item)
-    if not sizes:
-        raise UsageError(f"MoDBenchConfig.decode_batches must be positive integers separated by commas, like "
-                         f"1,4,16,64; got {value!r}")
-    return tuple(sizes)
+    return positive_int_list(value, "MoDBenchConfig.decode_batches", "1,4,16,64")
 
 
 def _mod_models(seq_len: int, capacity: float) -> dict[str, MixtureLM]:

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import UsageError
 from ..files import machine
-from .timing import check_config, machine_line, prepare, save_results
+from .timing import check_config, machine_line, positive_int_list, prepare, save_results
 
 DEFAULT_TOKENS = 2048
 ROW_BYTES_PER_ELEMENT = 4  # fp32
@@ -85,20 +85,7 @@ class ParallelBenchConfig:
 
 def process_counts(value) -> tuple[int, ...]:
     """Positive integers, in order, without repeats: a sequence of them, or the command line's text "1,2,4"."""
-    items = value.split(",") if isinstance(value, str) else value
-    counts: list[int] = []
-    for item in items if isinstance(items, (list, tuple)) else [None]:
-        if isinstance(item, str) and item.strip().isdigit():
-            item = int(item)
-        if not isinstance(item, int) or isinstance(item, bool) or item <= 0:
-            counts = []
-            break
-        if item not in counts:
-            counts.append(item)
-    if not counts:
-        raise UsageError(f"ParallelBenchConfig.procs must be positive integers separated by commas, like 1,2,4; "
-                         f"got {value!r}")
-    return tuple(counts)
+    return positive_int_list(value, "ParallelBenchConfig.procs", "1,2,4")
 
 
 # ----------------------------------------------------------------------------------------------

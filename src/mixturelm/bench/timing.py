@@ -130,6 +130,24 @@ def read_bandwidth(n_bytes: int = 1 << 29, seconds: float = 1.0) -> float:
 # ----------------------------------------------------------------------------------------------
 # Configs and results
 
+def positive_int_list(value, field: str, example: str) -> tuple[int, ...]:
+    """Positive integers, as a tuple in the order given, repeats dropped: a sequence of them, or the command
+    line's text like "1,2,4"; else a UsageError naming the field (e.g. "MoDBenchConfig.decode_batches")."""
+    items = value.split(",") if isinstance(value, str) else value
+    numbers: list[int] = []
+    for item in items if isinstance(items, (list, tuple)) else [None]:
+        if isinstance(item, str) and item.strip().isdigit():
+            item = int(item)
+        if not isinstance(item, int) or isinstance(item, bool) or item <= 0:
+            numbers = []
+            break
+        if item not in numbers:
+            numbers.append(item)
+    if not numbers:
+        raise UsageError(f"{field} must be positive integers separated by commas, like {example}; got {value!r}")
+    return tuple(numbers)
+
+
 def check_config(cfg, positive: tuple[str, ...] = ("steps", "rounds"),
                  optional_positive: tuple[str, ...] = ("threads",)) -> None:
     """The named fields of a benchmark config are positive ints (the optional ones: or None); a UsageError
