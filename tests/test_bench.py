@@ -10,6 +10,7 @@ from mixturelm.bench import (MoDBenchConfig, MoEBenchConfig, PEERBenchConfig, Tr
                              bench_moe, bench_peer, bench_train)
 
 
+@pytest.mark.slow  # a minute: it builds every contender at the benchmark's full shapes (64 experts of 512 x 1408)
 def test_bench_moe_smoke(tmp_path):
     result = bench_moe(MoEBenchConfig(steps=1, rounds=1, tokens=64, no_memory=True, out=str(tmp_path)))
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -241,6 +241,7 @@ def test_a_bad_value_with_overwrite_leaves_the_old_run(corpus_dir, tmp_path):
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow  # a minute; a run killed at random moments and resumed is tested by default above
 def test_a_compare_killed_twice_resumes_to_the_uninterrupted_results(corpus_dir, tmp_path):
     common = ["compare", "--data", str(corpus_dir), "--archs", "dense,mod", "--size", "debug", "--flops", "3e11",
               "--evals", "2", "--eval-tokens", "4096", "--view-tokens", "64", "--no-progress"]
