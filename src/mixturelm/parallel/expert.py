@@ -69,7 +69,7 @@ class ExpertParallelMoE(nn.Module):
     def dispatch(self, x_TD, token_A, expert_A, weight_A, w_gate_up_LD2F, w_down_LFD, impl, k_per_token=None):
         """`dispatch_swiglu`'s contract, the experts on the processes of the group."""
         E, D = self.moe.n_experts, x_TD.shape[-1]
-        w_gate_up_LD2F, w_down_LFD = _local(w_gate_up_LD2F), _local(w_down_LFD)  # DTensors under --fsdp
+        w_gate_up_LD2F, w_down_LFD = local(w_gate_up_LD2F), local(w_down_LFD)  # DTensors under --fsdp
         order_A, counts_E = sort_by_expert(expert_A, E)
         # 1. rows in expert order, so that each process's rows are one contiguous block
         x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
@@ -137,8 +137,10 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this process holds: a DTensor's local tensor (expert slices and FSDP's shards under
+    --fsdp), or `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _all_to_all(x_AD: torch.Tensor, out_splits: list[int], in_splits: list[int], group, kind: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UsageError
-from .expert import ExpertParallelMoE, expert_parallel, moe_layers
+from .expert import ExpertParallelMoE, expert_parallel, local, moe_layers
 from .peer import ShardedPEER, peer_layers, peer_sharded
 
 
@@ -188,7 +188,7 @@ def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [_local(p.grad) for p in params]  # a DTensor's (expert slices under --fsdp) local tensor
+    grads = [local(p.grad) for p in params]  # a DTensor's (expert slices under --fsdp) local tensor
     flat = torch.cat([g.reshape(-1) for g in grads])
     if reduce:
         dist.all_reduce(flat, group=group)
@@ -197,9 +197,3 @@ def _all_reduce_mean(params: list[torch.Tensor], group, world: int, reduce: bool
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import UsageError
+from .expert import local
 from .expert_training import ExpertSharding
 from .peer import peer_layers
 
@@ -78,11 +79,6 @@ class FullyShardedModel:
         if self.sharding is not None:
             dist.all_reduce(expert, group=self.sharding.ep_group)
         return (sq[0] + sharded[0] + expert[0]).sqrt()
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The part of `t` this process holds: a DTensor's local tensor, or `t`."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from ..config import TrainConfig
 from ..errors import UsageError
 from ..optim import build_optimizer, clip_grad_norm, mark_coalesced, mechanism_needs, param_groups
+from ..parallel.expert import local
 
 __all__ = ["Optimizers", "Schedule", "lr_factor", "mechanism_needs", "param_groups"]
 
@@ -150,7 +150,7 @@ def _clip_with_norm(params: list[torch.Tensor], max_norm: float, norm: torch.Ten
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for p in params:
         if p.grad is not None:
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            g = local(p.grad)
             g.mul_(coef.to(g.device))
 
 
