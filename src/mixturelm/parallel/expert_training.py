@@ -93,15 +93,7 @@ class ExpertSharding:
     def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
         """The 2-norm of the gradients of `params` (reduced) as one process holding every expert sees it."""
         experts = {id(p) for p in self.expert_params}
-        sq = torch.zeros(2, dtype=torch.float64)
-        for p in params:
-            if p.grad is not None:
-                g = p.grad.detach()
-                g = g.coalesce()._values() if g.is_sparse else g  # PEER's row-sparse table gradients
-                sq[int(id(p) in experts)] += g.double().pow(2).sum().cpu()
-        expert_sq = sq[1:].clone()
-        dist.all_reduce(expert_sq, group=self.ep_group)
-        return (sq[0] + expert_sq[0]).sqrt()
+        return grad_norm_by_kind(params, lambda p: int(id(p) in experts), [REPLICATED, self.ep_group])
 
     # -- checkpoints: the single-device format ----------------------------------------------------
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -143,6 +135,28 @@ class ExpertSharding:
         n = t.shape[dim] // self.ep
         j = dist.get_rank(self.ep_group)
         return t.narrow(dim, j * n, n).contiguous().clone()
+
+
+REPLICATED = "replicated"  # a kind of gradient every process holds whole: its squares are taken as they are
+
+
+def grad_norm_by_kind(params: list[torch.Tensor], kind_of, groups: list) -> torch.Tensor:
+    """The 2-norm of the gradients of `params` as one process holding the whole model would see it. Each
+    parameter is of a kind, kind_of(p) an index into `groups`: REPLICATED, or the process group (None: every
+    process) whose members hold disjoint parts of it, over which its squares are summed. Every process reduces
+    every kind, in order, whether it holds any of it (a collective that some skip would hang)."""
+    sq = torch.zeros(len(groups), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            g = local(p.grad.detach())
+            g = g.coalesce()._values() if g.is_sparse else g  # PEER's row-sparse table gradients
+            sq[kind_of(p)] += g.double().pow(2).sum().cpu()
+    for i, group in enumerate(groups):
+        if group is not REPLICATED:
+            part = sq[i:i + 1].clone()
+            dist.all_reduce(part, group=group)
+            sq[i] = part[0]
+    return sq.sum().sqrt()
 
 
 def check_expert_parallel(model: nn.Module, ep: int, world: int, cuda: bool = False) -> None:

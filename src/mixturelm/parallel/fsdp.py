@@ -17,15 +17,13 @@ the optimizer (one fused AdamW over DTensors: a mixture of DTensors and plain te
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import UsageError
-from .expert import local
-from .expert_training import ExpertSharding
+from .expert_training import REPLICATED, ExpertSharding, grad_norm_by_kind
 from .peer import peer_layers
 
 
@@ -68,17 +66,9 @@ class FullyShardedModel:
         it: squares of FSDP shards summed over every process, of expert slices over their expert-parallel
         group (each expert once), of anything else (replicated) taken as they are."""
         experts = {id(p) for p in self.sharding.expert_params} if self.sharding is not None else set()
-        sq = torch.zeros(3, dtype=torch.float64)  # replicated, FSDP shards, expert slices
-        for p in params:
-            if p.grad is None:
-                continue
-            kind = 2 if id(p) in experts else int(isinstance(p.grad, DTensor))
-            sq[kind] += local(p.grad).detach().double().pow(2).sum().cpu()
-        sharded, expert = sq[1:2].clone(), sq[2:3].clone()
-        dist.all_reduce(sharded)
-        if self.sharding is not None:
-            dist.all_reduce(expert, group=self.sharding.ep_group)
-        return (sq[0] + sharded[0] + expert[0]).sqrt()
+        expert_group = self.sharding.ep_group if self.sharding is not None else REPLICATED
+        return grad_norm_by_kind(params, lambda p: 2 if id(p) in experts else int(isinstance(p.grad, DTensor)),
+                                 [REPLICATED, None, expert_group])
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
