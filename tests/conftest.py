@@ -70,3 +70,36 @@ def assert_train_refuses(tmp_path: Path, args: list[str], message: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert tree_digest(out) == before
+
+
+def gloo_worker(rank: int, world: int, tmp: str, cases, check_case, refusal) -> None:
+    """One process of a 2- or 4-process gloo test (torch.multiprocessing.spawn): every case checked by
+    check_case(name, group), then refusal(group), which must raise a one-line UsageError; each outcome ("" or
+    what went wrong) written to tmp/rank<r>.json for the test to read."""
+    import datetime
+    import json
+    import traceback
+
+    import torch.distributed as dist
+
+    from mixturelm.errors import UsageError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails the case, not the run
+    group = dist.new_group(list(range(world)))
+    results = {}
+    for name in cases:
+        try:
+            check_case(name, group)
+            results[name] = ""
+        except Exception:
+            results[name] = traceback.format_exc()
+    try:
+        refusal(group)
+        results["indivisible"] = "no UsageError"
+    except UsageError as e:
+        results["indivisible"] = "" if f"divisible by {world}" in str(e) and "\n" not in str(e) else str(e)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()

@@ -6,17 +6,14 @@ gradients summed over processes as data parallelism would)."""
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mixturelm.errors import UsageError
+from conftest import gloo_worker
 from mixturelm.layers.moe import MoE
 from mixturelm.parallel import expert_parallel
 
@@ -97,26 +94,12 @@ def _check_case(name: str, group) -> None:
         torch.testing.assert_close(ep.moe.router.bias_E, reference.router.bias_E)
 
 
+def _indivisible(group) -> None:
+    expert_parallel(MoE(D, n_experts=3, top_k=2, d_expert=4), group)
+
+
 def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails the case, not the run
-    group = dist.new_group(list(range(world)))
-    results = {}
-    for name in CASES:
-        try:
-            _check_case(name, group)
-            results[name] = ""
-        except Exception:
-            results[name] = traceback.format_exc()
-    try:
-        expert_parallel(MoE(D, n_experts=3, top_k=2, d_expert=4), group)
-        results["indivisible"] = "no UsageError"
-    except UsageError as e:
-        results["indivisible"] = "" if "divisible by 2" in str(e) and "\n" not in str(e) else str(e)
-    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
+    gloo_worker(rank, world, tmp, CASES, _check_case, _indivisible)
 
 
 @pytest.fixture(scope="module")

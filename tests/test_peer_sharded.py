@@ -7,16 +7,14 @@ process's tokens; query, norm and sub-key gradients summed over processes, as da
 from __future__ import annotations
 
 import copy
-import datetime
 import json
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import gloo_worker
 from mixturelm.errors import UsageError
 from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER
@@ -127,26 +125,12 @@ def _check_options(options: dict, group) -> None:
         torch.testing.assert_close(sharded(xs[rank].detach())[0], reference(xs[rank].detach())[0])
 
 
+def _indivisible(group) -> None:
+    peer_sharded(PEER(D + 1, n_experts=16, n_heads=1, top_k=2, d_key=4), group)
+
+
 def _worker(rank: int, world: int, tmp: str, cases: list[str]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails the case, not the run
-    group = dist.new_group(list(range(world)))
-    results = {}
-    for name in cases:
-        try:
-            _check_case(name, group)
-            results[name] = ""
-        except Exception:
-            results[name] = traceback.format_exc()
-    try:
-        peer_sharded(PEER(D + 1, n_experts=16, n_heads=1, top_k=2, d_key=4), group)
-        results["indivisible"] = "no UsageError"
-    except UsageError as e:
-        results["indivisible"] = "" if f"divisible by {world}" in str(e) and "\n" not in str(e) else str(e)
-    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
+    gloo_worker(rank, world, tmp, cases, _check_case, _indivisible)
 
 
 def _spawn(tmp, world: int, cases: list[str]) -> list[dict]:
