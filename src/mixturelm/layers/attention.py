@@ -189,7 +189,8 @@ class RaggedRows:
     def _attend_row_by_row(self, q_RH1K: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One new token per row, each against its row's cached tokens (its own included), read where they
         lie: no copy and no mask. Gathering the rows into one padded batch copied every row up to the longest
-        one, and that copy cost more than the attention (decoding at batch 64, 8 rows entering: 5x slower)."""
+        one, and that copy cost more than the attention (8 rows entering: 2-3x slower,
+        benchmarks/mod/ragged_decode_attention.py)."""
         c, gqa = self.cache, q_RH1K.shape[1] != self.cache.k_BLGK.shape[2]
         ys = [F.scaled_dot_product_attention(q_RH1K[i:i + 1], c.k_BLGK[r, :n].transpose(0, 1)[None],
                                              c.v_BLGK[r, :n].transpose(0, 1)[None], enable_gqa=gqa)
