@@ -33,6 +33,17 @@ def token_cache(tmp_path_factory):
     return path
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def kernel_path(request, monkeypatch):
+    """Each test twice: with mixturelm's compiled CPU kernels, and with the PyTorch ops (CUDA's path)."""
+    from mixturelm.layers import kernels
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler: the CPU kernels are not built here")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """40 small text files (~10 KB each) in a folder, one in a subfolder."""

@@ -44,6 +44,18 @@ def test_bench_mod_smoke(tmp_path):
     for x in decode.values():
         assert x["MoD"]["bound_tokens_per_s"] > 0 and x["dense"]["tokens_per_s"] > 0
     assert 0 <= result["prefill_share"] <= 1
+    timed = [rows[name] for name in rows if "FLOPs" not in name] + list(decode.values())
+    for row in timed:  # speed-ups paired by round, with their spread
+        assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+        assert len(row["rounds_s"]["dense"]) == len(row["rounds_s"]["MoD"]) == 1
+
+
+def test_paired_speedup_by_hand():
+    from mixturelm.bench.timing import paired_speedup
+    # paired by round the ratios are 2, 2.5 and 2; the ratio of the medians would say 5 / 2 = 2.5
+    assert paired_speedup([2.0, 5.0, 6.0], [1.0, 2.0, 3.0]) == {"speedup": 2.0, "speedup_min": 2.0, "speedup_max": 2.5}
+    with pytest.raises(ValueError):
+        paired_speedup([1.0, 2.0], [1.0])
 
 
 def test_decode_bound_by_hand():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mixturelm import MixtureLM, ModelConfig, UsageError
 from mixturelm.config import BlockSpec
+from mixturelm.layers import kernels
 from mixturelm.layers.attention import apply_rope, rope_angles
 from mixturelm.layers.mod import MoD, MoDAux, MoDConfig, capacity_tokens
 from mixturelm.layers.moe import MoE
@@ -220,7 +221,7 @@ def calibrated_model(preset: str, **mod_options) -> MixtureLM:
 
 @pytest.mark.parametrize("preset", ["mod-debug", "mode-staged-debug"])
 @pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
-def test_model_decode_with_ragged_cache_equals_recompute(preset, causal):
+def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_path):
     model = calibrated_model(preset, causal=causal, capacity=0.5)
     torch.manual_seed(2)
     idx = torch.randint(0, 257, (3, 24))
@@ -233,6 +234,32 @@ def test_model_decode_with_ragged_cache_equals_recompute(preset, causal):
     lengths = [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
     assert lengths and any(len(set(l.tolist())) > 1 for l in lengths)  # really ragged
     assert all((l < 24).all() and (l > 0).all() for l in lengths)
+
+
+def test_ragged_decode_kernel_equals_attention_written_out():
+    """The fused decoding attention over a ragged cache against softmax(q k / sqrt(K)) v written out per
+    row and head, in float64: rows in any order, lengths from 1 to the whole cache, two query heads per
+    key/value head."""
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the CPU kernels are not built here")
+    gen = torch.Generator().manual_seed(0)
+    B, L, H, G, K = 6, 9, 4, 2, 8
+    k_BLGK = torch.randn(B, L, G, K, generator=gen, dtype=torch.float64)
+    v_BLGK = torch.randn(B, L, G, K, generator=gen, dtype=torch.float64)
+    rows, lengths = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 9, 3, 6])
+    q_RHK = torch.randn(4, H, K, generator=gen, dtype=torch.float64) * 3  # sharp softmax: the running max moves
+    got = kernels.ragged_decode_attention(q_RHK, k_BLGK, v_BLGK, rows, lengths)
+    for r, (b, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
+        for h in range(H):
+            keys, values = k_BLGK[b, :n, h // (H // G)], v_BLGK[b, :n, h // (H // G)]
+            weights = torch.softmax(keys @ q_RHK[r, h] / math.sqrt(K), dim=0)
+            torch.testing.assert_close(got[r, h], weights @ values, rtol=1e-12, atol=1e-12)
+    got32 = kernels.ragged_decode_attention(q_RHK.float(), k_BLGK.float(), v_BLGK.float(), rows, lengths)
+    torch.testing.assert_close(got32, got.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cached tokens"):
+        kernels.ragged_decode_attention(q_RHK, k_BLGK, v_BLGK, rows, torch.tensor([1, 10, 3, 6]))
+    with pytest.raises(ValueError, match="key/value heads"):
+        kernels.ragged_decode_attention(torch.zeros(4, 3, K, dtype=torch.float64), k_BLGK, v_BLGK, rows, lengths)
 
 
 def test_sampling_decisions_never_depend_on_future_tokens():

@@ -18,22 +18,11 @@ from mixturelm.layers.peer import PEERAux, PEERConfig
 from mixturelm.mechanisms import get as mechanism
 from mixturelm.presets import PRESETS
 from mixturelm.errors import UsageError
-from mixturelm.layers import kernels
 from mixturelm.layers.peer import PEER, bag_sum, gather_dot, product_key_topk, usage_from_scores
 
 from conftest import assert_train_refuses, run_cli, tree_digest
 
 D = 12
-
-
-@pytest.fixture(params=["kernel", "torch"])
-def impl(request, monkeypatch):
-    """Each test twice: with the compiled CPU kernels, and with the PyTorch ops (CUDA's path)."""
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "library", lambda: None)
-    elif kernels.library() is None:
-        pytest.skip("no C compiler: the PEER kernel is not built here")
-    return request.param
 
 
 def brute_force_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,7 +39,7 @@ def brute_force_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> to
 
 @pytest.mark.parametrize("per_head, dtype, S, K", [(False, torch.float64, 9, 5), (True, torch.float64, 9, 5),
                                                    (False, torch.float32, 40, 16), (True, torch.float32, 40, 16)])
-def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
+def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, kernel_path):
     torch.manual_seed(0)
     T, H, Q = 300, 3, 8
     keys = torch.randn(2, H if per_head else 1, S, Q // 2, dtype=dtype)
@@ -59,7 +48,7 @@ def test_retrieval_equals_brute_force_topk(per_head, dtype, S, K, impl):
     assert torch.equal(a * S + b, brute_force_topk(q, keys, K))
 
 
-def test_every_expert_id_in_range_and_reachable(impl):
+def test_every_expert_id_in_range_and_reachable(kernel_path):
     torch.manual_seed(1)
     m = PEER(D, n_experts=8 * 8, n_heads=2, top_k=3, d_key=6, query_norm="none")
     ids, g = m.retrieve(torch.randn(4000, D))
@@ -116,7 +105,7 @@ def _grads(m: PEER, x, out, gy):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_outputs_and_gradients_match_reference(variant, impl):
+def test_outputs_and_gradients_match_reference(variant, kernel_path):
     torch.manual_seed(2)
     kw = VARIANTS[variant]
     m = PEER(D, n_experts=7 * 7, n_heads=3, top_k=4, d_key=8, sparse_grad=kw.pop("sparse_grad", True), **kw).double()
@@ -135,7 +124,7 @@ def test_outputs_and_gradients_match_reference(variant, impl):
         assert m.w_up.grad._nnz() <= 18 * 3 * 4  # only touched rows
 
 
-def test_row_functions_match_dense_autograd(impl):
+def test_row_functions_match_dense_autograd(kernel_path):
     torch.manual_seed(3)
     table = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
     x = torch.randn(20, 7, dtype=torch.float64, requires_grad=True)

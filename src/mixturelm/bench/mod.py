@@ -21,16 +21,17 @@ from ..model import MixtureLM
 from ..training.compiling import compiled
 from .decode_bound import Machine
 from .mod_decode import decode_at, prefilled_pool, ragged_lengths
-from .timing import (check_config, machine_line, positive_int_list, prepare, read_bandwidth, save_results,
-                     time_alternating, train_step_fn)
+from .timing import (check_config, machine_line, paired_speedup, positive_int_list, prepare, read_bandwidth,
+                     save_results, time_alternating, train_step_fn)
 
 MOD_SHAPE = dict(vocab_size=257, d_model=512, n_layers=8, n_heads=8, d_ffn=1408)
 DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 1024, 2
+PREFILL_CALLS_PER_STEP = 4  # a prefill costs about a sixth of a training step: more calls make a round as steady
 
 
 @dataclass(kw_only=True)
 class MoDBenchConfig:
-    steps: int = 5  # timed steps per contender per round
+    steps: int = 5  # timed steps per contender per round (prefills: PREFILL_CALLS_PER_STEP times as many)
     rounds: int = 3  # rounds, alternating the models
     batch_size: int | None = None  # training-step batch; None: 2
     seq_len: int | None = None  # None: 1024
@@ -100,7 +101,7 @@ def bench_mod(cfg: MoDBenchConfig, command: str = "") -> dict:
     result["decode"] = {"prompt_len": prompt_len, "new_tokens": cfg.decode_tokens,
                         "batches": {str(b): decode_at(models, pool, b, cfg.rounds, hw) for b in cfg.decode_batches}}
     for name, row in result["rows"].items():
-        row["speedup"] = row["dense"] / row["MoD"]
+        row.setdefault("speedup", row["dense"] / row["MoD"])  # FLOPs: a plain ratio; timed rows: paired by round
     print_mod(result)
     save_results(out, result)
     return result
@@ -134,9 +135,16 @@ def _prefill_rows(models: dict[str, MixtureLM], seq_len: int, cfg: MoDBenchConfi
         return fn
 
     shares: list[float] = []  # of every prefill: they all route alike
-    times = time_alternating({n: prefill(m) for n, m in models.items()}, cfg.steps, cfg.rounds, warmup=1)
-    result["rows"][f"prefill {seq_len} tokens, batch 1 (s)"] = {n: statistics.median(t) for n, t in times.items()}
+    calls = cfg.steps * PREFILL_CALLS_PER_STEP
+    times = time_alternating({n: prefill(m) for n, m in models.items()}, calls, cfg.rounds, warmup=1)
+    result["rows"][f"prefill {seq_len} tokens, batch 1 (s)"] = _timed_row(times)
     result["prefill_share"] = statistics.mean(shares)
+
+
+def _timed_row(times: dict[str, list[float]]) -> dict:
+    """Each model's median seconds per call, its per-round times, and MoD's speed-up paired by round."""
+    return ({n: statistics.median(t) for n, t in times.items()} | {"rounds_s": times}
+            | paired_speedup(times["dense"], times["MoD"]))
 
 
 def _training_rows(models: dict[str, MixtureLM], seq_len: int, batch: int, cfg: MoDBenchConfig,
@@ -150,17 +158,20 @@ def _training_rows(models: dict[str, MixtureLM], seq_len: int, batch: int, cfg: 
     steps = {n: train_step_fn(m, lambda x, f=forwards[n]: f(x).logits, train_batch) for n, m in copies.items()}
     times = time_alternating(steps, cfg.steps, cfg.rounds, warmup=2 if cfg.compile else 1)
     row = f"training step{', compiled' if cfg.compile else ''}, {batch} x {seq_len} tokens (s)"
-    result["rows"][row] = {n: statistics.median(t) for n, t in times.items()}
+    result["rows"][row] = _timed_row(times)
 
 
 def print_mod(r: dict) -> None:
     print(machine_line(r["machine"]))
     print(f"shape: {r['shape']}")
-    print(f"{'':<44}{'dense':>12}{'MoD':>12}{'MoD speed-up':>14}")
+    print(f"{'':<44}{'dense':>12}{'MoD':>12}{'MoD speed-up':>14}{'rounds':>14}")
     for name, row in r["rows"].items():
         fmt = (lambda v: f"{v / 1e6:>11.1f}M") if "FLOPs" in name else (lambda v: f"{v:>12.3f}")
         label = "x fewer" if "FLOPs" in name else "x"
-        print(f"{name:<44}{fmt(row['dense'])}{fmt(row['MoD'])}{row['speedup']:>12.2f}{label:>2}"[:120])
+        spread = f"{row['speedup_min']:>8.2f}-{row['speedup_max']:.2f}" if "speedup_min" in row else ""
+        print(f"{name:<44}{fmt(row['dense'])}{fmt(row['MoD'])}{row['speedup']:>12.2f}{label:>2}{spread}"[:130])
+    print("(timed rows: seconds are each model's median; the speed-up is the median over rounds of dense / MoD "
+          "in the same round, and `rounds` its least and greatest round)")
     flop_speedup = 1 / r["flop_ratio"]
     prefill = next(row["speedup"] for name, row in r["rows"].items() if name.startswith("prefill"))
     print(f"FLOP speed-up {flop_speedup:.2f}x (at the capacity); prefill {prefill:.2f}x = {prefill / flop_speedup:.0%} "
@@ -174,11 +185,13 @@ def _print_decode(r: dict) -> None:
           f"time that reading {hw['read_bytes_per_s'] / 1e9:.1f} GB/s and {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
           f"allow (bench/decode_bound.py)")
     print(f"{'batch':>5}{'seqs':>6}{'dense':>10}{'bound':>10}{'MoD':>10}{'bound':>10}{'speed-up':>10}{'bound':>8}"
-          f"{'meas/bound':>12}{'FLOPs':>8}{'meas/FLOPs':>12}")
+          f"{'meas/bound':>12}{'rounds':>11}{'FLOPs':>8}{'meas/FLOPs':>12}")
     for b, x in d["batches"].items():
+        bound = x["bound_speedup"]
         print(f"{b:>5}{x['sequences']:>6}{x['dense']['tokens_per_s']:>10.1f}{x['dense']['bound_tokens_per_s']:>10.1f}"
               f"{x['MoD']['tokens_per_s']:>10.1f}{x['MoD']['bound_tokens_per_s']:>10.1f}{x['speedup']:>9.2f}x"
-              f"{x['bound_speedup']:>7.2f}x{x['speedup'] / x['bound_speedup']:>12.0%}{x['flop_speedup']:>7.2f}x"
+              f"{bound:>7.2f}x{x['speedup'] / bound:>12.0%}"
+              f"{x['speedup_min'] / bound:>6.0%}-{x['speedup_max'] / bound:.0%}{x['flop_speedup']:>7.2f}x"
               f"{x['speedup'] / x['flop_speedup']:>12.0%}")
     print("routed blocks while decoding: share of tokens entering; blocks run (at least one row entered: weights "
           "read), against 1 - (1 - share)^batch; rows per run; runs for one row alone; each model's measured/bound")

@@ -4,6 +4,7 @@ bandwidth floor, the timed steps (forward + backward, training step), config che
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,8 @@ from ..errors import UsageError, positive_ints
 from ..files import OutputFolder, claim, results_only, write_json_atomic
 
 __all__ = ["check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
-           "read_bandwidth", "reset_peak_rss", "rss_bytes", "save_results", "time_alternating", "train_step_fn"]
+           "paired_speedup", "read_bandwidth", "reset_peak_rss", "rss_bytes", "save_results", "time_alternating",
+           "train_step_fn"]
 
 
 def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,
@@ -32,6 +34,14 @@ def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, roun
                 fn()
             times[name].append((time.perf_counter() - t0) / steps)
     return times
+
+
+def paired_speedup(base_s: list[float], other_s: list[float]) -> dict[str, float]:
+    """How many times faster `other` is than `base`, round by round (base_s[i] / other_s[i]: the two were
+    timed next to each other, so a slow spell of the machine cancels): the median over the rounds, and the
+    least and greatest round, which show how far one round can be trusted."""
+    ratios = sorted(b / o for b, o in zip(base_s, other_s, strict=True))
+    return {"speedup": statistics.median(ratios), "speedup_min": ratios[0], "speedup_max": ratios[-1]}
 
 
 # ----------------------------------------------------------------------------------------------

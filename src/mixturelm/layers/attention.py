@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +166,10 @@ class RaggedRows:
             raise RuntimeError(f"KV cache holds {c.k_BLGK.shape[1]} tokens; {end} were asked for")
         c.k_BLGK[rows[:, None], slot_RC] = k_RGCK.transpose(1, 2)
         c.v_BLGK[rows[:, None], slot_RC] = v_RGCK.transpose(1, 2)
+        if C == 1 and _decoding_kernel_fits(q_RHCK, c.k_BLGK):  # all entering rows in one call, in place
+            y = kernels.ragged_decode_attention(q_RHCK[:, :, 0], c.k_BLGK, c.v_BLGK, rows, start_R + 1)[:, :, None]
+            c.length_B[rows] += self.count_R
+            return y
         if C == 1 and R < c.k_BLGK.shape[0]:  # decoding, some rows: each attends to its own tokens in place
             y = self._attend_row_by_row(q_RHCK, (start_R + 1).tolist())
             c.length_B[rows] += self.count_R
@@ -196,6 +202,14 @@ class RaggedRows:
                                              c.v_BLGK[r, :n].transpose(0, 1)[None], enable_gqa=gqa)
               for i, (r, n) in enumerate(zip(self.rows_R.tolist(), lengths))]
         return torch.cat(ys)
+
+
+def _decoding_kernel_fits(q_RHCK: torch.Tensor, k_BLGK: torch.Tensor) -> bool:
+    """Whether the fused ragged decoding kernel (layers/kernels.py) can serve this call: CPU, float32 or
+    float64, no gradient to carry, no dispatch mode watching the torch ops."""
+    needs_grad = torch.is_grad_enabled() and (q_RHCK.requires_grad or k_BLGK.requires_grad)
+    return (not needs_grad and q_RHCK.dtype == k_BLGK.dtype and kernels.plain_dispatch()
+            and kernels.usable(k_BLGK, q_RHCK))
 
 
 class Attention(nn.Module):

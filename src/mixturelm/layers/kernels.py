@@ -1,17 +1,22 @@
-"""Fused CPU kernels for PEER, compiled on first use: the gather-and-dot out_tj = table[ids_tj] . x_t,
-and the product-key top-k (each half's top-k, then the top-k of the k x k sums, in one pass).
+"""Fused CPU kernels, compiled on first use. For PEER: the gather-and-dot out_tj = table[ids_tj] . x_t,
+the product-key top-k (each half's top-k, then the top-k of the k x k sums, in one pass), the grouping of
+pairs by table row, the touched rows of a table's gradient and their lazy Adam step. For Mixture-of-Depths:
+decoding attention over a ragged cache, each entering row against its own cached tokens where they lie.
 
-PyTorch has no fused op for it: index_select + bmm writes every gathered row to memory and reads it
-again, and a batched (1 x d)(d x 1) product runs at a fraction of the memory bandwidth. This loop
+PyTorch has no fused op for these: index_select + bmm writes every gathered row to memory and reads it
+again, and a batched (1 x d)(d x 1) product runs at a fraction of the memory bandwidth. The gather loop
 reads each row once, prefetching rows a few pairs ahead (the gather is latency bound: rows are 1 KB
 apart at random in a table of gigabytes), and parallelises over tokens with OpenMP. The top-k keeps
 k values per row in a sorted array (one comparison for most scores), where torch.topk partially
-sorts each row and the candidate stage would take ten more ops.
+sorts each row and the candidate stage would take ten more ops. The ragged attention replaces one
+scaled_dot_product_attention call per entering row (slicing, a kernel launch and its buffers each) by one
+call for all of them.
 
-It is plain C called through ctypes (each function registered as a custom op, mixturelm::peer_*, so that
+It is plain C called through ctypes (each function registered as a custom op, mixturelm::*, so that
 torch.compile keeps it whole), so it needs only a C compiler (`cc`, found on first use and
 built into $MIXTURELM_CACHE/kernels, ~1 s); where there is none, or on CUDA, or with
-MIXTURELM_PEER_KERNEL=0, PEER uses the PyTorch ops instead (same results, tested both ways).
+MIXTURELM_KERNELS=0 (the older name MIXTURELM_PEER_KERNEL=0 still works), the layers use PyTorch ops
+instead (same results, tested both ways).
 The library links libgomp by its soname, so it joins the OpenMP runtime that torch has loaded.
 """
 
@@ -27,10 +32,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #define PF 4  /* rows prefetched ahead */
 
 #define GATHER_DOT(NAME, T)                                                                           \
@@ -164,6 +171,59 @@ int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int
     }
     return R;
 }
+
+/* Decoding attention over a ragged cache (Mixture-of-Depths' routed blocks): call row r is batch row
+   rows[r] and attends with its one query per head to the first lengths[r] tokens cached in that row.
+   q, out: (R, H, K); k, v: (B, L, G, K); head h reads kv head h / (H / G). Rows in parallel; each row's
+   keys, then its values, are read once, front to back (all heads of a token lie together): the scores
+   of every head first, then their softmax, then the weighted sum of the values. */
+#define RAGGED_DECODE(NAME, T, EXP)                                                                \
+void NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t* lengths, T* out,  \
+          int64_t R, int64_t H, int64_t G, int64_t L, int64_t K, double scale, int n_threads) {     \
+    int64_t rep = H / G;                                                                           \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")                        \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        int64_t n = lengths[r];                                                                    \
+        const T* qr = q + r * H * K;                                                               \
+        const T* kb = k + rows[r] * L * G * K;                                                     \
+        const T* vb = v + rows[r] * L * G * K;                                                     \
+        T* o = out + r * H * K;                                                                    \
+        T* p = (T*)malloc((n + 2) * H * sizeof(T));  /* scores (n, H), then max and sum per head */ \
+        T* mx = p + n * H; T* sum = mx + H;                                                        \
+        for (int64_t h = 0; h < H; ++h) { mx[h] = -(T)INFINITY; sum[h] = 0; }                      \
+        for (int64_t j = 0; j < n; ++j) {                                                          \
+            const T* kj = kb + j * G * K;                                                          \
+            for (int64_t h = 0; h < H; ++h) {                                                      \
+                const T* qh = qr + h * K; const T* kh = kj + (h / rep) * K;                        \
+                T dot = 0;                                                                         \
+                _Pragma("omp simd reduction(+:dot)")                                               \
+                for (int64_t d = 0; d < K; ++d) dot += qh[d] * kh[d];                              \
+                dot *= (T)scale;                                                                   \
+                p[j * H + h] = dot;                                                                \
+                if (dot > mx[h]) mx[h] = dot;                                                      \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t j = 0; j < n; ++j)                                                            \
+            for (int64_t h = 0; h < H; ++h) {                                                      \
+                T e = EXP(p[j * H + h] - mx[h]);                                                   \
+                p[j * H + h] = e; sum[h] += e;                                                     \
+            }                                                                                      \
+        for (int64_t i = 0; i < H * K; ++i) o[i] = 0;                                              \
+        for (int64_t j = 0; j < n; ++j) {                                                          \
+            const T* vj = vb + j * G * K;                                                          \
+            for (int64_t h = 0; h < H; ++h) {                                                      \
+                T w = p[j * H + h]; T* oh = o + h * K; const T* vh = vj + (h / rep) * K;           \
+                _Pragma("omp simd")                                                                \
+                for (int64_t d = 0; d < K; ++d) oh[d] += w * vh[d];                                \
+            }                                                                                      \
+        }                                                                                          \
+        for (int64_t h = 0; h < H; ++h)                                                            \
+            for (int64_t d = 0; d < K; ++d) o[h * K + d] /= sum[h];                                \
+        free(p);                                                                                   \
+    }                                                                                              \
+}
+RAGGED_DECODE(ragged_decode_f32, float, expf)
+RAGGED_DECODE(ragged_decode_f64, double, exp)
 """
 
 _lib: ctypes.CDLL | None = None
@@ -180,15 +240,15 @@ def _build() -> ctypes.CDLL | None:
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
     key = hashlib.sha256((SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"peer_{key}.so"
+    path = _cache_dir() / f"kernels_{key}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, out = Path(tmp) / "peer.c", Path(tmp) / "peer.so"
+            src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(SOURCE)
             proc = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
             if proc.returncode != 0:
-                warnings.warn(f"PEER kernel did not compile, using PyTorch ops: {proc.stderr[-500:]}")
+                warnings.warn(f"mixturelm's CPU kernels did not compile, using PyTorch ops: {proc.stderr[-500:]}")
                 return None
             os.replace(out, path)  # atomic: a concurrent build finds a whole library or none
     lib = ctypes.CDLL(str(path))
@@ -200,6 +260,8 @@ def _build() -> ctypes.CDLL | None:
     lib.group_rows.restype = ctypes.c_int64
     for name in ("row_adam_f32", "row_adam_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 5 + [ctypes.c_int]
+    for name in ("ragged_decode_f32", "ragged_decode_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -210,11 +272,11 @@ def library() -> ctypes.CDLL | None:
     global _lib, _tried
     if not _tried:
         _tried = True
-        if os.environ.get("MIXTURELM_PEER_KERNEL", "1") != "0":
+        if os.environ.get("MIXTURELM_KERNELS", os.environ.get("MIXTURELM_PEER_KERNEL", "1")) != "0":
             try:
                 _lib = _build()
             except OSError as e:
-                warnings.warn(f"PEER kernel unavailable, using PyTorch ops: {e}")
+                warnings.warn(f"mixturelm's CPU kernels are unavailable, using PyTorch ops: {e}")
     return _lib
 
 
@@ -222,6 +284,13 @@ def library() -> ctypes.CDLL | None:
 def _available() -> bool:
     """Whether the kernel library loaded: a constant to torch.compile, which must not trace the build."""
     return library() is not None
+
+
+def plain_dispatch() -> bool:
+    """No dispatch mode (FlopCounterMode, fake tensors) must see the torch ops, so the fused kernels may run.
+    Under torch.compile the kernels are custom ops with fake implementations: no need to ask (nor can
+    compile trace the question)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is None
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -347,3 +416,39 @@ def row_adam(param_ND: torch.Tensor, exp_avg_ND: torch.Tensor, exp_avg_sq_ND: to
     fn = library().row_adam_f32 if param_ND.dtype == torch.float32 else library().row_adam_f64
     fn(param_ND.data_ptr(), exp_avg_ND.data_ptr(), exp_avg_sq_ND.data_ptr(), rows_R.data_ptr(), grad_RD.data_ptr(),
        rows_R.numel(), param_ND.shape[1], beta1, beta2, eps, step_size, decay, torch.get_num_threads())
+
+
+def _ragged_decode_kernel(q_RHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor, rows_R: torch.Tensor,
+                          lengths_R: torch.Tensor) -> torch.Tensor:
+    R, H, K = q_RHK.shape
+    B, L, G, _ = k_BLGK.shape
+    out = torch.empty_like(q_RHK)
+    fn = library().ragged_decode_f32 if q_RHK.dtype == torch.float32 else library().ragged_decode_f64
+    fn(q_RHK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(), rows_R.data_ptr(), lengths_R.data_ptr(),
+       out.data_ptr(), R, H, G, L, K, K ** -0.5, torch.get_num_threads())
+    return out
+
+
+_ragged_decode_op = torch.library.custom_op("mixturelm::ragged_decode_attention", _ragged_decode_kernel,
+                                            mutates_args=())
+
+
+@_ragged_decode_op.register_fake
+def _(q_RHK, k_BLGK, v_BLGK, rows_R, lengths_R):
+    return torch.empty_like(q_RHK)
+
+
+def ragged_decode_attention(q_RHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor, rows_R: torch.Tensor,
+                            lengths_R: torch.Tensor) -> torch.Tensor:
+    """(R, H, K): query r (one per head) against the first lengths_R[r] keys and values of batch row rows_R[r]
+    of a (B, L, G, K) cache, softmax scaled by 1/sqrt(K); G divides H. No gradient: for decoding."""
+    R, H, _ = q_RHK.shape
+    if k_BLGK.shape[2] == 0 or H % k_BLGK.shape[2]:
+        raise ValueError(f"{H} query heads cannot share {k_BLGK.shape[2]} key/value heads")
+    if not (k_BLGK.is_contiguous() and v_BLGK.is_contiguous()):
+        raise ValueError("the ragged cache's keys and values must be contiguous")
+    lengths_R = lengths_R.to(torch.int64).contiguous()
+    if R and (int(lengths_R.min()) < 1 or int(lengths_R.max()) > k_BLGK.shape[1]):
+        raise ValueError(f"each row attends to 1 to {k_BLGK.shape[1]} cached tokens")
+    return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(k_BLGK.dtype).contiguous(), k_BLGK, v_BLGK,
+                 rows_R.to(torch.int64).contiguous(), lengths_R)

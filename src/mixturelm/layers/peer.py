@@ -37,18 +37,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..errors import UsageError, positive_ints
 from . import kernels
 from .auxiliary import Aux
-
-
-def _plain_dispatch() -> bool:
-    """No dispatch mode (FlopCounterMode, fake tensors) must see the torch ops, so the fused kernels may run.
-    Under torch.compile the kernels are custom ops with fake implementations: no need to ask (nor can
-    compile trace the question)."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is None
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -72,7 +64,7 @@ class Rows:
     @staticmethod
     def of(ids_TJ: torch.Tensor, n_rows: int) -> Rows:
         with torch.no_grad():
-            if _plain_dispatch() and kernels.usable(torch.empty(0), ids_TJ):
+            if kernels.plain_dispatch() and kernels.usable(torch.empty(0), ids_TJ):
                 return Rows(*kernels.group_rows(ids_TJ, n_rows))
             J = ids_TJ.shape[1]
             flat = ids_TJ.reshape(-1)
@@ -86,7 +78,7 @@ class Rows:
 
     def table_grad(self, src_TD: torch.Tensor, weight_TJ: torch.Tensor, n_rows: int, sparse: bool) -> torch.Tensor:
         """d table[r] = sum over pairs (t, j) with id r of weight_tj * src_t: a bag over src rows."""
-        if _plain_dispatch() and kernels.usable(src_TD, weight_TJ):
+        if kernels.plain_dispatch() and kernels.usable(src_TD, weight_TJ):
             rows_RD = kernels.row_grad(src_TD, weight_TJ, self.order, self.token_sorted, self.offsets_R)
         else:
             rows_RD = F.embedding_bag(self.token_sorted, src_TD, self.offsets_R, mode="sum",
@@ -102,7 +94,7 @@ def _gather_dot(table_ND: torch.Tensor, ids_TJ: torch.Tensor, x_TD: torch.Tensor
     """out_tj = table[ids_tj] . x_t: the fused CPU kernel (layers/kernels.py) where it can be had and no
     dispatch mode (FlopCounterMode, fake tensors) must see the ops; else PyTorch ops, gathering at most
     CHUNK_ELEMENTS table values at a time."""
-    if _plain_dispatch() and kernels.usable(table_ND, ids_TJ, x_TD):
+    if kernels.plain_dispatch() and kernels.usable(table_ND, ids_TJ, x_TD):
         return kernels.gather_dot(table_ND, ids_TJ, x_TD)
     T, J = ids_TJ.shape
     D = table_ND.shape[1]
@@ -194,7 +186,7 @@ def product_key_topk(q_THQ: torch.Tensor, keys_2LSP: torch.Tensor, k: int) -> tu
         s_2LTS = torch.bmm(q_2XP.reshape(2, H * T, P), keys_2LSP[:, 0].transpose(1, 2)).view(2, H, T, S)
     else:
         s_2LTS = torch.bmm(q_2XP.reshape(2 * H, T, P), keys_2LSP.reshape(2 * H, S, P).transpose(1, 2)).view(2, H, T, S)
-    if k <= 64 and _plain_dispatch() and kernels.usable(s_2LTS):
+    if k <= 64 and kernels.plain_dispatch() and kernels.usable(s_2LTS):
         return kernels.product_key_topk(s_2LTS, k)
     v_2HTK, i_2HTK = s_2LTS.topk(k, dim=-1)
     v1, v2 = v_2HTK.permute(0, 2, 1, 3)  # (T, H, K) each
