@@ -237,29 +237,42 @@ def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_
 
 
 def test_ragged_decode_kernel_equals_attention_written_out():
-    """The fused decoding attention over a ragged cache against softmax(q k / sqrt(K)) v written out per
-    row and head, in float64: rows in any order, lengths from 1 to the whole cache, two query heads per
-    key/value head."""
+    """The fused decoding step of a ragged cache against the step written out per row and head, in float64:
+    each row's new key and value stored at its length, the length grown by one, and softmax(q k / sqrt(K)) v
+    over the row's tokens; rows in any order, from an empty row to one that fills the cache, two query heads
+    per key/value head. A row with no free slot: an error, and nothing written."""
     if kernels.library() is None:
         pytest.skip("no C compiler: the CPU kernels are not built here")
     gen = torch.Generator().manual_seed(0)
     B, L, H, G, K = 6, 9, 4, 2, 8
     k_BLGK = torch.randn(B, L, G, K, generator=gen, dtype=torch.float64)
     v_BLGK = torch.randn(B, L, G, K, generator=gen, dtype=torch.float64)
-    rows, lengths = torch.tensor([4, 0, 5, 2]), torch.tensor([1, 9, 3, 6])
-    q_RHK = torch.randn(4, H, K, generator=gen, dtype=torch.float64) * 3  # sharp softmax: the running max moves
-    got = kernels.ragged_decode_attention(q_RHK, k_BLGK, v_BLGK, rows, lengths)
-    for r, (b, n) in enumerate(zip(rows.tolist(), lengths.tolist())):
+    length_B = torch.tensor([3, 8, 0, 5, 2, 1])
+    rows = torch.tensor([4, 0, 2, 1])  # row 2 empty before; row 1 takes the last slot
+    q_RHK = torch.randn(4, H, K, generator=gen, dtype=torch.float64) * 3  # a sharp softmax
+    k_new, v_new = (torch.randn(4, G, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    k_want, v_want, length_want = k_BLGK.clone(), v_BLGK.clone(), length_B.clone()
+    for r, b in enumerate(rows.tolist()):
+        k_want[b, length_B[b]], v_want[b, length_B[b]] = k_new[r], v_new[r]
+        length_want[b] += 1
+    k32, v32, length32 = k_BLGK.float(), v_BLGK.float(), length_B.clone()
+    got = kernels.ragged_decode_step(q_RHK, k_new, v_new, k_BLGK, v_BLGK, length_B, rows)
+    assert torch.equal(k_BLGK, k_want) and torch.equal(v_BLGK, v_want) and torch.equal(length_B, length_want)
+    for r, b in enumerate(rows.tolist()):
+        n = int(length_want[b])
         for h in range(H):
-            keys, values = k_BLGK[b, :n, h // (H // G)], v_BLGK[b, :n, h // (H // G)]
+            keys, values = k_want[b, :n, h // (H // G)], v_want[b, :n, h // (H // G)]
             weights = torch.softmax(keys @ q_RHK[r, h] / math.sqrt(K), dim=0)
             torch.testing.assert_close(got[r, h], weights @ values, rtol=1e-12, atol=1e-12)
-    got32 = kernels.ragged_decode_attention(q_RHK.float(), k_BLGK.float(), v_BLGK.float(), rows, lengths)
+    got32 = kernels.ragged_decode_step(q_RHK.float(), k_new.float(), v_new.float(), k32, v32, length32, rows)
     torch.testing.assert_close(got32, got.float(), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="cached tokens"):
-        kernels.ragged_decode_attention(q_RHK, k_BLGK, v_BLGK, rows, torch.tensor([1, 10, 3, 6]))
+    before = k_BLGK.clone(), v_BLGK.clone(), length_B.clone()
+    with pytest.raises(RuntimeError, match="KV cache holds 9 tokens"):  # row 1 is full now
+        kernels.ragged_decode_step(q_RHK, k_new, v_new, k_BLGK, v_BLGK, length_B, rows)
+    assert all(torch.equal(x, y) for x, y in zip((k_BLGK, v_BLGK, length_B), before))
     with pytest.raises(ValueError, match="key/value heads"):
-        kernels.ragged_decode_attention(torch.zeros(4, 3, K, dtype=torch.float64), k_BLGK, v_BLGK, rows, lengths)
+        kernels.ragged_decode_step(torch.zeros(4, 3, K, dtype=torch.float64), k_new, v_new, k_BLGK, v_BLGK,
+                                   length_B, rows)
 
 
 def test_sampling_decisions_never_depend_on_future_tokens():

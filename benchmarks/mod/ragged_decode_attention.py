@@ -1,7 +1,7 @@
 """Decoding attention of a routed block, three ways: the entering rows copied into one padded, masked batch
 (mixturelm's first path), each row attending to its own cached tokens in place with one
 scaled_dot_product_attention call per row (the second), and the fused kernel that does every row in one
-call (layers/kernels.py, mixturelm's path on CPU). 8 of 64 rows entering, with short (60-80 cached tokens)
+call, writing each row's new key and value too (layers/kernels.py, mixturelm's path on CPU). 8 of 64 rows entering, with short (60-80 cached tokens)
 and long (250-320) rows; median of 9 rounds of 20 calls, alternating; torch's default threads.
 
     python benchmarks/mod/ragged_decode_attention.py
@@ -19,10 +19,14 @@ torch.manual_seed(0)
 k_BLGK, v_BLGK = torch.randn(B, CAP, G, K), torch.randn(B, CAP, G, K)  # 157 MB each: out of cache
 rows = torch.randperm(B)[:R].sort().values
 q_RH1K = torch.randn(R, G, 1, K)
+k_new, v_new = torch.randn(R, G, K), torch.randn(R, G, K)  # the new token's key and value of each row
+length_B = torch.zeros(B, dtype=torch.int64)
 
 
 def contenders(lengths: torch.Tensor) -> dict:
     live, ns, end = rows.tolist(), lengths.tolist(), int(lengths.max())
+    for i, (r, n) in enumerate(zip(live, ns)):  # the new token in place, as the other two paths find it
+        k_BLGK[r, n - 1], v_BLGK[r, n - 1] = k_new[i], v_new[i]
 
     def padded_batch():
         k = torch.stack([k_BLGK[r, :end] for r in live])
@@ -35,8 +39,9 @@ def contenders(lengths: torch.Tensor) -> dict:
                                                          v_BLGK[r, :n].transpose(0, 1)[None])
                           for i, (r, n) in enumerate(zip(live, ns))])
 
-    def fused_kernel():
-        return kernels.ragged_decode_attention(q_RH1K[:, :, 0], k_BLGK, v_BLGK, rows, lengths)[:, :, None]
+    def fused_kernel():  # stores the row's new token at its length and attends over length + 1 tokens
+        length_B[rows] = lengths - 1
+        return kernels.ragged_decode_step(q_RH1K[:, :, 0], k_new, v_new, k_BLGK, v_BLGK, length_B, rows)[:, :, None]
 
     return {f.__name__: f for f in (padded_batch, row_by_row, fused_kernel)}
 

@@ -159,6 +159,9 @@ class RaggedRows:
     def attend(self, q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor) -> torch.Tensor:
         c, rows = self.cache, self.rows_R
         R, C = q_RHCK.shape[0], q_RHCK.shape[2]
+        if C == 1 and _decoding_kernel_fits(q_RHCK, c.k_BLGK):  # one token per row: store, grow, attend in one call
+            return kernels.ragged_decode_step(q_RHCK[:, :, 0], k_RGCK[:, :, 0], v_RGCK[:, :, 0], c.k_BLGK, c.v_BLGK,
+                                              c.length_B, rows)[:, :, None]
         start_R = c.length_B[rows]
         slot_RC = start_R[:, None] + torch.arange(C, device=rows.device)
         end = int(slot_RC[:, -1].max()) + 1
@@ -166,10 +169,6 @@ class RaggedRows:
             raise RuntimeError(f"KV cache holds {c.k_BLGK.shape[1]} tokens; {end} were asked for")
         c.k_BLGK[rows[:, None], slot_RC] = k_RGCK.transpose(1, 2)
         c.v_BLGK[rows[:, None], slot_RC] = v_RGCK.transpose(1, 2)
-        if C == 1 and _decoding_kernel_fits(q_RHCK, c.k_BLGK):  # all entering rows in one call, in place
-            y = kernels.ragged_decode_attention(q_RHCK[:, :, 0], c.k_BLGK, c.v_BLGK, rows, start_R + 1)[:, :, None]
-            c.length_B[rows] += self.count_R
-            return y
         if C == 1 and R < c.k_BLGK.shape[0]:  # decoding, some rows: each attends to its own tokens in place
             y = self._attend_row_by_row(q_RHCK, (start_R + 1).tolist())
             c.length_B[rows] += self.count_R

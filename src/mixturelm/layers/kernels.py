@@ -172,21 +172,31 @@ int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int
     return R;
 }
 
-/* Decoding attention over a ragged cache (Mixture-of-Depths' routed blocks): call row r is batch row
-   rows[r] and attends with its one query per head to the first lengths[r] tokens cached in that row.
-   q, out: (R, H, K); k, v: (B, L, G, K); head h reads kv head h / (H / G). Rows in parallel; each row's
-   keys, then its values, are read once, front to back (all heads of a token lie together): the scores
-   of every head first, then their softmax, then the weighted sum of the values. */
+/* One decoding step of a ragged cache (Mixture-of-Depths' routed blocks). Call row r is batch row rows[r]
+   (distinct): its new key and value (G, K) are written at slot length[rows[r]] of that row, the length grows
+   by one, and its one query per head attends to the row's cached tokens, its own included.
+   q, out: (R, H, K); knew, vnew: (R, G, K); k, v: (B, L, G, K); head h reads kv head h / (H / G).
+   Returns the number of rows with no free slot; then nothing is written. Rows in parallel; each row's keys,
+   then its values, are read once, front to back (all heads of a token lie together): the scores of every
+   head first, then their softmax, then the weighted sum of the values. */
 #define RAGGED_DECODE(NAME, T, EXP)                                                                \
-void NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t* lengths, T* out,  \
-          int64_t R, int64_t H, int64_t G, int64_t L, int64_t K, double scale, int n_threads) {     \
-    int64_t rep = H / G;                                                                           \
+int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* length,                 \
+             const int64_t* rows, T* out, int64_t R, int64_t H, int64_t G, int64_t L, int64_t K,   \
+             double scale, int n_threads) {                                                        \
+    int64_t full = 0, rep = H / G;                                                                 \
+    for (int64_t r = 0; r < R; ++r) full += length[rows[r]] >= L;                                  \
+    if (full) return full;                                                                         \
     _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")                        \
     for (int64_t r = 0; r < R; ++r) {                                                              \
-        int64_t n = lengths[r];                                                                    \
+        int64_t b = rows[r], n = length[b] + 1;                                                    \
+        T* kb = k + b * L * G * K;                                                                 \
+        T* vb = v + b * L * G * K;                                                                 \
+        for (int64_t i = 0; i < G * K; ++i) {                                                      \
+            kb[(n - 1) * G * K + i] = knew[r * G * K + i];                                         \
+            vb[(n - 1) * G * K + i] = vnew[r * G * K + i];                                         \
+        }                                                                                          \
+        length[b] = n;                                                                             \
         const T* qr = q + r * H * K;                                                               \
-        const T* kb = k + rows[r] * L * G * K;                                                     \
-        const T* vb = v + rows[r] * L * G * K;                                                     \
         T* o = out + r * H * K;                                                                    \
         T* p = (T*)malloc((n + 2) * H * sizeof(T));  /* scores (n, H), then max and sum per head */ \
         T* mx = p + n * H; T* sum = mx + H;                                                        \
@@ -221,6 +231,7 @@ void NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t
             for (int64_t d = 0; d < K; ++d) o[h * K + d] /= sum[h];                                \
         free(p);                                                                                   \
     }                                                                                              \
+    return 0;                                                                                      \
 }
 RAGGED_DECODE(ragged_decode_f32, float, expf)
 RAGGED_DECODE(ragged_decode_f64, double, exp)
@@ -261,7 +272,8 @@ def _build() -> ctypes.CDLL | None:
     for name in ("row_adam_f32", "row_adam_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 5 + [ctypes.c_int]
     for name in ("ragged_decode_f32", "ragged_decode_f64"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
+        getattr(lib, name).restype = ctypes.c_int64
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -418,37 +430,45 @@ def row_adam(param_ND: torch.Tensor, exp_avg_ND: torch.Tensor, exp_avg_sq_ND: to
        rows_R.numel(), param_ND.shape[1], beta1, beta2, eps, step_size, decay, torch.get_num_threads())
 
 
-def _ragged_decode_kernel(q_RHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor, rows_R: torch.Tensor,
-                          lengths_R: torch.Tensor) -> torch.Tensor:
+def _ragged_decode_kernel(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: torch.Tensor,
+                          k_BLGK: torch.Tensor, v_BLGK: torch.Tensor, length_B: torch.Tensor,
+                          rows_R: torch.Tensor) -> torch.Tensor:
     R, H, K = q_RHK.shape
     B, L, G, _ = k_BLGK.shape
     out = torch.empty_like(q_RHK)
     fn = library().ragged_decode_f32 if q_RHK.dtype == torch.float32 else library().ragged_decode_f64
-    fn(q_RHK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(), rows_R.data_ptr(), lengths_R.data_ptr(),
-       out.data_ptr(), R, H, G, L, K, K ** -0.5, torch.get_num_threads())
+    full = fn(q_RHK.data_ptr(), k_new_RGK.data_ptr(), v_new_RGK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(),
+              length_B.data_ptr(), rows_R.data_ptr(), out.data_ptr(), R, H, G, L, K, K ** -0.5,
+              torch.get_num_threads())
+    if full:
+        raise RuntimeError(f"KV cache holds {L} tokens; {full} row(s) asked for one more")
     return out
 
 
-_ragged_decode_op = torch.library.custom_op("mixturelm::ragged_decode_attention", _ragged_decode_kernel,
-                                            mutates_args=())
+_ragged_decode_op = torch.library.custom_op("mixturelm::ragged_decode_step", _ragged_decode_kernel,
+                                            mutates_args=("k_BLGK", "v_BLGK", "length_B"))
 
 
 @_ragged_decode_op.register_fake
-def _(q_RHK, k_BLGK, v_BLGK, rows_R, lengths_R):
+def _(q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, length_B, rows_R):
     return torch.empty_like(q_RHK)
 
 
-def ragged_decode_attention(q_RHK: torch.Tensor, k_BLGK: torch.Tensor, v_BLGK: torch.Tensor, rows_R: torch.Tensor,
-                            lengths_R: torch.Tensor) -> torch.Tensor:
-    """(R, H, K): query r (one per head) against the first lengths_R[r] keys and values of batch row rows_R[r]
-    of a (B, L, G, K) cache, softmax scaled by 1/sqrt(K); G divides H. No gradient: for decoding."""
-    R, H, _ = q_RHK.shape
-    if k_BLGK.shape[2] == 0 or H % k_BLGK.shape[2]:
-        raise ValueError(f"{H} query heads cannot share {k_BLGK.shape[2]} key/value heads")
-    if not (k_BLGK.is_contiguous() and v_BLGK.is_contiguous()):
-        raise ValueError("the ragged cache's keys and values must be contiguous")
-    lengths_R = lengths_R.to(torch.int64).contiguous()
-    if R and (int(lengths_R.min()) < 1 or int(lengths_R.max()) > k_BLGK.shape[1]):
-        raise ValueError(f"each row attends to 1 to {k_BLGK.shape[1]} cached tokens")
-    return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(k_BLGK.dtype).contiguous(), k_BLGK, v_BLGK,
-                 rows_R.to(torch.int64).contiguous(), lengths_R)
+def ragged_decode_step(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: torch.Tensor, k_BLGK: torch.Tensor,
+                       v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+    """One decoding step of a ragged (B, L, G, K) cache, in place: for each distinct batch row rows_R[r], its new
+    key and value (k_new_RGK[r], v_new_RGK[r]) go to slot length_B[row], the length grows by one, and its
+    query (one per head, q_RHK[r]) attends to the row's cached tokens, its own included: softmax scaled by
+    1/sqrt(K), G dividing H. Returns (R, H, K). A row with no free slot raises RuntimeError, with nothing
+    written. No gradient: for decoding. The cache, lengths and rows must be contiguous (int64 lengths and rows)."""
+    H, G = q_RHK.shape[1], k_BLGK.shape[2]
+    if G == 0 or H % G:
+        raise ValueError(f"{H} query heads cannot share {G} key/value heads")
+    if not (k_BLGK.is_contiguous() and v_BLGK.is_contiguous() and length_B.is_contiguous()):
+        raise ValueError("the ragged cache's keys, values and lengths must be contiguous")
+    if length_B.dtype != torch.int64 or rows_R.dtype != torch.int64:
+        raise ValueError("the ragged cache's lengths and the rows must be int64")
+    dtype = k_BLGK.dtype
+    return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(dtype).contiguous(),
+                 k_new_RGK.to(dtype).contiguous(), v_new_RGK.to(dtype).contiguous(), k_BLGK, v_BLGK, length_B,
+                 rows_R.contiguous())

@@ -211,13 +211,14 @@ class MoD(nn.Module):
         B, T, D = x_BTD.shape
         enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
-        entered = enter_BT.sum().double()  # counts on the tokens' device (CUDA too), summed by evaluation
-        mine = MoDAux(causal_fraction=enter_BT.float().mean().detach(),
-                      causal_counts=torch.stack([entered, torch.full_like(entered, enter_BT.numel())]))
-        rows_R = count_B.nonzero().squeeze(1)
+        rows_R = count_B.nonzero().squeeze(1)  # waits for the device anyway: the counts below may too
+        count_R = count_B[rows_R]
+        entered = rows_R.numel() if T == 1 else int(count_R.sum())
+        # two small tensors from numbers, not five ops on the mask: decoding runs this at every routed block
+        mine = MoDAux(causal_fraction=torch.tensor(entered / (B * T), dtype=torch.float32, device=x_BTD.device),
+                      causal_counts=torch.tensor([entered, B * T], dtype=torch.float64, device=x_BTD.device))
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, [mine]
-        count_R = count_B[rows_R]
         all_rows = rows_R.numel() == B
         x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
         view = cache.rows(rows_R, count_R) if cache is not None else None
