@@ -71,6 +71,18 @@ def test_opcheck_peer_kernels(dtype):
     torch.library.opcheck(torch.ops.mixturelm.peer_row_grad.default, (x, w, order, token, offsets))
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_ragged_decode_step(dtype):
+    """Mixture-of-Depths' decoding step writes the cache and its lengths: the op declares those mutations."""
+    torch.manual_seed(0)
+    B, L, H, G, K = 4, 64, 4, 2, 8  # room for every call opcheck makes: each appends one token per row
+    k, v = torch.randn(B, L, G, K, dtype=dtype), torch.randn(B, L, G, K, dtype=dtype)
+    length, rows = torch.tensor([3, 0, 5, 1]), torch.tensor([2, 0])
+    q, k_new, v_new = torch.randn(2, H, K, dtype=dtype), torch.randn(2, G, K, dtype=dtype), torch.randn(2, G, K, dtype=dtype)
+    torch.library.opcheck(torch.ops.mixturelm.ragged_decode_step.default, (q, k_new, v_new, k, v, length, rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # A compiled training step against the eager one
 
