@@ -176,7 +176,7 @@ int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int
    (distinct): its new key and value (G, K) are written at slot length[rows[r]] of that row, the length grows
    by one, and its one query per head attends to the row's cached tokens, its own included.
    q, out: (R, H, K); knew, vnew: (R, G, K); k, v: (B, L, G, K); head h reads kv head h / (H / G).
-   Returns the number of rows with no free slot; then nothing is written. Rows in parallel; each row's keys,
+   Returns the number of rows with no free slot (then nothing is written), or -1 when out of memory. Rows in parallel; each row's keys,
    then its values, are read once, front to back (all heads of a token lie together): the scores of every
    head first, then their softmax, then the weighted sum of the values. */
 #define RAGGED_DECODE(NAME, T, EXP)                                                                \
@@ -184,6 +184,7 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
              const int64_t* rows, T* out, int64_t R, int64_t H, int64_t G, int64_t L, int64_t K,   \
              double scale, int n_threads) {                                                        \
     int64_t full = 0, rep = H / G;                                                                 \
+    int no_memory = 0;                                                                             \
     for (int64_t r = 0; r < R; ++r) full += length[rows[r]] >= L;                                  \
     if (full) return full;                                                                         \
     _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")                        \
@@ -199,6 +200,7 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
         const T* qr = q + r * H * K;                                                               \
         T* o = out + r * H * K;                                                                    \
         T* p = (T*)malloc((n + 2) * H * sizeof(T));  /* scores (n, H), then max and sum per head */ \
+        if (!p) { no_memory = 1; continue; }                                                       \
         T* mx = p + n * H; T* sum = mx + H;                                                        \
         for (int64_t h = 0; h < H; ++h) { mx[h] = -(T)INFINITY; sum[h] = 0; }                      \
         for (int64_t j = 0; j < n; ++j) {                                                          \
@@ -231,7 +233,7 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
             for (int64_t d = 0; d < K; ++d) o[h * K + d] /= sum[h];                                \
         free(p);                                                                                   \
     }                                                                                              \
-    return 0;                                                                                      \
+    return no_memory ? -1 : 0;                                                                     \
 }
 RAGGED_DECODE(ragged_decode_f32, float, expf)
 RAGGED_DECODE(ragged_decode_f64, double, exp)
@@ -440,6 +442,8 @@ def _ragged_decode_kernel(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RG
     full = fn(q_RHK.data_ptr(), k_new_RGK.data_ptr(), v_new_RGK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(),
               length_B.data_ptr(), rows_R.data_ptr(), out.data_ptr(), R, H, G, L, K, K ** -0.5,
               torch.get_num_threads())
+    if full < 0:
+        raise MemoryError("no memory for the ragged decoding step's attention scores")
     if full:
         raise RuntimeError(f"KV cache holds {L} tokens; {full} row(s) asked for one more")
     return out
