@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .. import checkpoint
@@ -74,11 +73,7 @@ def load_shards(model: nn.Module, opt: torch.optim.Optimizer, canonical, ckpt: P
     if missing:
         raise UsageError(f"checkpoint {ckpt} does not fit its config (missing {missing[:3]}); it was written by "
                          "another version of mixturelm")
-    try:
-        dcp.load(targets, checkpoint_id=str(ckpt / checkpoint.DCP_DIR))
-    except (Exception, CheckpointException) as e:  # a shard truncated or altered behind the manifest's back
-        raise UsageError(f"checkpoint {ckpt}: its shards in {checkpoint.DCP_DIR}/ cannot be read "
-                         f"({checkpoint.error_line(e)}); it is damaged, resume from an earlier checkpoint") from None
+    checkpoint.load_dcp(targets, ckpt, "resume from an earlier checkpoint")
     set_model_state_dict(model, model_state)
     return {"state": moments, "param_groups": saved["param_groups"]}
 
