@@ -60,15 +60,11 @@ def load_shards(model: nn.Module, opt: torch.optim.Optimizer, canonical, ckpt: P
     model_state = get_model_state_dict(model)
     targets = {MODEL + canonical(k): v for k, v in model_state.items()}
     names = _same_names(model, opt, canonical, saved, ckpt)
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for i, (name, p) in enumerate(zip(names, optimizer_params(opt))):
-        prefix = f"{OPTIM}{name}."
-        for key, meta in metadata.state_dict_metadata.items():
-            if key.startswith(prefix):
-                k = key[len(prefix):]
-                moments.setdefault(i, {})[k] = (torch.zeros_like(p) if tuple(meta.size) == tuple(p.shape)
-                                                else torch.empty(meta.size, dtype=meta.properties.dtype))
-                targets[key] = moments[i][k]
+    params = optimizer_params(opt)
+    moment_keys = _moment_keys(metadata.state_dict_metadata, names)
+    moments = {i: {k: _moment_target(metadata.state_dict_metadata[key], params[i]) for k, key in keys.items()}
+               for i, keys in moment_keys.items()}
+    targets |= {key: moments[i][k] for i, keys in moment_keys.items() for k, key in keys.items()}
     missing = [k for k in targets if k not in metadata.state_dict_metadata]
     if missing:
         raise UsageError(f"checkpoint {ckpt} does not fit its config (missing {missing[:3]}); it was written by "
@@ -83,13 +79,33 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, canonical
     is not sharded; expert parallelism then cuts its slices as from any single-device checkpoint)."""
     names = _same_names(model, opt, canonical, saved, ckpt)
     tensors = checkpoint.read_sharded(ckpt, OPTIM)
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for i, name in enumerate(names):
-        prefix = f"{OPTIM}{name}."
-        for key, v in tensors.items():
-            if key.startswith(prefix):
-                moments.setdefault(i, {})[key[len(prefix):]] = v
+    moments = {i: {k: tensors[key] for k, key in keys.items()} for i, keys in _moment_keys(tensors, names).items()}
     return {"state": moments, "param_groups": saved["param_groups"]}
+
+
+def _moment_keys(keys, names: list[str]) -> dict[int, dict[str, str]]:
+    """The keys `optim.<name>.<moment>` among `keys`, by the index of <name> in `names` (ascending), then by
+    moment, in one pass. Names hold dots: a key's parameter is its first prefix up to a dot that is a name (the
+    only one: a module's attribute is a parameter or a module, never both, so no name extends another)."""
+    index = {name: i for i, name in enumerate(names)}
+    found: dict[int, dict[str, str]] = {}
+    for key in keys:
+        if not key.startswith(OPTIM):
+            continue
+        rest = key[len(OPTIM):]
+        dot = rest.find(".")
+        while dot != -1 and rest[:dot] not in index:
+            dot = rest.find(".", dot + 1)
+        if dot != -1:
+            found.setdefault(index[rest[:dot]], {})[rest[dot + 1:]] = key
+    return {i: found[i] for i in sorted(found)}
+
+
+def _moment_target(meta, p: nn.Parameter) -> torch.Tensor:
+    """Where DCP reads a saved moment into: shaped as its parameter (a DTensor: this process's piece), or a
+    whole tensor of the saved size (a scalar such as Adam's step)."""
+    return (torch.zeros_like(p) if tuple(meta.size) == tuple(p.shape)
+            else torch.empty(meta.size, dtype=meta.properties.dtype))
 
 
 def shard_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> dict:
