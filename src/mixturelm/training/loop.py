@@ -246,10 +246,8 @@ class Trainer:
             optim_state["optimizer"] = self.sharding.full_optimizer_state(self.optim.opt, optim_state["optimizer"])
 
         def write() -> None:
-            state = {"step": step, **optim_state, "rng": _rng_state(), "tokens_seen": self.tokens_seen,
-                     "elapsed": self.elapsed}
-            checkpoint.save(self.out_dir, step, weights, self.cfg.to_dict(), self.data.tokenizer, state,
-                            keep=self.cfg.train.keep_ckpts)
+            checkpoint.save(self.out_dir, step, weights, self.cfg.to_dict(), self.data.tokenizer,
+                            self._train_state(step, optim_state), keep=self.cfg.train.keep_ckpts)
 
         self._on_main(write, "write a checkpoint")
 
@@ -276,12 +274,17 @@ class Trainer:
             raise checkpoint.write_failure(e) from None
 
         def write() -> None:
-            state = {"step": step, "scheduler": self.optim.sched.state_dict(), **extra, "rng": _rng_state(),
-                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed}
-            checkpoint.save(self.out_dir, step, None, self.cfg.to_dict(), self.data.tokenizer, state,
-                            keep=self.cfg.train.keep_ckpts, tmp=tmp)
+            optim_state = {"scheduler": self.optim.sched.state_dict(), **extra}
+            checkpoint.save(self.out_dir, step, None, self.cfg.to_dict(), self.data.tokenizer,
+                            self._train_state(step, optim_state), keep=self.cfg.train.keep_ckpts, tmp=tmp)
 
         self._on_main(write, "write a checkpoint")
+
+    def _train_state(self, step: int, optim_state: dict) -> dict:
+        """train_state.pt: the optimizer's and scheduler's state (`optim_state`, in either format) and what an
+        exact resume needs besides, the RNG taken now (when the main process writes)."""
+        return {"step": step, **optim_state, "rng": _rng_state(), "tokens_seen": self.tokens_seen,
+                "elapsed": self.elapsed}
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:
