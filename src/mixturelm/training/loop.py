@@ -67,13 +67,14 @@ class Trainer:
         self.sharding: ExpertSharding | None = None  # set by _build
         self.fsdp, self.fsdp_model = fsdp, None  # FullyShardedModel, set by _build
         t = cfg.train
+        if fsdp or expert_parallel != 1:
+            with torch.device("meta"):  # the model's layers to check, without allocating its weights
+                layout = MixtureLM(cfg.model)
         if fsdp:
-            with torch.device("meta"):
-                check_fsdp(MixtureLM(cfg.model), self.dist.world)
+            check_fsdp(layout, self.dist.world)
         if expert_parallel != 1:
-            with torch.device("meta"):
-                check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world,
-                                      cuda=torch.device(self.device).type == "cuda")
+            check_expert_parallel(layout, expert_parallel, self.dist.world,
+                                  cuda=torch.device(self.device).type == "cuda")
             if t.compile:
                 raise UsageError("TrainConfig.compile is not supported with --expert-parallel yet; leave one out")
         if t.batch_size % (self.dist.world * t.grad_accum):
