@@ -113,6 +113,7 @@ class ExpertSharding:
 
     def shard_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> dict:
         """A full-size optimizer state (a single-device checkpoint's) cut to this process's expert slices."""
+        # not sharded_checkpoint.shard_optimizer_state: without FSDP the slices are plain tensors, narrowed by hand
         return self._map_moments(opt, state, self._slice)
 
     def _map_moments(self, opt, state: dict, fn) -> dict:

@@ -111,6 +111,7 @@ def _moment_target(meta, p: nn.Parameter) -> torch.Tensor:
 def shard_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> dict:
     """A single-device checkpoint's optimizer state (full moments) cut to this process's pieces of a sharded
     run's parameters (FSDP shards and expert slices alike); no communication."""
+    # not ExpertSharding.shard_optimizer_state: under FSDP every parameter is a DTensor, its moments placed alike
     params = optimizer_params(opt)
     new = {}
     for i, s in state["state"].items():
