@@ -420,21 +420,28 @@ def sharded_metadata(ckpt: Path):
 def read_sharded(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a sharded checkpoint whose name starts with `prefix`, whole, in this one process
     (no process group needed): what a reader of weights, or a run that is not sharded, takes."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = sharded_metadata(ckpt)
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in metadata.state_dict_metadata.items()
              if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is meant
+        warnings.simplefilter("ignore", UserWarning)
+        load_dcp(state, ckpt, "use an earlier checkpoint", no_dist=True)
+    return state
+
+
+def load_dcp(state: dict, ckpt: Path, advice: str, no_dist: bool = False) -> None:
+    """The tensors of `state` read in place from a sharded checkpoint's shards (a collective unless `no_dist`).
+    A shard that cannot be read is a one-line UsageError ending in `advice` (what to do instead)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is meant
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=True)
+        dcp.load(state, checkpoint_id=str(Path(ckpt) / DCP_DIR), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # a shard truncated or altered behind the manifest's back
         raise UsageError(f"checkpoint {ckpt}: its shards in {DCP_DIR}/ cannot be read ({error_line(e)}); it is "
-                         "damaged, use an earlier checkpoint") from None
-    return state
+                         f"damaged, {advice}") from None
 
 
 def write_failure(e: BaseException) -> BaseException:

@@ -77,7 +77,7 @@ class ExpertSharding:
         """A parameter's or state-dict key's name in the unwrapped model (the wrapper's `.moe` or `.peer`
         taken out)."""
         for layer_name, layer in self.layers.items():
-            inner = next(n for n, m in layer.named_children() if m is layer.wrapped)
+            inner = _inner_name(layer)
             if name.startswith(f"{layer_name}.{inner}."):
                 return f"{layer_name}.{name[len(layer_name) + len(inner) + 2:]}"
         return name
@@ -100,13 +100,12 @@ class ExpertSharding:
         """The model's state dict as the unwrapped model has it, expert slices gathered (a collective)."""
         state = model.state_dict()
         for name, layer in self.layers.items():
-            inner = name + "." + next(n for n, m in layer.named_children() if m is layer.wrapped) + "."
+            inner = f"{name}.{_inner_name(layer)}."
             slices = {id(p) for p in layer.expert_parameters()}
             for key, p in layer.wrapped.named_parameters():
                 if id(p) in slices:
                     state[inner + key] = self._gather(p.detach(), self.shard_dims[id(p)])
-            state = {(name + "." + k[len(inner):] if k.startswith(inner) else k): v for k, v in state.items()}
-        return state
+        return {self.canonical(k): v for k, v in state.items()}
 
     def full_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> dict:
         """`state` (opt.state_dict()) with the expert parameters' moments gathered to full size (a collective)."""
@@ -114,6 +113,7 @@ class ExpertSharding:
 
     def shard_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> dict:
         """A full-size optimizer state (a single-device checkpoint's) cut to this process's expert slices."""
+        # not sharded_checkpoint.shard_optimizer_state: without FSDP the slices are plain tensors, narrowed by hand
         return self._map_moments(opt, state, self._slice)
 
     def _map_moments(self, opt, state: dict, fn) -> dict:
@@ -135,6 +135,12 @@ class ExpertSharding:
         n = t.shape[dim] // self.ep
         j = dist.get_rank(self.ep_group)
         return t.narrow(dim, j * n, n).contiguous().clone()
+
+
+def _inner_name(wrapper: nn.Module) -> str:
+    """The attribute a wrapper holds its layer under (`moe`, `peer`): the part of its keys the unwrapped
+    model lacks."""
+    return next(n for n, m in wrapper.named_children() if m is wrapper.wrapped)
 
 
 REPLICATED = "replicated"  # a kind of gradient every process holds whole: its squares are taken as they are

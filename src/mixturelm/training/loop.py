@@ -67,13 +67,14 @@ class Trainer:
         self.sharding: ExpertSharding | None = None  # set by _build
         self.fsdp, self.fsdp_model = fsdp, None  # FullyShardedModel, set by _build
         t = cfg.train
+        if fsdp or expert_parallel != 1:
+            with torch.device("meta"):  # the model's layers to check, without allocating its weights
+                layout = MixtureLM(cfg.model)
         if fsdp:
-            with torch.device("meta"):
-                check_fsdp(MixtureLM(cfg.model), self.dist.world)
+            check_fsdp(layout, self.dist.world)
         if expert_parallel != 1:
-            with torch.device("meta"):
-                check_expert_parallel(MixtureLM(cfg.model), expert_parallel, self.dist.world,
-                                      cuda=torch.device(self.device).type == "cuda")
+            check_expert_parallel(layout, expert_parallel, self.dist.world,
+                                  cuda=torch.device(self.device).type == "cuda")
             if t.compile:
                 raise UsageError("TrainConfig.compile is not supported with --expert-parallel yet; leave one out")
         if t.batch_size % (self.dist.world * t.grad_accum):
@@ -246,10 +247,8 @@ class Trainer:
             optim_state["optimizer"] = self.sharding.full_optimizer_state(self.optim.opt, optim_state["optimizer"])
 
         def write() -> None:
-            state = {"step": step, **optim_state, "rng": _rng_state(), "tokens_seen": self.tokens_seen,
-                     "elapsed": self.elapsed}
-            checkpoint.save(self.out_dir, step, weights, self.cfg.to_dict(), self.data.tokenizer, state,
-                            keep=self.cfg.train.keep_ckpts)
+            checkpoint.save(self.out_dir, step, weights, self.cfg.to_dict(), self.data.tokenizer,
+                            self._train_state(step, optim_state), keep=self.cfg.train.keep_ckpts)
 
         self._on_main(write, "write a checkpoint")
 
@@ -276,12 +275,17 @@ class Trainer:
             raise checkpoint.write_failure(e) from None
 
         def write() -> None:
-            state = {"step": step, "scheduler": self.optim.sched.state_dict(), **extra, "rng": _rng_state(),
-                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed}
-            checkpoint.save(self.out_dir, step, None, self.cfg.to_dict(), self.data.tokenizer, state,
-                            keep=self.cfg.train.keep_ckpts, tmp=tmp)
+            optim_state = {"scheduler": self.optim.sched.state_dict(), **extra}
+            checkpoint.save(self.out_dir, step, None, self.cfg.to_dict(), self.data.tokenizer,
+                            self._train_state(step, optim_state), keep=self.cfg.train.keep_ckpts, tmp=tmp)
 
         self._on_main(write, "write a checkpoint")
+
+    def _train_state(self, step: int, optim_state: dict) -> dict:
+        """train_state.pt: the optimizer's and scheduler's state (`optim_state`, in either format) and what an
+        exact resume needs besides, the RNG taken now (when the main process writes)."""
+        return {"step": step, **optim_state, "rng": _rng_state(), "tokens_seen": self.tokens_seen,
+                "elapsed": self.elapsed}
 
     # -- one optimizer step ----------------------------------------------------------------------
     def _train_step(self, step: int) -> dict:

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from .. import checkpoint
@@ -61,24 +60,16 @@ def load_shards(model: nn.Module, opt: torch.optim.Optimizer, canonical, ckpt: P
     model_state = get_model_state_dict(model)
     targets = {MODEL + canonical(k): v for k, v in model_state.items()}
     names = _same_names(model, opt, canonical, saved, ckpt)
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for i, (name, p) in enumerate(zip(names, optimizer_params(opt))):
-        prefix = f"{OPTIM}{name}."
-        for key, meta in metadata.state_dict_metadata.items():
-            if key.startswith(prefix):
-                k = key[len(prefix):]
-                moments.setdefault(i, {})[k] = (torch.zeros_like(p) if tuple(meta.size) == tuple(p.shape)
-                                                else torch.empty(meta.size, dtype=meta.properties.dtype))
-                targets[key] = moments[i][k]
+    params = optimizer_params(opt)
+    moment_keys = _moment_keys(metadata.state_dict_metadata, names)
+    moments = {i: {k: _moment_target(metadata.state_dict_metadata[key], params[i]) for k, key in keys.items()}
+               for i, keys in moment_keys.items()}
+    targets |= {key: moments[i][k] for i, keys in moment_keys.items() for k, key in keys.items()}
     missing = [k for k in targets if k not in metadata.state_dict_metadata]
     if missing:
         raise UsageError(f"checkpoint {ckpt} does not fit its config (missing {missing[:3]}); it was written by "
                          "another version of mixturelm")
-    try:
-        dcp.load(targets, checkpoint_id=str(ckpt / checkpoint.DCP_DIR))
-    except (Exception, CheckpointException) as e:  # a shard truncated or altered behind the manifest's back
-        raise UsageError(f"checkpoint {ckpt}: its shards in {checkpoint.DCP_DIR}/ cannot be read "
-                         f"({checkpoint.error_line(e)}); it is damaged, resume from an earlier checkpoint") from None
+    checkpoint.load_dcp(targets, ckpt, "resume from an earlier checkpoint")
     set_model_state_dict(model, model_state)
     return {"state": moments, "param_groups": saved["param_groups"]}
 
@@ -88,18 +79,39 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, canonical
     is not sharded; expert parallelism then cuts its slices as from any single-device checkpoint)."""
     names = _same_names(model, opt, canonical, saved, ckpt)
     tensors = checkpoint.read_sharded(ckpt, OPTIM)
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for i, name in enumerate(names):
-        prefix = f"{OPTIM}{name}."
-        for key, v in tensors.items():
-            if key.startswith(prefix):
-                moments.setdefault(i, {})[key[len(prefix):]] = v
+    moments = {i: {k: tensors[key] for k, key in keys.items()} for i, keys in _moment_keys(tensors, names).items()}
     return {"state": moments, "param_groups": saved["param_groups"]}
+
+
+def _moment_keys(keys, names: list[str]) -> dict[int, dict[str, str]]:
+    """The keys `optim.<name>.<moment>` among `keys`, by the index of <name> in `names` (ascending), then by
+    moment, in one pass. Names hold dots: a key's parameter is its first prefix up to a dot that is a name (the
+    only one: a module's attribute is a parameter or a module, never both, so no name extends another)."""
+    index = {name: i for i, name in enumerate(names)}
+    found: dict[int, dict[str, str]] = {}
+    for key in keys:
+        if not key.startswith(OPTIM):
+            continue
+        rest = key[len(OPTIM):]
+        dot = rest.find(".")
+        while dot != -1 and rest[:dot] not in index:
+            dot = rest.find(".", dot + 1)
+        if dot != -1:
+            found.setdefault(index[rest[:dot]], {})[rest[dot + 1:]] = key
+    return {i: found[i] for i in sorted(found)}
+
+
+def _moment_target(meta, p: nn.Parameter) -> torch.Tensor:
+    """Where DCP reads a saved moment into: shaped as its parameter (a DTensor: this process's piece), or a
+    whole tensor of the saved size (a scalar such as Adam's step)."""
+    return (torch.zeros_like(p) if tuple(meta.size) == tuple(p.shape)
+            else torch.empty(meta.size, dtype=meta.properties.dtype))
 
 
 def shard_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> dict:
     """A single-device checkpoint's optimizer state (full moments) cut to this process's pieces of a sharded
     run's parameters (FSDP shards and expert slices alike); no communication."""
+    # not ExpertSharding.shard_optimizer_state: under FSDP every parameter is a DTensor, its moments placed alike
     params = optimizer_params(opt)
     new = {}
     for i, s in state["state"].items():
