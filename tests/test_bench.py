@@ -47,7 +47,7 @@ def test_bench_mod_smoke(tmp_path):
     timed = [rows[name] for name in rows if "FLOPs" not in name] + list(decode.values())
     for row in timed:  # speed-ups paired by round, with their spread
         assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
-        assert len(row["rounds_s"]["dense"]) == len(row["rounds_s"]["MoD"]) == 1
+        assert len(row["all_rounds_s"]["dense"]) == len(row["all_rounds_s"]["MoD"]) == 1
 
 
 def test_paired_speedup_by_hand():

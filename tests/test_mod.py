@@ -221,10 +221,13 @@ def calibrated_model(preset: str, **mod_options) -> MixtureLM:
 
 @pytest.mark.parametrize("preset", ["mod-debug", "mode-staged-debug"])
 @pytest.mark.parametrize("causal", ["aux_loss", "predictor"])
-def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_path):
+def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_path, monkeypatch):
     model = calibrated_model(preset, causal=causal, capacity=0.5)
     torch.manual_seed(2)
     idx = torch.randint(0, 257, (3, 24))
+    kernel_calls = []
+    step = kernels.ragged_decode_step
+    monkeypatch.setattr(kernels, "ragged_decode_step", lambda *a: kernel_calls.append(1) or step(*a))
     with torch.no_grad():
         want = model(idx, causal_routing=True).logits
         cache = model.new_cache(3, 24)
@@ -234,6 +237,7 @@ def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_
     lengths = [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
     assert lengths and any(len(set(l.tolist())) > 1 for l in lengths)  # really ragged
     assert all((l < 24).all() and (l > 0).all() for l in lengths)
+    assert bool(kernel_calls) == (kernel_path == "kernel")  # the path named is the path taken
 
 
 def test_ragged_decode_kernel_equals_attention_written_out():
@@ -270,9 +274,15 @@ def test_ragged_decode_kernel_equals_attention_written_out():
     with pytest.raises(RuntimeError, match="KV cache holds 9 tokens"):  # row 1 is full now
         kernels.ragged_decode_step(q_RHK, k_new, v_new, k_BLGK, v_BLGK, length_B, rows)
     assert all(torch.equal(x, y) for x, y in zip((k_BLGK, v_BLGK, length_B), before))
+    for bad in ([0, 0, 2, 3], [0, 6, 2, 3], [0, -1, 2, 3]):  # a row twice, past the batch, negative
+        with pytest.raises(ValueError, match="distinct batch rows"):
+            kernels.ragged_decode_step(q_RHK, k_new, v_new, k_BLGK, v_BLGK, length_B, torch.tensor(bad))
+        assert all(torch.equal(x, y) for x, y in zip((k_BLGK, v_BLGK, length_B), before))
     with pytest.raises(ValueError, match="key/value heads"):
         kernels.ragged_decode_step(torch.zeros(4, 3, K, dtype=torch.float64), k_new, v_new, k_BLGK, v_BLGK,
                                    length_B, rows)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        kernels.ragged_decode_step(q_RHK, k_new[:3], v_new, k_BLGK, v_BLGK, length_B, rows)
 
 
 def test_sampling_decisions_never_depend_on_future_tokens():
@@ -519,3 +529,14 @@ def test_calibration_on_decoding_lets_in_the_capacity():
     assert decoded_shares(model, prompt, feed) == [64 / 512] * 2  # 12.5 % of 32 x 16 fed tokens
     other = torch.randint(0, 64, (64, 24), generator=g), torch.randint(0, 64, (64, 16), generator=g)
     assert all(abs(share - 0.125) < 0.03 for share in decoded_shares(model, *other))
+
+
+def test_causal_routing_of_empty_batches_and_sequences():
+    """Nothing to route: no error, and no token counted as let in."""
+    model = calibrated_model("mod-debug")
+    with torch.no_grad():
+        for shape in ((0, 1), (2, 0)):
+            out = model(torch.zeros(shape, dtype=torch.long), causal_routing=True)
+            assert out.logits.shape[:2] == shape
+            counts = [a.causal_counts for _, a in out.aux if isinstance(a, MoDAux)]
+            assert counts and all(float(c[0]) == 0 for c in counts)

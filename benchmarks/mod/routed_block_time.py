@@ -1,7 +1,8 @@
 """Where a routed block's decoding call spends its time at a batch size (default 64): `bench mod`'s MoD model,
 calibrated on decoding, decodes 32 tokens after 64 prompts of 512 tokens, with wall-clock timers wrapped
 around the routed blocks and their parts (no profiler: its own overhead would dwarf the small operations).
-Microseconds per routed-block call, median of 3 passes; each part includes the parts listed under it.
+Microseconds per routed-block call, median of 3 passes; each part includes the parts listed under it; and
+the bytes of keys and values the store-and-attend step reads, with the rate that makes.
 
     python benchmarks/mod/routed_block_time.py [BATCH]
 """
@@ -50,7 +51,15 @@ def main() -> None:
         inner.attn.qkv.forward, inner.attn.out.forward = timed("qkv", inner.attn.qkv.forward), timed("out", inner.attn.out.forward)
         inner.ffn.gate_up.forward, inner.ffn.down.forward = (timed("gate_up", inner.ffn.gate_up.forward),
                                                              timed("down", inner.ffn.down.forward))
-    attention.RaggedRows.attend = timed("attend", attention.RaggedRows.attend)
+    attend = timed("attend", attention.RaggedRows.attend)
+
+    def counted_attend(rows, q, k, v):  # the keys and values the entering rows attend to, their new token included
+        c = rows.cache
+        tokens = int(c.length_B[rows.rows_R].sum()) + rows.rows_R.numel()
+        spent["attend_bytes"] += tokens * c.k_BLGK.shape[2] * c.k_BLGK.shape[3] * c.k_BLGK.element_size() * 2
+        return attend(rows, q, k, v)
+
+    attention.RaggedRows.attend = counted_attend
     steps, passes = pool.feed_BT.shape[1], []
     with torch.no_grad():
         for _ in range(4):  # the first warms up
@@ -67,6 +76,9 @@ def main() -> None:
     for label, key in PARTS:
         us = statistics.median(p[1].get(key, 0.0) for p in passes[1:]) / calls * 1e6
         print(f"{label:<52}{us:>8.0f} us")
+    read = passes[-1][1]["attend_bytes"] / calls
+    attend_s = statistics.median(p[1]["attend"] for p in passes[1:]) / calls
+    print(f"store and attend read {read / 1e6:.2f} MB of keys and values per call: {read / attend_s / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _prefill_rows(models: dict[str, MixtureLM], seq_len: int, cfg: MoDBenchConfi
 
 def _timed_row(times: dict[str, list[float]]) -> dict:
     """Each model's median seconds per call, its per-round times, and MoD's speed-up paired by round."""
-    return ({n: statistics.median(t) for n, t in times.items()} | {"rounds_s": times}
+    return ({n: statistics.median(t) for n, t in times.items()} | {"all_rounds_s": times}
             | paired_speedup(times["dense"], times["MoD"]))
 
 
@@ -174,7 +174,7 @@ def print_mod(r: dict) -> None:
           "in the same round, and `rounds` its least and greatest round)")
     flop_speedup = 1 / r["flop_ratio"]
     prefill = next(row["speedup"] for name, row in r["rows"].items() if name.startswith("prefill"))
-    print(f"FLOP speed-up {flop_speedup:.2f}x (at the capacity); prefill {prefill:.2f}x = {prefill / flop_speedup:.0%} "
+    print(f"FLOP speed-up {flop_speedup:.2f}x (at the capacity); prefill {prefill:.2f}x = {prefill / flop_speedup:.1%} "
           f"of it (goal 90 %), with {r['prefill_share']:.1%} of the prompt's tokens entering the routed blocks")
     _print_decode(r)
 
@@ -185,14 +185,14 @@ def _print_decode(r: dict) -> None:
           f"time that reading {hw['read_bytes_per_s'] / 1e9:.1f} GB/s and {hw['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
           f"allow (bench/decode_bound.py)")
     print(f"{'batch':>5}{'seqs':>6}{'dense':>10}{'bound':>10}{'MoD':>10}{'bound':>10}{'speed-up':>10}{'bound':>8}"
-          f"{'meas/bound':>12}{'rounds':>11}{'FLOPs':>8}{'meas/FLOPs':>12}")
+          f"{'meas/bound':>12}{'rounds':>15}{'FLOPs':>8}{'meas/FLOPs':>12}")
     for b, x in d["batches"].items():
         bound = x["bound_speedup"]
         print(f"{b:>5}{x['sequences']:>6}{x['dense']['tokens_per_s']:>10.1f}{x['dense']['bound_tokens_per_s']:>10.1f}"
               f"{x['MoD']['tokens_per_s']:>10.1f}{x['MoD']['bound_tokens_per_s']:>10.1f}{x['speedup']:>9.2f}x"
-              f"{bound:>7.2f}x{x['speedup'] / bound:>12.0%}"
-              f"{x['speedup_min'] / bound:>6.0%}-{x['speedup_max'] / bound:.0%}{x['flop_speedup']:>7.2f}x"
-              f"{x['speedup'] / x['flop_speedup']:>12.0%}")
+              f"{bound:>7.2f}x{x['speedup'] / bound:>12.1%}"
+              f"{x['speedup_min'] / bound:>8.1%}-{x['speedup_max'] / bound:.1%}{x['flop_speedup']:>7.2f}x"
+              f"{x['speedup'] / x['flop_speedup']:>12.1%}")
     print("routed blocks while decoding: share of tokens entering; blocks run (at least one row entered: weights "
           "read), against 1 - (1 - share)^batch; rows per run; runs for one row alone; each model's measured/bound")
     print(f"{'batch':>5}{'share':>8}{'blocks run':>12}{'expected':>10}{'rows/run':>10}{'1-row runs':>12}"

@@ -139,7 +139,7 @@ def decode_at(models: dict[str, MixtureLM], pool: Pool, batch: int, rounds: int,
         result[name] = {"tokens_per_s": tokens / statistics.median(seconds[name]),
                         "bound_tokens_per_s": tokens / bound_s, "flops_per_token": flops / tokens}
     d, mod = result["dense"], result["MoD"]
-    result["rounds_s"] = seconds
+    result["all_rounds_s"] = seconds
     result |= paired_speedup(seconds["dense"], seconds["MoD"])  # per round: a slow spell of the machine cancels
     result["bound_speedup"] = mod["bound_tokens_per_s"] / d["bound_tokens_per_s"]
     result["flop_speedup"] = d["flops_per_token"] / mod["flops_per_token"]

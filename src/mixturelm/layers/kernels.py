@@ -38,6 +38,7 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 #define PF 4  /* rows prefetched ahead */
 
 #define GATHER_DOT(NAME, T)                                                                           \
@@ -172,21 +173,33 @@ int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int
     return R;
 }
 
-/* One decoding step of a ragged cache (Mixture-of-Depths' routed blocks). Call row r is batch row rows[r]
-   (distinct): its new key and value (G, K) are written at slot length[rows[r]] of that row, the length grows
-   by one, and its one query per head attends to the row's cached tokens, its own included.
+/* One decoding step of a ragged cache (Mixture-of-Depths' routed blocks). Call row r is batch row rows[r]:
+   its new key and value (G, K) are written at slot length[rows[r]] of that row, the length grows by one, and
+   its one query per head attends to the row's cached tokens, its own included.
    q, out: (R, H, K); knew, vnew: (R, G, K); k, v: (B, L, G, K); head h reads kv head h / (H / G).
-   Returns the number of rows with no free slot (then nothing is written), or -1 when out of memory. Rows in parallel; each row's keys,
-   then its values, are read once, front to back (all heads of a token lie together): the scores of every
-   head first, then their softmax, then the weighted sum of the values. */
+   Checked before anything is written: rows in [0, B) and distinct (-2 otherwise), every row with a free slot
+   (else the number of full rows), memory for the scores (-1 otherwise); returns 0 when done. Rows in
+   parallel; each row's keys, then its values, are read once, front to back (all heads of a token lie
+   together): the scores of every head first, then their softmax, then the weighted sum of the values. */
 #define RAGGED_DECODE(NAME, T, EXP)                                                                \
 int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* length,                 \
-             const int64_t* rows, T* out, int64_t R, int64_t H, int64_t G, int64_t L, int64_t K,   \
-             double scale, int n_threads) {                                                        \
-    int64_t full = 0, rep = H / G;                                                                 \
-    int no_memory = 0;                                                                             \
-    for (int64_t r = 0; r < R; ++r) full += length[rows[r]] >= L;                                  \
+             const int64_t* rows, T* out, int64_t R, int64_t B, int64_t H, int64_t G, int64_t L,    \
+             int64_t K, double scale, int n_threads) {                                             \
+    int64_t full = 0, rep = H / G, longest = 0;                                                    \
+    char* seen = (char*)calloc(B > 0 ? B : 1, 1);                                                  \
+    if (!seen) return -1;                                                                          \
+    for (int64_t r = 0; r < R; ++r) {                                                              \
+        int64_t b = rows[r];                                                                       \
+        if (b < 0 || b >= B || seen[b]) { free(seen); return -2; }                                 \
+        seen[b] = 1;                                                                               \
+        full += length[b] >= L;                                                                    \
+        if (length[b] + 1 > longest) longest = length[b] + 1;                                      \
+    }                                                                                              \
+    free(seen);                                                                                    \
     if (full) return full;                                                                         \
+    int64_t stride = (longest + 2) * H;  /* per thread: scores (n, H), then max and sum per head */ \
+    T* scratch = (T*)malloc((size_t)(n_threads * stride) * sizeof(T));                             \
+    if (!scratch) return -1;                                                                       \
     _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")                        \
     for (int64_t r = 0; r < R; ++r) {                                                              \
         int64_t b = rows[r], n = length[b] + 1;                                                    \
@@ -199,8 +212,7 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
         length[b] = n;                                                                             \
         const T* qr = q + r * H * K;                                                               \
         T* o = out + r * H * K;                                                                    \
-        T* p = (T*)malloc((n + 2) * H * sizeof(T));  /* scores (n, H), then max and sum per head */ \
-        if (!p) { no_memory = 1; continue; }                                                       \
+        T* p = scratch + omp_get_thread_num() * stride;                                            \
         T* mx = p + n * H; T* sum = mx + H;                                                        \
         for (int64_t h = 0; h < H; ++h) { mx[h] = -(T)INFINITY; sum[h] = 0; }                      \
         for (int64_t j = 0; j < n; ++j) {                                                          \
@@ -231,9 +243,9 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
         }                                                                                          \
         for (int64_t h = 0; h < H; ++h)                                                            \
             for (int64_t d = 0; d < K; ++d) o[h * K + d] /= sum[h];                                \
-        free(p);                                                                                   \
     }                                                                                              \
-    return no_memory ? -1 : 0;                                                                     \
+    free(scratch);                                                                                 \
+    return 0;                                                                                      \
 }
 RAGGED_DECODE(ragged_decode_f32, float, expf)
 RAGGED_DECODE(ragged_decode_f64, double, exp)
@@ -274,7 +286,7 @@ def _build() -> ctypes.CDLL | None:
     for name in ("row_adam_f32", "row_adam_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 5 + [ctypes.c_int]
     for name in ("ragged_decode_f32", "ragged_decode_f64"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 5 + [ctypes.c_double, ctypes.c_int]
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_double, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int64
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
@@ -440,9 +452,12 @@ def _ragged_decode_kernel(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RG
     out = torch.empty_like(q_RHK)
     fn = library().ragged_decode_f32 if q_RHK.dtype == torch.float32 else library().ragged_decode_f64
     full = fn(q_RHK.data_ptr(), k_new_RGK.data_ptr(), v_new_RGK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(),
-              length_B.data_ptr(), rows_R.data_ptr(), out.data_ptr(), R, H, G, L, K, K ** -0.5,
+              length_B.data_ptr(), rows_R.data_ptr(), out.data_ptr(), R, B, H, G, L, K, K ** -0.5,
               torch.get_num_threads())
-    if full < 0:
+    if full == -2:
+        raise ValueError(f"the rows of a ragged decoding step must be distinct batch rows in [0, {B}); got "
+                         f"{rows_R.tolist()}")
+    if full == -1:
         raise MemoryError("no memory for the ragged decoding step's attention scores")
     if full:
         raise RuntimeError(f"KV cache holds {L} tokens; {full} row(s) asked for one more")
@@ -464,10 +479,18 @@ def ragged_decode_step(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: 
     key and value (k_new_RGK[r], v_new_RGK[r]) go to slot length_B[row], the length grows by one, and its
     query (one per head, q_RHK[r]) attends to the row's cached tokens, its own included: softmax scaled by
     1/sqrt(K), G dividing H. Returns (R, H, K). A row with no free slot raises RuntimeError, with nothing
-    written. No gradient: for decoding. The cache, lengths and rows must be contiguous (int64 lengths and rows)."""
-    H, G = q_RHK.shape[1], k_BLGK.shape[2]
+    written; rows repeated or outside the batch raise ValueError, with nothing written. No gradient: for
+    decoding. CPU tensors; the cache and lengths contiguous, lengths and rows int64."""
+    (R, H, K), (B, _, G, K_cache) = q_RHK.shape, k_BLGK.shape
     if G == 0 or H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
+    if (K_cache != K or v_BLGK.shape != k_BLGK.shape or k_new_RGK.shape != (R, G, K) or v_new_RGK.shape != (R, G, K)
+            or rows_R.shape != (R,) or length_B.shape != (B,)):
+        raise ValueError(f"ragged decoding step: shapes do not agree (query {tuple(q_RHK.shape)}, new keys "
+                         f"{tuple(k_new_RGK.shape)}, values {tuple(v_new_RGK.shape)}, cache {tuple(k_BLGK.shape)} "
+                         f"and {tuple(v_BLGK.shape)}, lengths {tuple(length_B.shape)}, rows {tuple(rows_R.shape)})")
+    if not all(t.device.type == "cpu" for t in (q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, length_B, rows_R)):
+        raise ValueError("the ragged decoding step's kernel runs on CPU tensors only")
     if not (k_BLGK.is_contiguous() and v_BLGK.is_contiguous() and length_B.is_contiguous()):
         raise ValueError("the ragged cache's keys, values and lengths must be contiguous")
     if length_B.dtype != torch.int64 or rows_R.dtype != torch.int64:

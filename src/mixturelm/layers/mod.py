@@ -207,18 +207,30 @@ class MoD(nn.Module):
         mine = self._causal_losses(x_BTD, r_BT, idx_BC) if torch.is_grad_enabled() else MoDAux()
         return x_out, block_aux + [mine]
 
+    @staticmethod
+    def _causal_statistics(enter_BT: torch.Tensor, rows_R: torch.Tensor) -> MoDAux:
+        """The share of tokens let in, and (let in, tokens) in float64 for evaluation to sum, on the tokens'
+        device. Decoding (one token per row) knows the count once the rows are found: two small tensors from
+        numbers, where five ops on the mask cost more at every routed block and step."""
+        B, T = enter_BT.shape
+        device = enter_BT.device
+        if T == 1 and B > 0:
+            n = rows_R.numel()
+            return MoDAux(causal_fraction=torch.tensor(n / B, dtype=torch.float32, device=device),
+                          causal_counts=torch.tensor([n, B], dtype=torch.float64, device=device))
+        entered = enter_BT.sum().double()  # no wait for the device: evaluation sums these
+        return MoDAux(causal_fraction=enter_BT.float().mean().detach(),
+                      causal_counts=torch.stack([entered, torch.full_like(entered, enter_BT.numel())]))
+
     def _forward_causal(self, x_BTD, r_BT, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         B, T, D = x_BTD.shape
         enter_BT = self.causal_enter(x_BTD, r_BT)
         count_B = enter_BT.sum(1)
-        rows_R = count_B.nonzero().squeeze(1)  # waits for the device anyway: the counts below may too
-        count_R = count_B[rows_R]
-        entered = rows_R.numel() if T == 1 else int(count_R.sum())
-        # two small tensors from numbers, not five ops on the mask: decoding runs this at every routed block
-        mine = MoDAux(causal_fraction=torch.tensor(entered / (B * T), dtype=torch.float32, device=x_BTD.device),
-                      causal_counts=torch.tensor([entered, B * T], dtype=torch.float64, device=x_BTD.device))
+        rows_R = count_B.nonzero().squeeze(1)
+        mine = self._causal_statistics(enter_BT, rows_R)
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, [mine]
+        count_R = count_B[rows_R]
         all_rows = rows_R.numel() == B
         x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
         view = cache.rows(rows_R, count_R) if cache is not None else None
