@@ -2,7 +2,9 @@
 (mixturelm's first path), each row attending to its own cached tokens in place with one
 scaled_dot_product_attention call per row (the second), and the fused kernel that does every row in one
 call, writing each row's new key and value too (layers/kernels.py, mixturelm's path on CPU). 8 of 64 rows entering, with short (60-80 cached tokens)
-and long (250-320) rows; median of 9 rounds of 20 calls, alternating; torch's default threads.
+and long (250-320) rows; median of 9 rounds of 20 calls, alternating; torch's default threads. Each call
+reads the same rows, which then sit in the processor's caches: the rates are each path's best, not what a
+decoding step reading them from memory gets (benchmarks/mod/routed_block_time.py measures that).
 
     python benchmarks/mod/ragged_decode_attention.py
 """
