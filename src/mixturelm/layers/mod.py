@@ -210,11 +210,12 @@ class MoD(nn.Module):
     @staticmethod
     def _causal_statistics(enter_BT: torch.Tensor, rows_R: torch.Tensor) -> MoDAux:
         """The share of tokens let in, and (let in, tokens) in float64 for evaluation to sum, on the tokens'
-        device. Decoding (one token per row) knows the count once the rows are found: two small tensors from
-        numbers, where five ops on the mask cost more at every routed block and step."""
+        device. Decoding on CPU (one token per row) knows the count once the rows are found: two small tensors
+        from numbers, where five ops on the mask cost more at every routed block and step (on a GPU those ops
+        are queued without waiting, and numbers would be copied to it)."""
         B, T = enter_BT.shape
         device = enter_BT.device
-        if T == 1 and B > 0:
+        if T == 1 and B > 0 and device.type == "cpu":
             n = rows_R.numel()
             return MoDAux(causal_fraction=torch.tensor(n / B, dtype=torch.float32, device=device),
                           causal_counts=torch.tensor([n, B], dtype=torch.float64, device=device))
