@@ -20,6 +20,7 @@ from torch import nn
 from .config import NO_WRAPPER, BlockSpec, ModelConfig
 from .layers.attention import Attention, LayerKVCache, rope_angles
 from .layers.auxiliary import Aux
+from .layers.linear import Linear, linear
 from .mechanisms import registry
 
 
@@ -125,7 +126,7 @@ class MixtureLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(build_block(config.block_spec(i), config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings else Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,7 +166,7 @@ class MixtureLM(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
+        logits = linear(x, self.embed.weight) if self.head is None else self.head(x)
         out = ModelOutput(logits=logits, aux=aux)
         losses = [(name, v) for _, a in aux for name, v in a.losses.items()]
         if losses:

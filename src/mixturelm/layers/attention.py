@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .linear import Linear
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
@@ -222,8 +223,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = n_heads, kv_heads, head_dim or d_model // n_heads
         # One fused projection for q, k and v: one matmul instead of three.
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
-        self.out = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qkv = Linear(d_model, (n_heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
+        self.out = Linear(n_heads * self.head_dim, d_model, bias=False)
         self.qk_norm = qk_norm
         if qk_norm != "none":
             per_head = qk_norm == "head"

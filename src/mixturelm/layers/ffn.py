@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .auxiliary import Aux
+from .linear import Linear
 
 
 class SwiGLUActivation(torch.autograd.Function):
@@ -55,8 +56,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__()
         self.d_hidden = d_hidden
-        self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=False)
-        self.down = nn.Linear(d_hidden, d_model, bias=False)
+        self.gate_up = Linear(d_model, 2 * d_hidden, bias=False)
+        self.down = Linear(d_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Aux]:
         return self.down(swiglu_activation(self.gate_up(x))), Aux()

@@ -38,6 +38,7 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <omp.h>
 #define PF 4  /* rows prefetched ahead */
 
@@ -249,6 +250,114 @@ int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* leng
 }
 RAGGED_DECODE(ragged_decode_f32, float, expf)
 RAGGED_DECODE(ragged_decode_f64, double, exp)
+
+/* Decoding's weight products: y (M, N) = x (M, K) w (N, K)^T (+ bias), float32, for a few rows M. At a few
+   rows torch's CPU matmul reads a weight at a third to a half of the memory's rate. Each thread takes its share
+   of w four rows at a time: it prefetches the next four rows into L2 while it takes the current four rows'
+   dot products with every row of x, four rows of x at a time (sixteen vector accumulators, eight loads per
+   sixteen fused multiply-adds), and sums each accumulator's lanes with a tree of shuffles, which gives the
+   sixteen results in vectors instead of sixteen horizontal sums (those cost as much as the products). */
+#if defined(__AVX512F__)
+#define FR_BYTES 64
+#elif defined(__AVX__)
+#define FR_BYTES 32
+#else
+#define FR_BYTES 16
+#endif
+#define FR_LANES (FR_BYTES / 4)
+typedef float fr_vec __attribute__((vector_size(FR_BYTES)));
+typedef int32_t fr_ivec __attribute__((vector_size(FR_BYTES)));
+
+static inline fr_vec fr_load(const float* p) { fr_vec v; memcpy(&v, p, FR_BYTES); return v; }
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* One level of the tree: lanes in blocks of 2s, the first s of each block the pairwise sums of a's lanes, the
+   next s those of b's. After log2(lanes) levels over `lanes` vectors, lane i holds the sum of vector i. */
+static inline __attribute__((always_inline)) fr_vec fr_fold(fr_vec a, fr_vec b, int s) {
+    fr_ivec lo, hi;
+    for (int i = 0; i < FR_LANES; ++i) {
+        int base = i / (2 * s) * 2 * s, off = i % (2 * s);
+        lo[i] = off < s ? base + off : FR_LANES + base + off - s;
+        hi[i] = off < s ? base + s + off : FR_LANES + base + off;
+    }
+    return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+/* out[i] = the sum of acc[i]'s lanes, i < 16; every level's s a constant, so that the masks are */
+static inline __attribute__((always_inline)) void fr_sum_lanes(fr_vec* acc, float* out) {
+    for (int g = 0; g < 16; g += FR_LANES) {
+        fr_vec* v = acc + g;
+        for (int i = 0; i < FR_LANES / 2; ++i) v[i] = fr_fold(v[2 * i], v[2 * i + 1], 1);
+        for (int i = 0; i < FR_LANES / 4; ++i) v[i] = fr_fold(v[2 * i], v[2 * i + 1], 2);
+#if FR_LANES >= 8
+        for (int i = 0; i < FR_LANES / 8; ++i) v[i] = fr_fold(v[2 * i], v[2 * i + 1], 4);
+#endif
+#if FR_LANES >= 16
+        v[0] = fr_fold(v[0], v[1], 8);
+#endif
+        memcpy(out + g, &v[0], FR_BYTES);
+    }
+}
+#else
+static inline void fr_sum_lanes(fr_vec* acc, float* out) {
+    for (int i = 0; i < 16; ++i) { float s = 0; for (int l = 0; l < FR_LANES; ++l) s += acc[i][l]; out[i] = s; }
+}
+#endif
+
+/* rows n..n+3 of w against rows m..m+MB-1 of x: y[m + i, n + j], accumulator i * 4 + j */
+static inline __attribute__((always_inline)) void fr_tile(const float* x, const float* w, const float* bias,
+                                                          float* y, int MB, int64_t N, int64_t K,
+                                                          const float* next) {
+    fr_vec acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = (fr_vec){0};
+    int64_t k = 0;
+    for (; k + FR_LANES <= K; k += FR_LANES) {
+        if (next && k % 16 == 0)  /* one prefetch per 64-byte line of each next row */
+            for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * K + k, 0, 1);
+        fr_vec w0 = fr_load(w + k), w1 = fr_load(w + K + k), w2 = fr_load(w + 2 * K + k), w3 = fr_load(w + 3 * K + k);
+        for (int i = 0; i < MB; ++i) {
+            fr_vec u = fr_load(x + i * K + k);
+            acc[i * 4] += u * w0; acc[i * 4 + 1] += u * w1; acc[i * 4 + 2] += u * w2; acc[i * 4 + 3] += u * w3;
+        }
+    }
+    float s[16];
+    fr_sum_lanes(acc, s);
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < 4; ++j) {
+            float t = s[i * 4 + j];
+            for (int64_t r = k; r < K; ++r) t += x[i * K + r] * w[j * K + r];
+            y[i * N + j] = bias ? t + bias[j] : t;
+        }
+}
+
+void few_row_linear_f32(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
+                        int64_t K, int n_threads) {
+    int64_t tiles = N / 4;
+    _Pragma("omp parallel num_threads(n_threads)")
+    {
+        _Pragma("omp for schedule(static) nowait")
+        for (int64_t t = 0; t < tiles; ++t) {
+            const float* wt = w + t * 4 * K;
+            const float* next = t + 1 < tiles ? wt + 4 * K : 0;  /* the first pass over x reads w from memory */
+            const float* bt = bias ? bias + t * 4 : 0;
+            for (int64_t m = 0; m < M; m += 4, next = 0) {
+                const float* xm = x + m * K; float* ym = y + m * N + t * 4;
+                switch (M - m) {  /* a constant MB each, so that the accumulators stay in registers */
+                case 1: fr_tile(xm, wt, bt, ym, 1, N, K, next); break;
+                case 2: fr_tile(xm, wt, bt, ym, 2, N, K, next); break;
+                case 3: fr_tile(xm, wt, bt, ym, 3, N, K, next); break;
+                default: fr_tile(xm, wt, bt, ym, 4, N, K, next);
+                }
+            }
+        }
+        _Pragma("omp for schedule(static)")
+        for (int64_t n = tiles * 4; n < N; ++n)  /* the last N % 4 rows of w */
+            for (int64_t m = 0; m < M; ++m) {
+                float t = 0;
+                for (int64_t r = 0; r < K; ++r) t += x[m * K + r] * w[n * K + r];
+                y[m * N + n] = bias ? t + bias[n] : t;
+            }
+    }
+}
 """
 
 _lib: ctypes.CDLL | None = None
@@ -288,6 +397,7 @@ def _build() -> ctypes.CDLL | None:
     for name in ("ragged_decode_f32", "ragged_decode_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_double, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int64
+    lib.few_row_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -499,3 +609,14 @@ def ragged_decode_step(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: 
     return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(dtype).contiguous(),
                  k_new_RGK.to(dtype).contiguous(), v_new_RGK.to(dtype).contiguous(), k_BLGK, v_BLGK, length_B,
                  rows_R.contiguous())
+
+
+def few_row_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x_MK, weight_NK, bias_N) for contiguous CPU float32 tensors, reading the weight once from memory:
+    decoding's products of a few rows (layers/linear.py says when it is used)."""
+    M, K = x_MK.shape
+    N = weight_NK.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    library().few_row_linear_f32(x_MK.data_ptr(), weight_NK.data_ptr(), None if bias_N is None else bias_N.data_ptr(),
+                                 y.data_ptr(), M, N, K, torch.get_num_threads())
+    return y

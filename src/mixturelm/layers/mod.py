@@ -295,10 +295,14 @@ class MoD(nn.Module):
         self.threshold.copy_(self._score_quantile(score_N.flatten().float()))
 
     def _score_quantile(self, score_N: torch.Tensor) -> torch.Tensor:
-        """The (1 - capacity) quantile: the threshold above which a `capacity` share of the scores lie."""
+        """The (1 - capacity) quantile: the threshold above which a `capacity` share of the scores lie. Halfway
+        between the k-th and the next score, not on the k-th: the same token computed another way (decoding's
+        few-row products sum in another order than a whole sequence's) differs in the last bits, and a
+        threshold on a score would let that token in or not by chance."""
         n = score_N.numel()
         k = min(n, max(1, round((1 - self.capacity) * n)))
-        return score_N.kthvalue(k).values.float()
+        low = score_N.kthvalue(k).values.float()
+        return low if k == n else (low + score_N.kthvalue(k + 1).values.float()) / 2
 
     @torch.no_grad()
     def after_optimizer_step(self, reduce=None) -> None:

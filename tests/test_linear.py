@@ -1,0 +1,120 @@
+"""Decoding's few-row weight products: kernels.few_row_linear against a float64 sum written out here, and when
+layers.Linear takes it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixturelm.layers import kernels
+from mixturelm.layers.linear import FEW_ROWS, Linear, linear
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the CPU kernels are not built")
+
+
+def reference(x, w, b=None):
+    """y[m, n] = sum_k x[m, k] w[n, k] + b[n] in float64, every product formed on its own, and the sum of
+    |x[m, k] w[n, k]| that bounds the rounding of any float32 order of summation."""
+    terms = x.double()[:, None, :] * w.double()[None, :, :]
+    y = terms.sum(-1) + (0 if b is None else b.double())
+    return y, terms.abs().sum(-1) + (0 if b is None else b.double().abs())
+
+
+def assert_float32_close(y, x, w, b=None):
+    want, scale = reference(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    # float32 rounding of a K-term sum stays under K * 2^-24 of the summed magnitudes; a mixed-up row, lane or
+    # tail would be off by the size of a whole term
+    err = (y.double() - want).abs()
+    assert bool((err <= (x.shape[1] + 2) * 2.0 ** -24 * scale + 1e-30).all()), float((err / scale).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 32])  # whole tiles of four rows of x, and every remainder
+@pytest.mark.parametrize("N", [4, 7, 149])  # whole blocks of four weight rows, a tail of three, many blocks
+@pytest.mark.parametrize("K", [16, 19, 69])  # whole vectors (4, 8 or 16 lanes), and tails of scalars
+def test_few_row_kernel_equals_the_written_out_sum(M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x, w, b = (torch.randn(s, generator=g) for s in ((M, K), (N, K), (N,)))
+    assert_float32_close(kernels.few_row_linear(x, w), x, w)
+    assert_float32_close(kernels.few_row_linear(x, w, b), x, w, b)
+
+
+@needs_kernel
+def test_few_row_kernel_at_a_block_shape_and_threads():
+    """A dense-medium block's gate-and-up weight, split between threads as torch's setting says."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 512, generator=g), torch.randn(2816, 512, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert_float32_close(kernels.few_row_linear(x, w), x, w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_linear_is_nn_linear_to_everything_else():
+    torch.manual_seed(0)
+    ours, theirs = Linear(24, 12, bias=True), nn.Linear(24, 12, bias=True)
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 24, requires_grad=True)
+    ours(x).sum().backward()  # training: F.linear, gradients as nn.Linear's
+    assert ours.weight.grad is not None and x.grad is not None
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many products went through the kernel."""
+    calls = []
+    real = kernels.few_row_linear
+    monkeypatch.setattr(kernels, "few_row_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@needs_kernel
+def test_linear_takes_the_kernel_at_few_rows_without_autograd(kernel_calls):
+    layer = Linear(24, 12, bias=True)
+    rows = [FEW_ROWS[0] - 1, FEW_ROWS[0], FEW_ROWS[-1], FEW_ROWS[-1] + 1]
+    with torch.no_grad():
+        for n in rows:
+            x = torch.randn(1, n, 24)
+            y = layer(x)
+            assert y.shape == (1, n, 12)
+            assert_float32_close(y.view(n, 12), x.view(n, 24), layer.weight, layer.bias)
+    assert kernel_calls == [(FEW_ROWS[0], 24), (FEW_ROWS[-1], 24)]
+
+
+@needs_kernel
+def test_linear_leaves_to_torch_what_the_kernel_does_not_do(kernel_calls):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer, x = Linear(24, 12), torch.randn(4, 24)
+    y = layer(x)  # the weight needs a gradient
+    assert y.grad_fn is not None
+    with torch.no_grad():
+        layer.double()(x.double())  # float64: torch
+        layer.float()
+        torch.testing.assert_close(layer(x.bfloat16().float()), F.linear(x.bfloat16().float(), layer.weight, layer.bias))
+        strided = torch.randn(24, 12).t()  # a transposed weight would be copied whole at every call
+        linear(x, strided)
+        with FlopCounterMode(display=False) as counter:  # the FLOP counter must see the product
+            linear(x, layer.weight)
+        assert counter.get_total_flops() == 2 * 4 * 24 * 12
+    assert kernel_calls == [(4, 24)]  # only the bfloat16-valued float32 call
+
+
+def test_linear_without_kernels_is_f_linear(monkeypatch, kernel_calls):
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    layer, x = Linear(24, 12), torch.randn(4, 24)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert kernel_calls == []
+
+
+def test_linear_compiles_to_torch_ops():
+    layer, x = Linear(24, 12), torch.randn(4, 24)
+    with torch.no_grad():
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
