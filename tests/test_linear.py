@@ -118,3 +118,24 @@ def test_linear_compiles_to_torch_ops():
     with torch.no_grad():
         compiled = torch.compile(layer, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tie", [True, False])
+def test_float32_decoding_through_the_kernel_equals_recompute(tie, kernel_calls):
+    """A float32 model decodes 3 rows at a time through the kernel (attention, FFN and head: tied or not) and
+    gives the logits of recomputing the whole sequence, to float32 rounding."""
+    from mixturelm import MixtureLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = MixtureLM(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ffn=48, max_seq_len=32,
+                                  tie_embeddings=tie)).eval()
+    idx = torch.randint(0, 61, (3, 20))
+    with torch.no_grad():
+        want = model(idx).logits
+        kernel_calls.clear()
+        cache = model.new_cache(3, 20)
+        got = [model(idx[:, :12], cache=cache).logits]
+        got += [model(idx[:, t:t + 1], cache=cache).logits for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 8 * (2 * 4 + 1)  # per step: 4 products in each of 2 blocks, and the head

@@ -285,6 +285,24 @@ def test_ragged_decode_kernel_equals_attention_written_out():
         kernels.ragged_decode_step(q_RHK, k_new[:3], v_new, k_BLGK, v_BLGK, length_B, rows)
 
 
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the CPU kernels are not built here")
+def test_ragged_decoding_takes_the_kernel_only_where_it_computes_the_same():
+    """The fused step serves a float32/float64 cache without autograd and with no dispatch mode watching; a
+    bfloat16 cache, a query that carries a gradient, or FlopCounterMode get the PyTorch ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mixturelm.layers.attention import RaggedKVCache, _decoding_kernel_fits
+
+    q = torch.randn(2, 4, 1, 8)
+    cache = RaggedKVCache(3, 2, 8, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        assert _decoding_kernel_fits(q, cache)
+        assert not _decoding_kernel_fits(q.bfloat16(), RaggedKVCache(3, 2, 8, 16, "cpu", torch.bfloat16))
+        with FlopCounterMode(display=False):
+            assert not _decoding_kernel_fits(q, cache)
+    assert _decoding_kernel_fits(q, cache)  # gradients on, but nothing needs one
+    assert not _decoding_kernel_fits(q.requires_grad_(), cache)
+
 def test_sampling_decisions_never_depend_on_future_tokens():
     model = calibrated_model("mod-debug", capacity=0.25)
     torch.manual_seed(3)
