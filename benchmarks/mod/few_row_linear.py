@@ -1,15 +1,16 @@
 """Decoding's weight products on CPU: mixturelm's few-row kernel (kernels.few_row_linear) against torch's
 F.linear, side by side, at 1 to 64 rows, for the four weights of a `dense-medium` block (512 wide, FFN 1408,
-fp32). Each product cycles through a whole 8-block model's worth of its weight (copies, 24-46 MB per shape;
-the four shapes together 103 MB, as one decoding step reads them), so weights come from memory, not cache;
-torch's default threads. Microseconds per call, the weight bytes per second they make, and torch / ours.
-layers/linear.py uses the kernel at the rows where it wins here.
+fp32). Each product cycles through 256 MB of copies of its weight, more than the processor's caches hold, so
+that every call reads its weight from memory, as a decoding step does (a whole model's weights pass between two
+uses of one); torch's default threads; the least of five alternating passes. Microseconds per call, the weight
+bytes per second they make, and torch / ours. layers/linear.py uses the kernel at the rows where it wins here.
 
     python benchmarks/mod/few_row_linear.py
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -35,8 +36,8 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32; us per call (GB/s of weight)")
     for label, shape in SHAPES.items():
-        weights = [torch.randn(*shape) for _ in range(32)]  # 8 blocks' worth, four times over
-        mb = weights[0].numel() * 4 / 1e6
+        mb = shape[0] * shape[1] * 4 / 1e6
+        weights = [torch.randn(*shape) for _ in range(math.ceil(256 * 2**20 / 1e6 / mb))]
         print(label)
         for rows in ROWS:
             x = torch.randn(rows, shape[1])
