@@ -144,8 +144,9 @@ class RaggedKVCache:
         self.v_BLGK = torch.zeros_like(self.k_BLGK)
         self.length_B = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def rows(self, rows_R: torch.Tensor, count_R: torch.Tensor) -> RaggedRows:
-        """The view a block call writes through: batch rows rows_R, of which row r brings count_R[r] tokens."""
+    def rows(self, rows_R: torch.Tensor, count_R: torch.Tensor | int) -> RaggedRows:
+        """The view a block call writes through: batch rows rows_R, of which row r brings count_R[r] tokens
+        (an int: that many from every row)."""
         return RaggedRows(self, rows_R, count_R)
 
 
@@ -154,7 +155,7 @@ class RaggedRows:
     count_R[r] real tokens come first, in order, then padding. Padding is written past the row's end
     (the next real token overwrites it) and, coming after every real token, is never attended by one."""
 
-    def __init__(self, cache: RaggedKVCache, rows_R: torch.Tensor, count_R: torch.Tensor) -> None:
+    def __init__(self, cache: RaggedKVCache, rows_R: torch.Tensor, count_R: torch.Tensor | int) -> None:
         self.cache, self.rows_R, self.count_R = cache, rows_R, count_R
 
     def attend(self, q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor) -> torch.Tensor:

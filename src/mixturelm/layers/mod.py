@@ -231,13 +231,13 @@ class MoD(nn.Module):
         mine = self._causal_statistics(enter_BT, rows_R)
         if rows_R.numel() == 0:  # nobody enters: the block costs only the router
             return x_BTD, [mine]
-        count_R = count_B[rows_R]
+        count_R = count_B[rows_R] if T > 1 else 1  # decoding: one token from each entering row
         all_rows = rows_R.numel() == B
         x_RTD, r_RT = (x_BTD, r_BT) if all_rows else (x_BTD[rows_R], r_BT[rows_R])
         view = cache.rows(rows_R, count_R) if cache is not None else None
         if T == 1:  # decoding: the entering rows' one token each, no compaction to do
             f_RTD, block_aux = self._branch(x_RTD, rope, view)
-            y_RTD = x_RTD + self.branch_weights(r_RT)[..., None].to(f_RTD.dtype) * f_RTD
+            y_RTD = torch.addcmul(x_RTD, self.branch_weights(r_RT)[..., None].to(f_RTD.dtype), f_RTD)
         else:
             C = int(count_R.max())
             # entering tokens first, in order, then the others as padding (weight 0, never attended)

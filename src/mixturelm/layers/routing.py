@@ -71,6 +71,8 @@ def top_k_assignments(chosen_TK: torch.Tensor, weights_TK: torch.Tensor, E: int)
 def fp32_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """x W^T in float32 or wider (float64 stays float64), outside any autocast."""
     dtype = torch.promote_types(x_TD.dtype, torch.float32)
+    if not torch.is_autocast_enabled(x_TD.device.type):  # entering the context costs more than a decoding step's product
+        return F.linear(x_TD.to(dtype), w_ED.to(dtype))
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
         return F.linear(x_TD.to(dtype), w_ED.to(dtype))
 
