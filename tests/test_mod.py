@@ -227,7 +227,7 @@ def test_model_decode_with_ragged_cache_equals_recompute(preset, causal, kernel_
     idx = torch.randint(0, 257, (3, 24))
     kernel_calls = []
     step = kernels.ragged_decode_step
-    monkeypatch.setattr(kernels, "ragged_decode_step", lambda *a: kernel_calls.append(1) or step(*a))
+    monkeypatch.setattr(kernels, "ragged_decode_step", lambda *a, **k: kernel_calls.append(1) or step(*a, **k))
     with torch.no_grad():
         want = model(idx, causal_routing=True).logits
         cache = model.new_cache(3, 24)

@@ -163,7 +163,7 @@ class RaggedRows:
         R, C = q_RHCK.shape[0], q_RHCK.shape[2]
         if C == 1 and _decoding_kernel_fits(q_RHCK, c):  # one token per row: store, grow, attend in one call
             return kernels.ragged_decode_step(q_RHCK[:, :, 0], k_RGCK[:, :, 0], v_RGCK[:, :, 0], c.k_BLGK, c.v_BLGK,
-                                              c.length_B, rows)[:, :, None]
+                                              c.length_B, rows, check=False)[:, :, None]
         start_R = c.length_B[rows]
         slot_RC = start_R[:, None] + torch.arange(C, device=rows.device)
         end = int(slot_RC[:, -1].max()) + 1

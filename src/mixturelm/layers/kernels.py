@@ -584,13 +584,26 @@ def _(q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, length_B, rows_R):
 
 
 def ragged_decode_step(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: torch.Tensor, k_BLGK: torch.Tensor,
-                       v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+                       v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor,
+                       check: bool = True) -> torch.Tensor:
     """One decoding step of a ragged (B, L, G, K) cache, in place: for each distinct batch row rows_R[r], its new
     key and value (k_new_RGK[r], v_new_RGK[r]) go to slot length_B[row], the length grows by one, and its
     query (one per head, q_RHK[r]) attends to the row's cached tokens, its own included: softmax scaled by
     1/sqrt(K), G dividing H. Returns (R, H, K). A row with no free slot raises RuntimeError, with nothing
     written; rows repeated or outside the batch raise ValueError, with nothing written. No gradient: for
-    decoding. CPU tensors; the cache and lengths contiguous, lengths and rows int64."""
+    decoding. CPU tensors; the cache and lengths contiguous, lengths and rows int64. check=False skips the
+    checks of shapes, devices, layouts and dtypes, for a caller that built them so (RaggedRows.attend: in the
+    middle of a decoding step every Python statement costs); rows and free slots are checked by the kernel
+    either way."""
+    if check:
+        _check_ragged_decode_step(q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, length_B, rows_R)
+    dtype = k_BLGK.dtype
+    return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(dtype).contiguous(),
+                 k_new_RGK.to(dtype).contiguous(), v_new_RGK.to(dtype).contiguous(), k_BLGK, v_BLGK, length_B,
+                 rows_R.contiguous())
+
+
+def _check_ragged_decode_step(q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, length_B, rows_R) -> None:
     (R, H, K), (B, _, G, K_cache) = q_RHK.shape, k_BLGK.shape
     if G == 0 or H % G:
         raise ValueError(f"{H} query heads cannot share {G} key/value heads")
@@ -605,10 +618,6 @@ def ragged_decode_step(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RGK: 
         raise ValueError("the ragged cache's keys, values and lengths must be contiguous")
     if length_B.dtype != torch.int64 or rows_R.dtype != torch.int64:
         raise ValueError("the ragged cache's lengths and the rows must be int64")
-    dtype = k_BLGK.dtype
-    return _call(_ragged_decode_op, _ragged_decode_kernel, q_RHK.to(dtype).contiguous(),
-                 k_new_RGK.to(dtype).contiguous(), v_new_RGK.to(dtype).contiguous(), k_BLGK, v_BLGK, length_B,
-                 rows_R.contiguous())
 
 
 def few_row_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
