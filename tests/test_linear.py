@@ -54,7 +54,7 @@ def test_few_row_kernel_at_a_block_shape_and_threads():
         torch.set_num_threads(threads)
 
 
-def test_linear_is_nn_linear_to_everything_else():
+def test_linear_keeps_nn_linear_parameters_and_training():
     torch.manual_seed(0)
     ours, theirs = Linear(24, 12, bias=True), nn.Linear(24, 12, bias=True)
     assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
@@ -105,6 +105,49 @@ def test_linear_leaves_to_torch_what_the_kernel_does_not_do(kernel_calls):
     assert kernel_calls == [(4, 24)]  # only the bfloat16-valued float32 call
 
 
+@needs_kernel
+def test_linear_refuses_and_broadcasts_as_f_linear_does(kernel_calls):
+    """Shapes F.linear refuses raise as F.linear raises; a bias it broadcasts is broadcast; nothing is read out of
+    bounds by the kernel."""
+    w = torch.randn(6, 8)
+    with torch.no_grad():
+        for x, weight, bias in [(torch.randn(4, 5), w, None), (torch.randn(4, 8), w, torch.randn(3)),
+                                (torch.randn(4, 9), w, None)]:
+            with pytest.raises(RuntimeError):
+                F.linear(x, weight, bias)
+            with pytest.raises(RuntimeError):
+                linear(x, weight, bias)
+        x = torch.randn(4, 8)
+        for bias in (torch.tensor(0.5), torch.tensor([0.5])):
+            torch.testing.assert_close(linear(x, w, bias), F.linear(x, w, bias))
+        vector = torch.randn(8)  # a 1-d weight: F.linear gives one number per row
+        torch.testing.assert_close(linear(x, vector), F.linear(x, vector))
+        assert linear(x, vector).shape == (4,)
+    assert kernel_calls == []
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_linear_leaves_transforms_and_autocast_to_torch(kernel_calls):
+    """Under autocast F.linear computes in bfloat16, under forward-mode AD it carries tangents, under vmap and
+    jit.trace its tensors have no storage or must be recorded: the kernel must not run there."""
+    import torch.autograd.forward_ad as fwAD
+
+    w, x = torch.randn(6, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear(x, w).dtype == F.linear(x, w).dtype == torch.bfloat16
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(linear(fwAD.make_dual(x, torch.ones_like(x)), w)).tangent
+        torch.testing.assert_close(tangent, F.linear(torch.ones_like(x), w))
+        batched = torch.func.vmap(lambda xs: linear(xs, w))(torch.randn(3, 4, 8))
+        assert batched.shape == (3, 4, 6)
+        traced = torch.jit.trace(lambda xs: linear(xs, w), (x,), check_trace=False)  # its check reruns untraced
+        other = torch.randn(4, 8)
+        torch.testing.assert_close(traced(other), F.linear(other, w))
+    assert kernel_calls == []
+
+
 def test_linear_without_kernels_is_f_linear(monkeypatch, kernel_calls):
     monkeypatch.setattr(kernels, "library", lambda: None)
     layer, x = Linear(24, 12), torch.randn(4, 24)
@@ -139,3 +182,28 @@ def test_float32_decoding_through_the_kernel_equals_recompute(tie, kernel_calls)
         got += [model(idx[:, t:t + 1], cache=cache).logits for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-5, atol=1e-5)
     assert len(kernel_calls) == 8 * (2 * 4 + 1)  # per step: 4 products in each of 2 blocks, and the head
+
+
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx"]], ids=["avx2", "sse"])
+def test_few_row_kernel_narrower_vector_builds(flags, tmp_path):
+    """The same source built for 8-lane (AVX/AVX2) and 4-lane (SSE) vectors, as it is on processors without
+    AVX-512, against the written-out sum: the lane-sum tree has one level fewer each time."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler for x86-64")
+    so = tmp_path / "narrow.so"
+    subprocess.run([compiler, "-O3", "-march=native", *flags, "-fopenmp", "-fPIC", "-shared", "-x", "c", "-",
+                    "-o", str(so)], input=kernels.SOURCE, text=True, check=True, capture_output=True)
+    fn = ctypes.CDLL(str(so)).few_row_linear_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    g = torch.Generator().manual_seed(7)
+    for M, N, K in [(1, 4, 16), (3, 7, 19), (5, 9, 8), (8, 149, 69), (33, 13, 3)]:
+        x, w, b = (torch.randn(s, generator=g) for s in ((M, K), (N, K), (N,)))
+        y = torch.empty(M, N)
+        fn(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, 2)
+        assert_float32_close(y, x, w, b)

@@ -293,15 +293,22 @@ def test_ragged_decoding_takes_the_kernel_only_where_it_computes_the_same():
 
     from mixturelm.layers.attention import RaggedKVCache, _decoding_kernel_fits
 
-    q = torch.randn(2, 4, 1, 8)
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 1, 8)
     cache = RaggedKVCache(3, 2, 8, 16, "cpu", torch.float32)
     with torch.no_grad():
-        assert _decoding_kernel_fits(q, cache)
-        assert not _decoding_kernel_fits(q.bfloat16(), RaggedKVCache(3, 2, 8, 16, "cpu", torch.bfloat16))
+        assert _decoding_kernel_fits(q, k, k, cache)
+        assert not _decoding_kernel_fits(q.bfloat16(), k.bfloat16(), k.bfloat16(),
+                                         RaggedKVCache(3, 2, 8, 16, "cpu", torch.bfloat16))
         with FlopCounterMode(display=False):
-            assert not _decoding_kernel_fits(q, cache)
-    assert _decoding_kernel_fits(q, cache)  # gradients on, but nothing needs one
-    assert not _decoding_kernel_fits(q.requires_grad_(), cache)
+            assert not _decoding_kernel_fits(q, k, k, cache)
+        # shapes the cache does not hold: the PyTorch path, which raises as PyTorch does
+        assert not _decoding_kernel_fits(q, torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), cache)
+        assert not _decoding_kernel_fits(q[..., :4], k[..., :4], k[..., :4], cache)
+        assert not _decoding_kernel_fits(torch.randn(2, 4, 2, 8), torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8),
+                                         cache)
+    assert _decoding_kernel_fits(q, k, k, cache)  # gradients on, but nothing needs one
+    assert not _decoding_kernel_fits(q.requires_grad_(), k, k, cache)
+
 
 def test_sampling_decisions_never_depend_on_future_tokens():
     model = calibrated_model("mod-debug", capacity=0.25)
@@ -548,6 +555,21 @@ def test_calibration_on_decoding_lets_in_the_capacity():
     other = torch.randint(0, 64, (64, 24), generator=g), torch.randint(0, 64, (64, 16), generator=g)
     assert all(abs(share - 0.125) < 0.03 for share in decoded_shares(model, *other))
 
+
+def test_calibrated_threshold_sits_between_two_scores():
+    """Halfway between the k-th score and the next, so that a score computed in another order of summation does
+    not cross it by rounding; on the k-th score where nothing lies between (ties, adjacent floats, infinities)."""
+    mod = MoD(torch.nn.Identity(), 4, capacity=0.25)
+    cases = [([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], 6.5),  # the top 2 of 8 above it
+             ([1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 9.0], 3.0),  # tied: the k-th score itself
+             ([0.0] * 5 + [1.0, float(torch.nextafter(torch.tensor(1.0), torch.tensor(2.0))), 5.0], 1.0),
+             ([0.0] * 5 + [1.0, float("inf"), float("inf")], 1.0),
+             ([0.0] * 5 + [3e38, 3.4e38, 3.4e38], 3.2e38)]  # no overflow on the way
+    for scores, want in cases:
+        mod.set_threshold_from(torch.tensor(scores))
+        assert float(mod.threshold) == pytest.approx(want, rel=1e-6)
+        score = torch.tensor(scores)
+        assert int((score > mod.threshold).sum()) <= 2
 
 def test_causal_routing_of_empty_batches_and_sequences():
     """Nothing to route: no error, and no token counted as let in."""

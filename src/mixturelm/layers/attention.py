@@ -161,7 +161,7 @@ class RaggedRows:
     def attend(self, q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor) -> torch.Tensor:
         c, rows = self.cache, self.rows_R
         R, C = q_RHCK.shape[0], q_RHCK.shape[2]
-        if C == 1 and _decoding_kernel_fits(q_RHCK, c):  # one token per row: store, grow, attend in one call
+        if C == 1 and _decoding_kernel_fits(q_RHCK, k_RGCK, v_RGCK, c):  # store, grow, attend in one call
             return kernels.ragged_decode_step(q_RHCK[:, :, 0], k_RGCK[:, :, 0], v_RGCK[:, :, 0], c.k_BLGK, c.v_BLGK,
                                               c.length_B, rows, check=False)[:, :, None]
         start_R = c.length_B[rows]
@@ -205,10 +205,15 @@ class RaggedRows:
         return torch.cat(ys)
 
 
-def _decoding_kernel_fits(q_RHCK: torch.Tensor, cache: RaggedKVCache) -> bool:
-    """Whether the fused ragged decoding kernel (layers/kernels.py) can serve this call: CPU, float32 or
-    float64, a contiguous cache with int64 lengths, no gradient to carry, no dispatch mode watching the ops."""
+def _decoding_kernel_fits(q_RHCK: torch.Tensor, k_RGCK: torch.Tensor, v_RGCK: torch.Tensor,
+                          cache: RaggedKVCache) -> bool:
+    """Whether the fused ragged decoding kernel (layers/kernels.py) can serve this call: one token per row, shapes
+    that agree with the cache (the kernel is called without its own checks), CPU, float32 or float64, a
+    contiguous cache with int64 lengths, no gradient to carry, no dispatch mode watching the ops."""
     k = cache.k_BLGK
+    (R, H, C, K), (G, K_cache) = q_RHCK.shape, k.shape[2:]
+    if C != 1 or K != K_cache or G == 0 or H % G or k_RGCK.shape != (R, G, 1, K) or v_RGCK.shape != k_RGCK.shape:
+        return False
     needs_grad = torch.is_grad_enabled() and (q_RHCK.requires_grad or k.requires_grad)
     return (not needs_grad and q_RHCK.dtype == k.dtype and k.is_contiguous() and cache.v_BLGK.is_contiguous()
             and cache.length_B.dtype == torch.int64 and kernels.plain_dispatch()

@@ -368,12 +368,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MIXTURELM_CACHE", Path.home() / ".cache" / "mixturelm")) / "kernels"
 
 
+def _cpu_features() -> str:
+    """The processor's instruction sets, part of the build's cache key: -march=native builds for this processor, and
+    a cache folder shared by machines with and without AVX-512 must not hand one the other's library."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+        return platform.processor()
+
+
 def _build() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
-    key = hashlib.sha256((SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+    key = hashlib.sha256((SOURCE + " ".join(flags) + compiler + _cpu_features()).encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels_{key}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -423,10 +434,15 @@ def _available() -> bool:
 
 
 def plain_dispatch() -> bool:
-    """No dispatch mode (FlopCounterMode, fake tensors) must see the torch ops, so the fused kernels may run.
-    Under torch.compile the kernels are custom ops with fake implementations: no need to ask (nor can
-    compile trace the question)."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is None
+    """Nothing must see the torch ops, so the fused kernels may run: no dispatch mode (FlopCounterMode, fake
+    tensors), no torch.jit.trace (it would record the kernel's output as a constant), no torch.func transform
+    (vmap, grad, jvp: their tensors have no storage to hand a kernel) and no forward-mode AD level (the kernel
+    would drop the tangents). Under torch.compile the kernels are custom ops with fake implementations: no need
+    to ask (nor can compile trace the question)."""
+    if torch.compiler.is_compiling():
+        return True
+    return (_get_current_dispatch_mode() is None and not torch.jit.is_tracing()
+            and torch._C._functorch.peek_interpreter_stack() is None and torch.autograd.forward_ad._current_level < 0)
 
 
 def usable(*tensors: torch.Tensor) -> bool:

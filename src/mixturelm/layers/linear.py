@@ -23,13 +23,17 @@ _PLAIN = (torch.Tensor, nn.Parameter)  # not a tensor subclass (DTensor, fake te
 
 
 def _few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (rows in FEW_ROWS and all(type(t) in _PLAIN for t in (x, weight, bias) if t is not None)
+    """Whether the kernel computes exactly what F.linear would here (up to summation order); anything else,
+    including shapes F.linear would refuse or broadcast, goes to F.linear."""
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
+        return False
+    return (x.numel() // x.shape[-1] in FEW_ROWS and all(type(t) in _PLAIN for t in (x, weight, bias) if t is not None)
             and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32)
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and weight.is_contiguous() and not torch.compiler.is_compiling() and kernels.plain_dispatch()
+            and not torch.is_autocast_enabled(x.device.type)  # F.linear would compute in autocast's dtype
             and kernels.usable(x, weight, *(() if bias is None else (bias,))))
 
 
@@ -37,7 +41,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias), through the few-row kernel where that is the same computation."""
     if not _few_rows(x, weight, bias):
         return F.linear(x, weight, bias)
-    y = kernels.few_row_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(),
+    y = kernels.few_row_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight,
                                None if bias is None else bias.contiguous())
     return y.view(*x.shape[:-1], weight.shape[0])
 

@@ -237,7 +237,8 @@ class MoD(nn.Module):
         view = cache.rows(rows_R, count_R) if cache is not None else None
         if T == 1:  # decoding: the entering rows' one token each, no compaction to do
             f_RTD, block_aux = self._branch(x_RTD, rope, view)
-            y_RTD = torch.addcmul(x_RTD, self.branch_weights(r_RT)[..., None].to(f_RTD.dtype), f_RTD)
+            # as prefill's AddRows computes it (w * f rounded, then added), so both paths agree bit for bit
+            y_RTD = x_RTD + self.branch_weights(r_RT)[..., None].to(f_RTD.dtype) * f_RTD
         else:
             C = int(count_R.max())
             # entering tokens first, in order, then the others as padding (weight 0, never attended)
@@ -302,7 +303,12 @@ class MoD(nn.Module):
         n = score_N.numel()
         k = min(n, max(1, round((1 - self.capacity) * n)))
         low = score_N.kthvalue(k).values.float()
-        return low if k == n else (low + score_N.kthvalue(k + 1).values.float()) / 2
+        if k == n:
+            return low
+        high = score_N.kthvalue(k + 1).values.float()
+        mid = (low.double() + (high.double() - low.double()) / 2).float()  # no overflow near the float32 limit
+        # on the k-th score where no float lies between the two (or one is infinite or NaN): as before
+        return torch.where(torch.isfinite(mid) & (mid < high), mid, low)
 
     @torch.no_grad()
     def after_optimizer_step(self, reduce=None) -> None:
