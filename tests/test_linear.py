@@ -127,7 +127,7 @@ def test_linear_refuses_and_broadcasts_as_f_linear_does(kernel_calls):
 
 
 @needs_kernel
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")  # torch.jit inside torch
 def test_linear_leaves_transforms_and_autocast_to_torch(kernel_calls):
     """Under autocast F.linear computes in bfloat16, under forward-mode AD it carries tangents, under vmap and
     jit.trace its tensors have no storage or must be recorded: the kernel must not run there."""
