@@ -6,6 +6,7 @@ uses of one); torch's default threads; the least of five alternating passes. Mic
 bytes per second they make, and torch / ours. layers/linear.py uses the kernel at the rows where it wins here.
 
     python benchmarks/mod/few_row_linear.py
+    MIXTURELM_KERNEL_CFLAGS=-mno-avx512f python benchmarks/mod/few_row_linear.py   # the AVX2 build
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main() -> None:
     if kernels.library() is None:
         raise SystemExit("mixturelm's CPU kernels are not built here (no C compiler, or MIXTURELM_KERNELS=0)")
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32; us per call (GB/s of weight)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32; us per call (GB/s of weight); kernels "
+          f"built with {' '.join(kernels.build_flags())}")
     for label, shape in SHAPES.items():
         mb = shape[0] * shape[1] * 4 / 1e6
         weights = [torch.randn(*shape) for _ in range(math.ceil(256 * 2**20 / 1e6 / mb))]

@@ -5,6 +5,7 @@ and the interpreter's and dispatcher's own code and data). Each small operation 
 and each time right after one of four things a decoding step does between them. Microseconds per call.
 
     python benchmarks/mod/small_ops_after_streaming.py
+    MIXTURELM_KERNEL_CFLAGS=-DFR_PREFETCH_HINT=0 python benchmarks/mod/small_ops_after_streaming.py  # non-temporal
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def main() -> None:
         befores["after the few-row kernel, 8 rows"] = lambda: kernels.few_row_linear(rows8, weights[next(turn) % 40])
     ops = {"x + x": lambda: x + x, "x > 0": lambda: x > 0,
            "rms_norm": lambda: F.rms_norm(x, (512,), norm_weight, 1e-5)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one op on (8, 1, 512) fp32, us per call")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one op on (8, 1, 512) fp32, us per call; "
+          f"kernels built with {' '.join(kernels.build_flags())}")
     print(f"{'':<36}" + "".join(f"{name:>10}" for name in ops))
     with torch.no_grad():
         for label, before in befores.items():

@@ -303,6 +303,10 @@ static inline void fr_sum_lanes(fr_vec* acc, float* out) {
 }
 #endif
 
+#ifndef FR_PREFETCH_HINT
+#define FR_PREFETCH_HINT 1  /* into L2 (prefetcht2); 0, non-temporal, kept the caches but halved the product's rate */
+#endif
+
 /* rows n..n+3 of w against rows m..m+MB-1 of x: y[m + i, n + j], accumulator i * 4 + j */
 static inline __attribute__((always_inline)) void fr_tile(const float* x, const float* w, const float* bias,
                                                           float* y, int MB, int64_t N, int64_t K,
@@ -312,7 +316,7 @@ static inline __attribute__((always_inline)) void fr_tile(const float* x, const 
     int64_t k = 0;
     for (; k + FR_LANES <= K; k += FR_LANES) {
         if (next && k % 16 == 0)  /* one prefetch per 64-byte line of each next row */
-            for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * K + k, 0, 1);
+            for (int j = 0; j < 4; ++j) __builtin_prefetch(next + j * K + k, 0, FR_PREFETCH_HINT);
         fr_vec w0 = fr_load(w + k), w1 = fr_load(w + K + k), w2 = fr_load(w + 2 * K + k), w3 = fr_load(w + 3 * K + k);
         for (int i = 0; i < MB; ++i) {
             fr_vec u = fr_load(x + i * K + k);
@@ -328,6 +332,8 @@ static inline __attribute__((always_inline)) void fr_tile(const float* x, const 
             y[i * N + j] = bias ? t + bias[j] : t;
         }
 }
+
+int few_row_lanes(void) { return FR_LANES; }  /* floats per vector in this build */
 
 void few_row_linear_f32(const float* x, const float* w, const float* bias, float* y, int64_t M, int64_t N,
                         int64_t K, int n_threads) {
@@ -379,11 +385,18 @@ def _cpu_features() -> str:
         return platform.processor()
 
 
-def _build() -> ctypes.CDLL | None:
+def build_flags() -> list[str]:
+    """The compiler's flags: for this processor, plus $MIXTURELM_KERNEL_CFLAGS (for instance -mno-avx512f to build
+    the AVX2 kernels, or -march=x86-64-v3 for a cache folder shared by different machines)."""
+    return ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", *os.environ.get("MIXTURELM_KERNEL_CFLAGS", "").split()]
+
+
+def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
+    """Compile (or find in the cache folder) the kernel library built with `flags` (default build_flags())."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    flags = build_flags() if flags is None else flags
     key = hashlib.sha256((SOURCE + " ".join(flags) + compiler + _cpu_features()).encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels_{key}.so"
     if not path.is_file():
@@ -409,6 +422,7 @@ def _build() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_double, ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int64
     lib.few_row_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.few_row_lanes.restype = ctypes.c_int
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -634,6 +648,12 @@ def _check_ragged_decode_step(q_RHK, k_new_RGK, v_new_RGK, k_BLGK, v_BLGK, lengt
         raise ValueError("the ragged cache's keys, values and lengths must be contiguous")
     if length_B.dtype != torch.int64 or rows_R.dtype != torch.int64:
         raise ValueError("the ragged cache's lengths and the rows must be int64")
+
+
+def few_row_lanes() -> int:
+    """Floats per vector in the built few-row kernel (16 with AVX-512, 8 with AVX/AVX2, 4 otherwise); 0 unbuilt."""
+    lib = library()
+    return lib.few_row_lanes() if lib is not None else 0
 
 
 def few_row_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
