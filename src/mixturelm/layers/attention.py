@@ -100,6 +100,19 @@ class QKVRope(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def rotate_qkv(qkv_BTNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int,
+               kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and k rotated, and v, from the fused projection (B, T, N, K): QKVRope, or in inference (no gradient, CPU
+    float32) the rotation written in place into the projection's own buffer by one kernel call."""
+    B, T, N, K = qkv_BTNK.shape
+    if (kernels.inference_ready(qkv_BTNK, cos, sin) and qkv_BTNK.is_contiguous() and K % 2 == 0
+            and cos.shape == sin.shape and cos.shape[-1] == K // 2 and cos.shape[:-1] in ((T,), (B, T))):
+        kernels.rope_rows_(qkv_BTNK, cos, sin, n_heads + kv_heads)
+        H, G = n_heads, kv_heads
+        return qkv_BTNK[:, :, :H], qkv_BTNK[:, :, H:H + G], qkv_BTNK[:, :, H + G:]
+    return QKVRope.apply(qkv_BTNK, cos, sin, n_heads, kv_heads)
+
+
 class LayerKVCache:
     """Keys and values of one attention layer, preallocated for `capacity` tokens per sequence; every
     sequence of the batch has the same length (all tokens enter every plain block)."""
@@ -256,7 +269,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BTD).view(B, T, H + 2 * G, K)
         if self.qk_norm != "none":
             qkv = self._normalise_qk(qkv)
-        q, k, v = QKVRope.apply(qkv, *rope, H, G)
+        q, k, v = rotate_qkv(qkv, *rope, H, G)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:  # a whole sequence, or the tokens a router chose, in order: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G != H)

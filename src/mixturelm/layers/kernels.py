@@ -364,6 +364,95 @@ void few_row_linear_f32(const float* x, const float* w, const float* bias, float
             }
     }
 }
+
+/* A block's element-wise steps in inference: one call each where torch runs two to five ops, each of which
+   costs 10-70 us in a decoding step (its code and data evicted by the weight products between them). Each row
+   is computed alone, the same way at any row count and thread count, so prefill and decoding agree. Small
+   inputs run on one thread: waking the others costs more than the work. */
+#define EW_PARALLEL(work) const int64_t ew_work = (work); \
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static) if(ew_work >= 65536)")
+
+/* y = x / sqrt(mean(x^2) + eps) * w over the last dimension, as torch's rms_norm rounds it: (x * inv) * w */
+void rms_norm_f32(const float* x, const float* w, float* y, int64_t M, int64_t D, double eps, int n_threads) {
+    EW_PARALLEL(M * D)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * D;
+        float* ym = y + m * D;
+        double ss = 0;
+        _Pragma("omp simd reduction(+:ss)")
+        for (int64_t d = 0; d < D; ++d) ss += (double)xm[d] * xm[d];
+        float inv = (float)(1.0 / sqrt(ss / (double)D + eps));
+        _Pragma("omp simd")
+        for (int64_t d = 0; d < D; ++d) ym[d] = xm[d] * inv * w[d];
+    }
+}
+
+/* In place, the rotary embedding of the first n_rot heads (size K) of each of M rows (row_stride floats apart):
+   pairs (i, i + K/2) turned by row m's angles, cos/sin row m % period ((period, K/2): one per token, shared by
+   the batch or not) */
+void rope_rows_f32(float* x, const float* cos_, const float* sin_, int64_t M, int64_t row_stride, int64_t n_rot,
+                   int64_t K, int64_t period, int n_threads) {
+    int64_t half = K / 2;
+    EW_PARALLEL(M * n_rot * K)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* c = cos_ + (m % period) * half;
+        const float* s = sin_ + (m % period) * half;
+        for (int64_t h = 0; h < n_rot; ++h) {
+            float* x1 = x + m * row_stride + h * K;
+            float* x2 = x1 + half;
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < half; ++i) {
+                float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/* e^x for a vector of floats, to about 2 ulp, without libm (whose expf the compiler does not vectorise): x =
+   n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that r is exact), e^r by its degree-7 Taylor polynomial
+   (error under 6e-9 on that range), times 2^n built in the exponent bits. Below -87.3 it gives 0, above 88.7 inf. */
+static inline fr_vec fr_select(fr_ivec mask, fr_vec a, fr_vec b) {  /* a where mask, else b (GCC's C has no ?:) */
+    return (fr_vec)(((fr_ivec)a & mask) | ((fr_ivec)b & ~mask));
+}
+static inline fr_vec fr_exp(fr_vec x) {
+    const fr_ivec hi = x > 88.72283935546875f, lo = x < -87.33654022216797f;
+    const fr_vec zero = {0}, magic = zero + 12582912.0f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    x = fr_select(hi, zero + 88.0f, fr_select(lo, zero - 87.0f, x));
+    fr_vec n = (x * 1.44269504088896341f + magic) - magic;
+    fr_vec r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    fr_vec p = zero + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120; p = p * r + 1.0f / 24; p = p * r + 1.0f / 6; p = p * r + 0.5f; p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    p = p * (fr_vec)((__builtin_convertvector(n, fr_ivec) + 127) << 23);  /* 2^n */
+    return fr_select(hi, zero + INFINITY, fr_select(lo, zero, p));
+}
+
+/* out = silu(gate) * up from gu = [gate | up] (M rows of 2F): silu(g) = g / (1 + e^-g), rounded, then times up */
+void swiglu_f32(const float* gu, float* out, int64_t M, int64_t F, int n_threads) {
+    EW_PARALLEL(M * F * 4)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* g = gu + m * 2 * F;
+        const float* u = g + F;
+        float* o = out + m * F;
+        int64_t j = 0;
+        for (; j + FR_LANES <= F; j += FR_LANES) {
+            fr_vec gv = fr_load(g + j);
+            fr_vec s = gv / (1.0f + fr_exp(-gv));
+            s = s * fr_load(u + j);
+            memcpy(o + j, &s, FR_BYTES);
+        }
+        for (; j < F; ++j) {
+            fr_vec gv = {0};
+            gv[0] = g[j];
+            float s = gv[0] / (1.0f + fr_exp(-gv)[0]);
+            o[j] = s * u[j];
+        }
+    }
+}
 """
 
 _lib: ctypes.CDLL | None = None
@@ -423,6 +512,9 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int64
     lib.few_row_linear_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.few_row_lanes.restype = ctypes.c_int
+    lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
+    lib.rope_rows_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.swiglu_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -665,3 +757,48 @@ def few_row_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Te
     library().few_row_linear_f32(x_MK.data_ptr(), weight_NK.data_ptr(), None if bias_N is None else bias_N.data_ptr(),
                                  y.data_ptr(), M, N, K, torch.get_num_threads())
     return y
+
+
+# -- a block's element-wise steps in inference -------------------------------------------------------------------
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not a subclass (DTensor, fake tensors): those have their own dispatch
+
+
+def inference_ready(*tensors: torch.Tensor) -> bool:
+    """Whether rms_norm, rope_rows_ and swiglu below may stand in for torch's ops: CPU float32 tensors of no subclass,
+    no gradient to carry, no autocast, nothing watching the ops, not compiling (torch.compile fuses these itself),
+    kernels built. Anything else keeps torch's ops."""
+    if torch.compiler.is_compiling() or not plain_dispatch():
+        return False
+    grad = torch.is_grad_enabled()
+    return (all(type(t) in _PLAIN_TYPES and t.dtype == torch.float32 and t.device.type == "cpu"
+                and not (grad and t.requires_grad) for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and _available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm(x, (D,), weight, eps) for CPU float32 tensors (inference_ready), weight of D elements."""
+    D = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    library().rms_norm_f32(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), x.numel() // max(D, 1), D,
+                           eps, torch.get_num_threads())
+    return y
+
+
+def rope_rows_(x_BTNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """In place: heads [0, n_rot) of a contiguous (B, T, N, K) tensor turned by the rotary angles, cos and sin
+    (T, K/2) shared by the batch or (B, T, K/2) per row, as attention.apply_rope turns them. Returns x_BTNK."""
+    B, T, N, K = x_BTNK.shape
+    cos, sin = cos.contiguous(), sin.contiguous()
+    library().rope_rows_f32(x_BTNK.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, N * K, n_rot, K,
+                            cos.numel() // (K // 2), torch.get_num_threads())
+    return x_BTNK
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from gu = [gate | up] on its last dimension, for a CPU float32 tensor (inference_ready)."""
+    F2 = gu.shape[-1]
+    gu = gu.contiguous()
+    out = gu.new_empty(*gu.shape[:-1], F2 // 2)
+    library().swiglu_f32(gu.data_ptr(), out.data_ptr(), gu.numel() // max(F2, 1), F2 // 2, torch.get_num_threads())
+    return out
