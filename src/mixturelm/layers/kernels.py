@@ -431,7 +431,52 @@ static inline fr_vec fr_exp(fr_vec x) {
     return fr_select(hi, zero + INFINITY, fr_select(lo, zero, p));
 }
 
-/* out = silu(gate) * up from gu = [gate | up] (M rows of 2F): silu(g) = g / (1 + e^-g), rounded, then times up */
+/* Mixture-of-Depths decoding, one token per row: the router weight r_b = x_b . w of each of B rows (D wide), and
+   the rows whose r is above the threshold, in order. Returns their count. */
+int64_t mod_route_f32(const float* x, const float* w, double threshold, float* r, int64_t* rows, int64_t B,
+                      int64_t D) {
+    int64_t R = 0;
+    for (int64_t b = 0; b < B; ++b) {
+        const float* xb = x + b * D;
+        float dot = 0;
+        _Pragma("omp simd reduction(+:dot)")
+        for (int64_t d = 0; d < D; ++d) dot += xb[d] * w[d];
+        r[b] = dot;
+        if ((double)dot > threshold) rows[R++] = b;
+    }
+    return R;
+}
+
+/* out = x (B rows of D), with each entering row rows[i] (i < R) given its branch: x + (g(r) * f_i), the product
+   rounded before the sum as the prefill path's index_add rounds it (no fused multiply-add here), g(r) = r or, with
+   sigmoid_gate, 1 / (1 + e^-r). */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void mod_add_rows_f32(const float* x, const int64_t* rows, const float* r, const float* f, float* out, int64_t B,
+                      int64_t R, int64_t D, int sigmoid_gate) {
+    memcpy(out, x, (size_t)(B * D) * sizeof(float));
+    for (int64_t i = 0; i < R; ++i) {
+        int64_t b = rows[i];
+        float g = sigmoid_gate ? 1.0f / (1.0f + expf(-r[b])) : r[b];
+        const float* fi = f + i * D;
+        float* ob = out + b * D;
+        for (int64_t d = 0; d < D; ++d) {
+            float t = g * fi[d];
+            ob[d] += t;
+        }
+    }
+}
+#pragma GCC pop_options
+
+/* silu(g) = g / (1 + e^-g), taken as g e^g / (1 + e^g) below 0: e^-|g| never overflows, so that silu keeps its tiny
+   values down to where e^g leaves the normal floats */
+static inline fr_vec fr_silu(fr_vec g) {
+    const fr_ivec neg = g < 0;
+    fr_vec e = fr_exp(fr_select(neg, g, -g));
+    return fr_select(neg, g * e, g) / (1.0f + e);
+}
+
+/* out = silu(gate) * up from gu = [gate | up] (M rows of 2F): silu(g) rounded, then times up */
 void swiglu_f32(const float* gu, float* out, int64_t M, int64_t F, int n_threads) {
     EW_PARALLEL(M * F * 4)
     for (int64_t m = 0; m < M; ++m) {
@@ -441,14 +486,13 @@ void swiglu_f32(const float* gu, float* out, int64_t M, int64_t F, int n_threads
         int64_t j = 0;
         for (; j + FR_LANES <= F; j += FR_LANES) {
             fr_vec gv = fr_load(g + j);
-            fr_vec s = gv / (1.0f + fr_exp(-gv));
-            s = s * fr_load(u + j);
+            fr_vec s = fr_silu(gv) * fr_load(u + j);
             memcpy(o + j, &s, FR_BYTES);
         }
         for (; j < F; ++j) {
             fr_vec gv = {0};
             gv[0] = g[j];
-            float s = gv[0] / (1.0f + fr_exp(-gv)[0]);
+            float s = fr_silu(gv)[0];
             o[j] = s * u[j];
         }
     }
@@ -514,6 +558,9 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
     lib.few_row_lanes.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
     lib.rope_rows_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.mod_route_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.mod_route_f32.restype = ctypes.c_int64
+    lib.mod_add_rows_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.swiglu_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
@@ -801,4 +848,28 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     gu = gu.contiguous()
     out = gu.new_empty(*gu.shape[:-1], F2 // 2)
     library().swiglu_f32(gu.data_ptr(), out.data_ptr(), gu.numel() // max(F2, 1), F2 // 2, torch.get_num_threads())
+    return out
+
+
+def mod_route(x_BD: torch.Tensor, weight_D: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture-of-Depths decoding (one token per row, CPU float32, inference_ready): the router weight r (B,) of
+    each row, x_BD . weight_D, and the rows (R,) whose r is above the threshold, in order."""
+    B, D = x_BD.shape
+    x_BD, weight_D = x_BD.contiguous(), weight_D.contiguous()
+    r_B = torch.empty(B, dtype=torch.float32)
+    rows_B = torch.empty(B, dtype=torch.int64)
+    R = library().mod_route_f32(x_BD.data_ptr(), weight_D.data_ptr(), threshold, r_B.data_ptr(), rows_B.data_ptr(),
+                                B, D)
+    return r_B, rows_B[:R]
+
+
+def mod_add_rows(x_BD: torch.Tensor, rows_R: torch.Tensor, r_B: torch.Tensor, f_RD: torch.Tensor,
+                 sigmoid_gate: bool) -> torch.Tensor:
+    """A copy of x_BD with x + g(r) f added to the rows rows_R (distinct, in [0, B)): g(r) = r, or sigmoid(r);
+    the product rounded before the sum, as MoD's prefill path rounds it."""
+    B, D = x_BD.shape
+    x_BD, f_RD = x_BD.contiguous(), f_RD.contiguous()
+    out = torch.empty_like(x_BD)
+    library().mod_add_rows_f32(x_BD.data_ptr(), rows_R.data_ptr(), r_B.data_ptr(), f_RD.data_ptr(), out.data_ptr(),
+                               B, rows_R.numel(), D, int(sigmoid_gate))
     return out

@@ -1,0 +1,208 @@
+"""Inference kernels of a block's element-wise steps (RMSNorm, rotary embedding, SwiGLU activation) and of a
+Mixture-of-Depths decoding step (router and rows; the weighted sum back into the batch): each against a float64
+computation written out here, then when the layers take them and that the model computes the same either way."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixturelm import MixtureLM, ModelConfig
+from mixturelm.layers import kernels
+from mixturelm.layers.attention import rope_angles, rotate_qkv
+from mixturelm.layers.ffn import swiglu_activation
+from mixturelm.layers.mod import MoD
+from mixturelm.model import RMSNorm
+from mixturelm.presets import PRESETS
+
+needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the CPU kernels are not built")
+ULP = 2.0 ** -23  # float32's relative spacing at 1
+
+
+def close_to(got: torch.Tensor, want64: torch.Tensor, ulps: float, floor: float = torch.finfo(torch.float32).tiny) -> None:
+    """got (float32) within `ulps` float32 steps of the float64 value, relative to each element's own size, or
+    within `floor` (default the smallest normal float32, for results that underflow)."""
+    assert got.dtype == torch.float32 and got.shape == want64.shape
+    err = (got.double() - want64).abs()
+    bound = ulps * ULP * want64.abs() + floor
+    assert bool((err <= bound).all()), float((err / want64.abs().clamp_min(1e-30)).max() / ULP)
+
+
+@needs_kernel
+@pytest.mark.parametrize("M, D", [(1, 512), (3, 17), (64, 512), (300, 1000)])  # one row; tails; the threaded size
+def test_rms_norm_kernel_equals_the_norm_written_out(M, D):
+    torch.manual_seed(M)
+    x, w = torch.randn(M, D) * 3, torch.randn(D)
+    y = kernels.rms_norm(x, w, 1e-5)
+    x64 = x.double()
+    inv = 1 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 1e-5)
+    close_to(y, x64 * inv * w.double(), ulps=4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shared", [True, False])  # angles (T, K/2) for the batch, or (B, T, K/2) per row
+@pytest.mark.parametrize("K", [8, 64, 6])
+def test_rope_kernel_turns_the_first_heads_in_place(shared, K):
+    torch.manual_seed(K)
+    B, T, N, n_rot = 3, 5, 7, 5  # the last two heads (v) must stay as they are
+    x = torch.randn(B, T, N, K)
+    positions = torch.arange(T) if shared else torch.randint(0, 4000, (B, T))
+    cos, sin = rope_angles(positions, K, 10000.0)
+    before = x.clone()
+    out = kernels.rope_rows_(x, cos, sin, n_rot)
+    assert out is x and torch.equal(x[:, :, n_rot:], before[:, :, n_rot:])
+    c = cos.double()[..., None, :] if not shared else cos.double()[None, :, None, :]
+    s = sin.double()[..., None, :] if not shared else sin.double()[None, :, None, :]
+    x1, x2 = before[:, :, :n_rot, :K // 2].double(), before[:, :, :n_rot, K // 2:].double()
+    want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    # each output is a sum of two rounded products: within a few steps of the larger term
+    err = (x[:, :, :n_rot].double() - want).abs()
+    assert bool((err <= 4 * ULP * (x1.abs() + x2.abs()).repeat(1, 1, 1, 2)).all())
+
+
+@needs_kernel
+def test_swiglu_kernel_equals_silu_times_up_over_the_float_range():
+    gate = torch.cat([torch.linspace(-120, 120, 4801), torch.randn(997) * 4, torch.tensor([0.0, -0.0, 1e-30])])
+    up = torch.randn_like(gate)
+    for F_ in (gate.numel(), 7):  # every lane of the vectors, and a row narrower than one vector (the scalar tail)
+        g, u = gate[:F_], up[:F_]
+        out = kernels.swiglu(torch.cat([g, u]).view(1, -1))[0]
+        want = g.double() * torch.sigmoid(g.double()) * u.double()
+        # e^x to about 2 steps, then a product, a division and a product, each rounded; below g = -87.3 (silu
+        # under 1e-35) it may give 0, as torch's own silu does below -88.7
+        close_to(out, want, ulps=6, floor=1e-35)
+    big = torch.randn(40, 2 * 1408)  # several rows, threaded
+    close_to(kernels.swiglu(big), F.silu(big[:, :1408].double()) * big[:, 1408:].double(), ulps=6)
+    assert kernels.swiglu(torch.tensor([[float("inf"), 1.0]]))[0, 0] == float("inf")
+    assert bool(kernels.swiglu(torch.tensor([[float("nan"), 1.0]])).isnan().all())
+
+
+@needs_kernel
+def test_mod_route_and_add_rows_kernels_equal_the_rule_written_out():
+    torch.manual_seed(0)
+    B, D = 37, 100
+    x, w = torch.randn(B, D), torch.randn(D)
+    r, rows = kernels.mod_route(x, w, 0.3)
+    r64 = x.double() @ w.double()
+    assert bool(((r.double() - r64).abs() <= D * ULP * (x.double().abs() @ w.double().abs())).all())
+    assert rows.tolist() == [b for b in range(B) if r[b] > 0.3] and 0 < rows.numel() < B
+    f = torch.randn(rows.numel(), D)
+    for sigmoid in (False, True):
+        y = kernels.mod_add_rows(x, rows, r, f, sigmoid)
+        g = torch.sigmoid(r[rows]) if sigmoid else r[rows]
+        want = x.clone()
+        want[rows] = x[rows] + g[:, None] * f  # float32: the product rounded, then the sum, as prefill rounds it
+        if sigmoid:  # the kernel's sigmoid may differ from torch's in the last step
+            torch.testing.assert_close(y, want, rtol=2 * ULP, atol=1e-6)
+        else:
+            assert torch.equal(y, want)
+    _, none = kernels.mod_add_rows(x, rows[:0], r, f[:0], False), kernels.mod_route(x, w, math.inf)[1]
+    assert torch.equal(_, x) and none.numel() == 0
+
+
+def test_inference_ready_only_where_nothing_else_is_asked():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 8)
+    if kernels.library() is None:
+        assert not kernels.inference_ready(x)
+        return
+    assert kernels.inference_ready(x)
+    assert not kernels.inference_ready(x.double()) and not kernels.inference_ready(x.bfloat16())
+    w = torch.randn(8, requires_grad=True)
+    assert not kernels.inference_ready(x, w)  # a gradient to carry
+    with torch.no_grad():
+        assert kernels.inference_ready(x, w)
+        with FlopCounterMode(display=False):  # the counter must see torch's ops
+            assert not kernels.inference_ready(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernels.inference_ready(x)
+
+
+@pytest.fixture
+def block_kernel_calls(monkeypatch):
+    """Which of the element-wise and MoD kernels the layers called."""
+    calls = []
+    for name in ("rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+@needs_kernel
+def test_layers_take_the_kernels_in_inference_only(block_kernel_calls):
+    norm = RMSNorm(16, 1e-5)
+    x = torch.randn(3, 16)
+    cos, sin = rope_angles(torch.arange(3), 4, 10000.0)
+    qkv = torch.randn(1, 3, 4, 4)
+    gu = torch.randn(3, 10)
+    want = (F.rms_norm(x, (16,), norm.weight, 1e-5), swiglu_activation(gu.requires_grad_()))
+    assert block_kernel_calls == []  # the norm's weight, and gu, need gradients
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), want[0])
+        torch.testing.assert_close(swiglu_activation(gu), want[1])
+        q, k, v = rotate_qkv(qkv.clone(), cos, sin, 2, 1)
+        q2, k2, v2 = rotate_qkv(qkv.double(), cos.double(), sin.double(), 2, 1)  # float64: QKVRope
+        for a, b in zip((q, k, v), (q2, k2, v2)):
+            torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+        assert swiglu_activation(gu, torch.ones(3)).shape == (3, 5)  # a per-row scale (MoE): torch's ops
+    assert block_kernel_calls == ["rms_norm", "swiglu", "rope_rows_"]
+
+
+def float32_mod_model(**mod_options) -> MixtureLM:
+    fields = dict(PRESETS["mod-debug"].model)
+    fields["blocks"] = [b | {"mod": b["mod"] | mod_options} if b.get("wrapper") == "mod" else b
+                        for b in fields["blocks"]]
+    torch.manual_seed(0)
+    model = MixtureLM(ModelConfig(**fields)).eval()
+    for m in model.modules():
+        if isinstance(m, MoD):
+            m.threshold.fill_(0.0)  # the router's own sign: about half the rows enter
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate", ["linear", "sigmoid"])
+def test_float32_decoding_in_kernels_equals_the_torch_path(gate, block_kernel_calls, monkeypatch):
+    """A float32 MoD model decodes the same with the kernels (element-wise steps, router and rows, the sum back)
+    as with every kernel off (the path CUDA takes), to float32 rounding, and its ragged caches grow alike."""
+    model = float32_mod_model(gate=gate, capacity=0.5)
+    torch.manual_seed(1)
+    idx = torch.randint(0, 257, (6, 20))
+
+    def decode():
+        with torch.no_grad():
+            cache = model.new_cache(6, 20)
+            out = [model(idx[:, :8], cache=cache).logits]
+            out += [model(idx[:, t:t + 1], cache=cache).logits for t in range(8, 20)]
+        return torch.cat(out, 1), [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
+
+    got, got_lengths = decode()
+    assert {"rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows"} <= set(block_kernel_calls)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    want, want_lengths = decode()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(got_lengths, want_lengths))
+    assert any(0 < int(n.min()) and int(n.max()) < 20 for n in got_lengths)  # rows entered and skipped
+
+
+@needs_kernel
+def test_mod_decoding_kernels_when_nobody_or_everybody_enters(block_kernel_calls):
+    model = float32_mod_model(capacity=0.5)
+    routed = [m for m in model.modules() if isinstance(m, MoD)]
+    x = torch.randn(4, 1, model.config.d_model)
+    rope = rope_angles(torch.tensor([3]), model.config.d_model // model.config.n_heads, 10000.0)
+    mod = routed[0]
+    for threshold, entered in ((math.inf, 0), (-math.inf, 4)):
+        mod.threshold.fill_(threshold)
+        cache = mod.new_cache(4, 8, "cpu", torch.float32)
+        with torch.no_grad():
+            y, aux = mod(x, rope, cache)
+        assert cache.length_B.tolist() == [1 if entered else 0] * 4
+        assert aux[-1].causal_counts.tolist() == [entered, 4] and float(aux[-1].causal_fraction) == entered / 4
+        if not entered:
+            assert torch.equal(y, x)
+        else:
+            assert not torch.equal(y, x) and y.shape == x.shape
+    assert block_kernel_calls.count("mod_route") == 2 and block_kernel_calls.count("mod_add_rows") == 1
