@@ -206,3 +206,82 @@ def test_mod_decoding_kernels_when_nobody_or_everybody_enters(block_kernel_calls
         else:
             assert not torch.equal(y, x) and y.shape == x.shape
     assert block_kernel_calls.count("mod_route") == 2 and block_kernel_calls.count("mod_add_rows") == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("K", [8, 64, 20, 6])  # whole vectors of 4, 8 or 16 floats; tails of scalars; no vector
+@pytest.mark.parametrize("shared", [True, False])  # one angle for every row (decoding), or one per row
+def test_ragged_decode_from_the_projection_equals_the_step_written_out(K, shared):
+    """The fused step from the projection against float64 written out: each row's key turned by its angle and its
+    value at its length, the length grown by one, and softmax(q k / sqrt(K)) v over the row's tokens with q turned
+    the same way; rows in any order, an empty row, a row that fills the cache, two query heads per key/value head,
+    more tokens than one block of sixteen scores. A full row, or rows repeated or outside the batch: an error, and
+    nothing written."""
+    gen = torch.Generator().manual_seed(K)
+    B, L, H, G = 6, 40, 4, 2
+    k_BLGK, v_BLGK = (torch.randn(B, L, G, K, generator=gen) for _ in range(2))
+    length_B = torch.tensor([3, 39, 0, 25, 2, 1])
+    rows = torch.tensor([4, 0, 2, 1])  # row 2 empty before; row 1 takes the last slot
+    qkv = torch.randn(4, H + 2 * G, K, generator=gen) * 2  # a sharp softmax
+    positions = torch.tensor([7]) if shared else torch.tensor([5, 11, 0, 300])
+    cos, sin = rope_angles(positions, K, 10000.0)
+    if not shared:
+        cos, sin = cos[:, None], sin[:, None]  # (R, 1, K/2), as MoD's rows bring them
+    k_want, v_want, length_want = k_BLGK.double(), v_BLGK.double(), length_B.clone()
+    c64, s64 = cos.double().reshape(-1, K // 2), sin.double().reshape(-1, K // 2)
+
+    def turn(x, r):  # (heads, K) by row r's angle, in float64
+        c, s = c64[r % c64.shape[0]], s64[r % c64.shape[0]]
+        x1, x2 = x[:, :K // 2], x[:, K // 2:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    for r, b in enumerate(rows.tolist()):
+        k_want[b, length_B[b]] = turn(qkv[r, H:H + G].double(), r)
+        v_want[b, length_B[b]] = qkv[r, H + G:].double()
+        length_want[b] += 1
+    got = kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, H)
+    assert got.shape == (4, H * K) and torch.equal(length_B, length_want)
+    torch.testing.assert_close(k_BLGK.double(), k_want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_BLGK.double(), v_want)
+    for r, b in enumerate(rows.tolist()):
+        n, q = int(length_want[b]), turn(qkv[r, :H].double(), r)
+        for h in range(H):
+            keys, values = k_want[b, :n, h // (H // G)], v_want[b, :n, h // (H // G)]
+            weights = torch.softmax(keys @ q[h] / math.sqrt(K), dim=0)
+            torch.testing.assert_close(got[r, h * K:(h + 1) * K].double(), weights @ values, rtol=2e-5, atol=2e-5)
+    before = k_BLGK.clone(), v_BLGK.clone(), length_B.clone()
+    with pytest.raises(RuntimeError, match="KV cache holds 40 tokens"):  # row 1 is full now
+        kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, H)
+    for bad in ([0, 0, 2, 3], [0, 6, 2, 3], [0, -1, 2, 3]):  # a row twice, past the batch, negative
+        with pytest.raises(ValueError, match="distinct batch rows"):
+            kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, torch.tensor(bad), H)
+    assert all(torch.equal(x, y) for x, y in zip((k_BLGK, v_BLGK, length_B), before))
+
+
+@needs_kernel
+def test_attention_takes_the_fused_ragged_step_only_where_it_fits(monkeypatch):
+    from mixturelm.layers.attention import Attention, RaggedKVCache
+
+    calls = []
+    real = kernels.ragged_decode_qkv
+    monkeypatch.setattr(kernels, "ragged_decode_qkv", lambda *a: calls.append(a[0].dtype) or real(*a))
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 32)
+    rope = rope_angles(torch.tensor([4]), 8, 10000.0)
+    past_k, past_v = torch.randn(5, 6, 2, 8), torch.randn(5, 6, 2, 8)
+    for qk_norm in ("none", "head"):
+        attn = Attention(32, 4, 2, qk_norm=qk_norm)
+        outs = []
+        for dtype in (torch.float32, torch.float64):  # float64: the unfused step, the reference here
+            a = attn.to(dtype)
+            cache = RaggedKVCache(5, 2, 8, 6, "cpu", dtype)
+            cache.k_BLGK.copy_(past_k), cache.v_BLGK.copy_(past_v)
+            cache.length_B.copy_(torch.tensor([2, 0, 5, 1, 3]))
+            with torch.no_grad():
+                outs.append(a(x.to(dtype), tuple(t.to(dtype) for t in rope), cache.rows(torch.tensor([4, 0, 3]), 1)))
+        torch.testing.assert_close(outs[0].double(), outs[1], rtol=1e-5, atol=1e-5)
+    assert calls == [torch.float32, torch.float32]
+    cache = RaggedKVCache(5, 2, 8, 6, "cpu", torch.float32)
+    attn = Attention(32, 4, 2)
+    attn(x, rope, cache.rows(torch.tensor([4, 0, 3]), 1))  # the weights need gradients: the unfused step
+    assert len(calls) == 2 and cache.length_B.tolist() == [1, 0, 0, 1, 1]

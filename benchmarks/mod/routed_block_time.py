@@ -22,7 +22,7 @@ from mixturelm.layers import attention
 from mixturelm.layers.mod import MoD
 
 PARTS = [("routed block (router, rows in and out, branch)", "routed"), ("  branch (norms, residual add)", "branch"),
-         ("    attention", "attn"), ("      qkv projection", "qkv"), ("      store and attend (ragged cache)", "attend"),
+         ("    attention", "attn"), ("      qkv projection", "qkv"), ("      rotate, store and attend (ragged cache)", "attend"),
          ("      out projection", "out"), ("    FFN", "ffn"), ("      gate-and-up projection", "gate_up"),
          ("      down projection", "down")]
 
@@ -51,15 +51,21 @@ def main() -> None:
         inner.attn.qkv.forward, inner.attn.out.forward = timed("qkv", inner.attn.qkv.forward), timed("out", inner.attn.out.forward)
         inner.ffn.gate_up.forward, inner.ffn.down.forward = (timed("gate_up", inner.ffn.gate_up.forward),
                                                              timed("down", inner.ffn.down.forward))
-    attend = timed("attend", attention.RaggedRows.attend)
+    def counted(fn):  # the keys and values the entering rows attend to, their new token included
+        timed_fn = timed("attend", fn)
 
-    def counted_attend(rows, q, k, v):  # the keys and values the entering rows attend to, their new token included
-        c = rows.cache
-        tokens = int(c.length_B[rows.rows_R].sum()) + rows.rows_R.numel()
-        spent["attend_bytes"] += tokens * c.k_BLGK.shape[2] * c.k_BLGK.shape[3] * c.k_BLGK.element_size() * 2
-        return attend(rows, q, k, v)
+        def wrapper(rows, *args):
+            c = rows.cache
+            tokens = int(c.length_B[rows.rows_R].sum()) + rows.rows_R.numel()
+            out = timed_fn(rows, *args)
+            if out is not None:  # None: the fused step declined, the unfused one follows and counts
+                spent["attend_bytes"] += tokens * c.k_BLGK.shape[2] * c.k_BLGK.shape[3] * c.k_BLGK.element_size() * 2
+            return out
+        return wrapper
 
-    attention.RaggedRows.attend = counted_attend
+    # the fused step from the projection (rotary embedding, store, attend), or the unfused store and attend
+    attention.RaggedRows.attend_projection = counted(attention.RaggedRows.attend_projection)
+    attention.RaggedRows.attend = counted(attention.RaggedRows.attend)
     steps, passes = pool.feed_BT.shape[1], []
     with torch.no_grad():
         for _ in range(4):  # the first warms up

@@ -206,6 +206,25 @@ class RaggedRows:
         c.length_B[rows] += self.count_R
         return y
 
+    def attend_projection(self, qkv_R1NK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          n_heads: int) -> torch.Tensor | None:
+        """Decoding (one token per row) from the fused projection in one kernel call: rotary embedding, store,
+        attention, and the output laid out (R, 1, H * K) for the output projection. None where the kernel cannot
+        serve it (not CPU float32 inference, shapes it does not take): the caller then takes the unfused path."""
+        c, rows = self.cache, self.rows_R
+        k = c.k_BLGK
+        (R, T, N, K), (G, K_cache) = qkv_R1NK.shape, k.shape[2:]
+        H = n_heads
+        if (T != 1 or K != K_cache or K % 2 or G == 0 or H % G or N != H + 2 * G or rows.shape != (R,)
+                or cos.shape != sin.shape or cos.shape not in ((1, K // 2), (R, 1, K // 2))):
+            return None
+        if not (kernels.inference_ready(qkv_R1NK, cos, sin, k, c.v_BLGK) and qkv_R1NK.is_contiguous()
+                and cos.is_contiguous() and sin.is_contiguous() and k.is_contiguous() and c.v_BLGK.is_contiguous()
+                and c.length_B.dtype == torch.int64 and rows.dtype == torch.int64 and rows.is_contiguous()):
+            return None
+        y = kernels.ragged_decode_qkv(qkv_R1NK.view(R, N, K), cos, sin, k, c.v_BLGK, c.length_B, rows, H)
+        return y.view(R, 1, H * K)
+
     def _attend_row_by_row(self, q_RH1K: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One new token per row, each against its row's cached tokens (its own included), read where they
         lie: no copy and no mask. Gathering the rows into one padded batch copied every row up to the longest
@@ -269,6 +288,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BTD).view(B, T, H + 2 * G, K)
         if self.qk_norm != "none":
             qkv = self._normalise_qk(qkv)
+        if T == 1 and isinstance(cache, RaggedRows):  # a routed block's decoding step: one kernel call where it can
+            y = cache.attend_projection(qkv, *rope, H)
+            if y is not None:
+                return self.out(y)
         q, k, v = rotate_qkv(qkv, *rope, H, G)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is None:  # a whole sequence, or the tokens a router chose, in order: plain causal

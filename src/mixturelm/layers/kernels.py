@@ -182,21 +182,29 @@ int64_t group_rows(const int64_t* ids, int64_t n, int64_t n_rows, int64_t J, int
    (else the number of full rows), memory for the scores (-1 otherwise); returns 0 when done. Rows in
    parallel; each row's keys, then its values, are read once, front to back (all heads of a token lie
    together): the scores of every head first, then their softmax, then the weighted sum of the values. */
+static int64_t ragged_rows_check(const int64_t* rows, const int64_t* length, int64_t R, int64_t B, int64_t L,
+                                 int64_t* longest) {
+    int64_t full = 0;
+    char* seen = (char*)calloc(B > 0 ? B : 1, 1);
+    if (!seen) return -1;
+    *longest = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t b = rows[r];
+        if (b < 0 || b >= B || seen[b]) { free(seen); return -2; }
+        seen[b] = 1;
+        full += length[b] >= L;
+        if (length[b] + 1 > *longest) *longest = length[b] + 1;
+    }
+    free(seen);
+    return full;
+}
+
 #define RAGGED_DECODE(NAME, T, EXP)                                                                \
 int64_t NAME(const T* q, const T* knew, const T* vnew, T* k, T* v, int64_t* length,                 \
              const int64_t* rows, T* out, int64_t R, int64_t B, int64_t H, int64_t G, int64_t L,    \
              int64_t K, double scale, int n_threads) {                                             \
-    int64_t full = 0, rep = H / G, longest = 0;                                                    \
-    char* seen = (char*)calloc(B > 0 ? B : 1, 1);                                                  \
-    if (!seen) return -1;                                                                          \
-    for (int64_t r = 0; r < R; ++r) {                                                              \
-        int64_t b = rows[r];                                                                       \
-        if (b < 0 || b >= B || seen[b]) { free(seen); return -2; }                                 \
-        seen[b] = 1;                                                                               \
-        full += length[b] >= L;                                                                    \
-        if (length[b] + 1 > longest) longest = length[b] + 1;                                      \
-    }                                                                                              \
-    free(seen);                                                                                    \
+    int64_t rep = H / G, longest = 0;                                                              \
+    int64_t full = ragged_rows_check(rows, length, R, B, L, &longest);                             \
     if (full) return full;                                                                         \
     int64_t stride = (longest + 2) * H;  /* per thread: scores (n, H), then max and sum per head */ \
     T* scratch = (T*)malloc((size_t)(n_threads * stride) * sizeof(T));                             \
@@ -431,6 +439,106 @@ static inline fr_vec fr_exp(fr_vec x) {
     return fr_select(hi, zero + INFINITY, fr_select(lo, zero, p));
 }
 
+/* The ragged decoding step from the block's fused projection, float32: call row r (batch row rows[r]) brings
+   qkv[r] = [H query heads | G key heads | G value heads], each K wide. Its key, turned by the rotary angles (cos,
+   sin row r % period, K/2 each), and its value go to the row's next slot; its query, turned the same way and
+   scaled by 1/sqrt(K), attends to the row's cached tokens, its own included; out[r] (H * K) is what the output
+   projection reads. One call where the unfused path takes the rotation, three copies, a transposed copy of the
+   output and the step above. Faster too: the scores of sixteen (token, head) pairs are summed together by the
+   shuffle tree of the few-row kernel, the exponentials are vectors, and keys and values are prefetched RQ_PF
+   tokens ahead. Returns as the step above. */
+#define RQ_PF 16
+static inline void rq_rotate(const float* x, const float* c, const float* s, int64_t K, float mul, float* out) {
+    int64_t half = K / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        float a = x[i], b = x[half + i];
+        out[i] = (a * c[i] - b * s[i]) * mul;
+        out[half + i] = (b * c[i] + a * s[i]) * mul;
+    }
+}
+
+static inline void rq_prefetch(const float* p, int64_t n) {
+    for (int64_t l = 0; l < n; l += 16) __builtin_prefetch(p + l, 0, 2);
+}
+
+int64_t ragged_decode_qkv_f32(const float* qkv, const float* cos_, const float* sin_, int64_t period, float* k,
+                              float* v, int64_t* length, const int64_t* rows, float* out, int64_t R, int64_t B,
+                              int64_t H, int64_t G, int64_t L, int64_t K, int n_threads) {
+    int64_t rep = H / G, longest = 0, GK = G * K, half = K / 2, Kv = K / FR_LANES * FR_LANES;
+    int64_t full = ragged_rows_check(rows, length, R, B, L, &longest);
+    if (full) return full;
+    /* per thread: scores (longest * H, rounded up to whole vectors and blocks of 16), the turned query, the output
+       and each head's max and sum */
+    int64_t np_max = (longest * H + 31) / 16 * 16, stride = np_max + 2 * H * K + 2 * H;
+    float* scratch = (float*)malloc((size_t)(n_threads * stride) * sizeof(float));
+    if (!scratch) return -1;
+    float scale = 1.0f / sqrtf((float)K);
+    _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")
+    for (int64_t r = 0; r < R; ++r) {
+        int64_t b = rows[r], n = length[b] + 1, np = n * H;
+        const float* x = qkv + r * (H + 2 * G) * K;
+        const float* c = cos_ + (r % period) * half;
+        const float* s = sin_ + (r % period) * half;
+        float* kb = k + b * L * GK;
+        float* vb = v + b * L * GK;
+        float* p = scratch + omp_get_thread_num() * stride;
+        float* ql = p + np_max; float* o = ql + H * K; float* mx = o + H * K; float* sum = mx + H;
+        for (int64_t g = 0; g < G; ++g) {
+            rq_rotate(x + (H + g) * K, c, s, K, 1.0f, kb + (n - 1) * GK + g * K);
+            memcpy(vb + (n - 1) * GK + g * K, x + (H + G + g) * K, (size_t)K * sizeof(float));
+        }
+        length[b] = n;
+        for (int64_t h = 0; h < H; ++h) rq_rotate(x + h * K, c, s, K, scale, ql + h * K);
+        /* scores, pair i = j * H + h, sixteen at a time */
+        int64_t pf = 0;
+        for (int64_t i0 = 0; i0 < np; i0 += 16) {
+            int cnt = np - i0 < 16 ? (int)(np - i0) : 16;
+            for (int64_t last = (i0 + 15) / H + RQ_PF; pf <= last && pf < n; ++pf) rq_prefetch(kb + pf * GK, GK);
+            fr_vec acc[16];
+            for (int i = 0; i < 16; ++i) acc[i] = (fr_vec){0};
+            for (int i = 0; i < cnt; ++i) {
+                int64_t j = (i0 + i) / H, h = (i0 + i) % H;
+                const float* qh = ql + h * K; const float* kh = kb + j * GK + (h / rep) * K;
+                for (int64_t d = 0; d < Kv; d += FR_LANES) acc[i] += fr_load(qh + d) * fr_load(kh + d);
+            }
+            float dots[16];
+            fr_sum_lanes(acc, dots);
+            for (int i = 0; i < cnt; ++i) {
+                int64_t j = (i0 + i) / H, h = (i0 + i) % H;
+                const float* qh = ql + h * K; const float* kh = kb + j * GK + (h / rep) * K;
+                for (int64_t d = Kv; d < K; ++d) dots[i] += qh[d] * kh[d];
+                p[i0 + i] = dots[i];
+            }
+        }
+        /* softmax over each head's scores: the max, e^(score - max) in vectors, the sum */
+        for (int64_t h = 0; h < H; ++h) { mx[h] = -INFINITY; sum[h] = 0; }
+        for (int64_t i = 0; i < np; ++i) if (p[i] > mx[i % H]) mx[i % H] = p[i];
+        for (int64_t i = 0; i < np; ++i) p[i] -= mx[i % H];
+        for (int64_t i = 0; i < np; i += FR_LANES) {  /* p has room past np for the last vector */
+            fr_vec e = fr_exp(fr_load(p + i));
+            memcpy(p + i, &e, FR_BYTES);
+        }
+        for (int64_t i = 0; i < np; ++i) sum[i % H] += p[i];
+        /* the weighted sum of the values, front to back */
+        memset(o, 0, (size_t)(H * K) * sizeof(float));
+        pf = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            for (; pf <= j + RQ_PF && pf < n; ++pf) rq_prefetch(vb + pf * GK, GK);
+            const float* vj = vb + j * GK;
+            for (int64_t h = 0; h < H; ++h) {
+                float w = p[j * H + h]; float* oh = o + h * K; const float* vh = vj + (h / rep) * K;
+                _Pragma("omp simd")
+                for (int64_t d = 0; d < K; ++d) oh[d] += w * vh[d];
+            }
+        }
+        float* outr = out + r * H * K;
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t d = 0; d < K; ++d) outr[h * K + d] = o[h * K + d] / sum[h];
+    }
+    free(scratch);
+    return 0;
+}
+
 /* Mixture-of-Depths decoding, one token per row: the router weight r_b = x_b . w of each of B rows (D wide), and
    the rows whose r is above the threshold, in order. Returns their count. */
 int64_t mod_route_f32(const float* x, const float* w, double threshold, float* r, int64_t* rows, int64_t B,
@@ -558,6 +666,9 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
     lib.few_row_lanes.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
     lib.rope_rows_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.ragged_decode_qkv_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5
+                                          + [ctypes.c_int64] * 6 + [ctypes.c_int])
+    lib.ragged_decode_qkv_f32.restype = ctypes.c_int64
     lib.mod_route_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.mod_route_f32.restype = ctypes.c_int64
     lib.mod_add_rows_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -733,6 +844,12 @@ def _ragged_decode_kernel(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RG
     full = fn(q_RHK.data_ptr(), k_new_RGK.data_ptr(), v_new_RGK.data_ptr(), k_BLGK.data_ptr(), v_BLGK.data_ptr(),
               length_B.data_ptr(), rows_R.data_ptr(), out.data_ptr(), R, B, H, G, L, K, K ** -0.5,
               torch.get_num_threads())
+    _raise_ragged(full, B, L, rows_R)
+    return out
+
+
+def _raise_ragged(full: int, B: int, L: int, rows_R: torch.Tensor) -> None:
+    """The ragged steps' refusals (their return codes), raised with nothing written."""
     if full == -2:
         raise ValueError(f"the rows of a ragged decoding step must be distinct batch rows in [0, {B}); got "
                          f"{rows_R.tolist()}")
@@ -740,7 +857,6 @@ def _ragged_decode_kernel(q_RHK: torch.Tensor, k_new_RGK: torch.Tensor, v_new_RG
         raise MemoryError("no memory for the ragged decoding step's attention scores")
     if full:
         raise RuntimeError(f"KV cache holds {L} tokens; {full} row(s) asked for one more")
-    return out
 
 
 _ragged_decode_op = torch.library.custom_op("mixturelm::ragged_decode_step", _ragged_decode_kernel,
@@ -872,4 +988,20 @@ def mod_add_rows(x_BD: torch.Tensor, rows_R: torch.Tensor, r_B: torch.Tensor, f_
     out = torch.empty_like(x_BD)
     library().mod_add_rows_f32(x_BD.data_ptr(), rows_R.data_ptr(), r_B.data_ptr(), f_RD.data_ptr(), out.data_ptr(),
                                B, rows_R.numel(), D, int(sigmoid_gate))
+    return out
+
+
+def ragged_decode_qkv(qkv_RNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_BLGK: torch.Tensor,
+                      v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """ragged_decode_step from the fused projection qkv_RNK (R, H + 2G, K) of one token per row, float32: the key and
+    query turned by the rotary angles (cos, sin: (1, K/2) for every row or (R, K/2)) first, and the result (R, H * K),
+    as the output projection reads it. The caller has checked shapes, dtypes and layouts (RaggedRows.attend_projection);
+    rows and free slots are checked here, with nothing written, as ragged_decode_step checks them."""
+    R, N, K = qkv_RNK.shape
+    B, L, G, _ = k_BLGK.shape
+    out = torch.empty(R, n_heads * K, dtype=torch.float32)
+    full = library().ragged_decode_qkv_f32(qkv_RNK.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.numel() // (K // 2),
+                                           k_BLGK.data_ptr(), v_BLGK.data_ptr(), length_B.data_ptr(), rows_R.data_ptr(),
+                                           out.data_ptr(), R, B, n_heads, G, L, K, torch.get_num_threads())
+    _raise_ragged(full, B, L, rows_R)
     return out
