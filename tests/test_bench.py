@@ -50,6 +50,19 @@ def test_bench_mod_smoke(tmp_path):
         assert len(row["all_rounds_s"]["dense"]) == len(row["all_rounds_s"]["MoD"]) == 1
 
 
+def test_interleaved_timing_alternates_which_contender_goes_first():
+    from mixturelm.bench.timing import time_alternating
+
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = time_alternating(contenders, steps=3, rounds=2, warmup=1, interleave=True)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b"] * 2  # warm-up, then call by call, the order turned
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2} and all(t >= 0 for v in times.values() for t in v)
+    calls.clear()
+    time_alternating(contenders, steps=2, rounds=1, warmup=0)
+    assert calls == ["a", "a", "b", "b"]  # the default: each contender's calls back to back
+
+
 def test_paired_speedup_by_hand():
     from mixturelm.bench.timing import paired_speedup
     # paired by round the ratios are 2, 2.5 and 2; the ratio of the medians would say 5 / 2 = 2.5

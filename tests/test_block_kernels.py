@@ -164,27 +164,36 @@ def float32_mod_model(**mod_options) -> MixtureLM:
 
 @needs_kernel
 @pytest.mark.parametrize("gate", ["linear", "sigmoid"])
-def test_float32_decoding_in_kernels_equals_the_torch_path(gate, block_kernel_calls, monkeypatch):
-    """A float32 MoD model decodes the same with the kernels (element-wise steps, router and rows, the sum back)
-    as with every kernel off (the path CUDA takes), to float32 rounding, and its ragged caches grow alike."""
+@pytest.mark.parametrize("batch", [6, 1])  # one sequence: its prefill routes in the kernels too
+def test_float32_decoding_in_kernels_equals_the_torch_path(gate, batch, block_kernel_calls, monkeypatch):
+    """A float32 MoD model prefills and decodes the same with the kernels (element-wise steps, router and rows, the
+    sum back, the fused ragged attention) as with every kernel off (the path CUDA takes), to float32 rounding, and
+    its ragged caches grow alike; so does a forward with causal routing and no cache."""
     model = float32_mod_model(gate=gate, capacity=0.5)
     torch.manual_seed(1)
-    idx = torch.randint(0, 257, (6, 20))
+    idx = torch.randint(0, 257, (batch, 20))
 
     def decode():
         with torch.no_grad():
-            cache = model.new_cache(6, 20)
+            cache = model.new_cache(batch, 20)
             out = [model(idx[:, :8], cache=cache).logits]
             out += [model(idx[:, t:t + 1], cache=cache).logits for t in range(8, 20)]
-        return torch.cat(out, 1), [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
+            causal = model(idx, causal_routing=True).logits
+        return torch.cat(out, 1), causal, [layer.length_B for layer in cache.layers if hasattr(layer, "length_B")]
 
-    got, got_lengths = decode()
+    got, got_causal, got_lengths = decode()
     assert {"rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows"} <= set(block_kernel_calls)
+    routed = sum(isinstance(m, MoD) for m in model.modules())
+    # the router's kernel ran in every routed block's decoding steps, and in its prefill and forward of one sequence
+    assert block_kernel_calls.count("mod_route") == routed * (12 + 2 * (batch == 1))
     monkeypatch.setattr(kernels, "library", lambda: None)
-    want, want_lengths = decode()
+    want, want_causal, want_lengths = decode()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_causal, want_causal, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, got_causal, rtol=1e-4, atol=1e-4)  # decoding computes what the forward does
     assert all(torch.equal(a, b) for a, b in zip(got_lengths, want_lengths))
-    assert any(0 < int(n.min()) and int(n.max()) < 20 for n in got_lengths)  # rows entered and skipped
+    assert any(0 < int(n.min()) and int(n.max()) < 20 for n in got_lengths) or batch == 1  # rows entered and skipped
+    assert all(0 < int(n.max()) < 20 for n in got_lengths)
 
 
 @needs_kernel

@@ -18,7 +18,7 @@ import torch
 
 from ..model import MixtureLM
 from .decode_bound import Machine, decode_stages, step_seconds
-from .timing import paired_speedup
+from .timing import alternate_order, paired_speedup
 
 
 @dataclass
@@ -119,19 +119,22 @@ def bound_seconds(model: MixtureLM, batch: int, prompt_len: int, traces: list,
 
 
 def decode_at(models: dict[str, MixtureLM], pool: Pool, batch: int, rounds: int, machine: Machine) -> dict:
-    """Decode every group of `batch` rows of the pool with each model, alternating the models over the
-    rounds (each round every group, from a fresh copy of its cache rows): tokens/s measured and bound,
-    FLOPs per token, and what the routed blocks did."""
+    """Decode every group of `batch` rows of the pool with each model, every round, from a fresh copy of its cache
+    rows, the models interleaved group by group: tokens/s measured and bound, FLOPs per token, and what the routed
+    blocks did."""
     rows = pool.feed_BT.shape[0]
     groups = [slice(start, start + batch) for start in range(0, rows - batch + 1, batch)]
     # untimed, once: warms each model up at this batch size and records the routing
     traces = {name: [traced_decode(m, cache_rows(pool.caches[name], g), pool.feed_BT[g]) for g in groups]
               for name, m in models.items()}
     seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            seconds[name].append(sum(decode_seconds(m, cache_rows(pool.caches[name], g), pool.feed_BT[g])
-                                     for g in groups))
+    for _ in range(rounds):  # the models interleaved group by group, the first of each pair alternating
+        spent = dict.fromkeys(models, 0.0)
+        for i, g in enumerate(groups):
+            for name in alternate_order(list(models), i):
+                spent[name] += decode_seconds(models[name], cache_rows(pool.caches[name], g), pool.feed_BT[g])
+        for name in models:
+            seconds[name].append(spent[name])
     tokens = len(groups) * batch * pool.feed_BT.shape[1]
     result = {"sequences": len(groups) * batch}
     for name, m in models.items():

@@ -15,25 +15,44 @@ import torch.nn.functional as F
 from ..errors import UsageError, positive_ints
 from ..files import OutputFolder, claim, results_only, write_json_atomic
 
-__all__ = ["check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
+__all__ = ["alternate_order", "check_config", "copy_bandwidth", "fwd_bwd", "in_fresh_process", "peak_rss_bytes", "prepare",
            "paired_speedup", "read_bandwidth", "reset_peak_rss", "rss_bytes", "save_results", "time_alternating",
            "train_step_fn"]
 
 
 def time_alternating(contenders: dict[str, Callable[[], None]], steps: int, rounds: int,
-                     warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each contender: `rounds` rounds, each timing `steps` calls of every contender in turn."""
+                     warmup: int = 2, interleave: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each contender: `rounds` rounds, each timing `steps` calls of every contender. By default a
+    contender's calls run back to back, the contenders in turn. interleave=True alternates the contenders call by
+    call, the order reversed every other call so that none always runs first, and sums each one's calls: a slow
+    spell of the machine, or a fast one, then falls on all of them alike within a round."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                fn()
-            times[name].append((time.perf_counter() - t0) / steps)
+        if not interleave:
+            for name, fn in contenders.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / steps)
+            continue
+        spent = dict.fromkeys(contenders, 0.0)
+        for i in range(steps):
+            for name in alternate_order(list(contenders), i):
+                t0 = time.perf_counter()
+                contenders[name]()
+                spent[name] += time.perf_counter() - t0
+        for name in contenders:
+            times[name].append(spent[name] / steps)
     return times
+
+
+def alternate_order(names: list[str], i: int) -> list[str]:
+    """The contenders in their order for even i, reversed for odd i: interleaved timing where none always goes first
+    (the first after another's call finds the caches full of the other's data)."""
+    return names if i % 2 == 0 else names[::-1]
 
 
 def paired_speedup(base_s: list[float], other_s: list[float]) -> dict[str, float]:

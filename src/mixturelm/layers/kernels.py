@@ -542,16 +542,18 @@ int64_t ragged_decode_qkv_f32(const float* qkv, const float* cos_, const float* 
 /* Mixture-of-Depths decoding, one token per row: the router weight r_b = x_b . w of each of B rows (D wide), and
    the rows whose r is above the threshold, in order. Returns their count. */
 int64_t mod_route_f32(const float* x, const float* w, double threshold, float* r, int64_t* rows, int64_t B,
-                      int64_t D) {
-    int64_t R = 0;
+                      int64_t D, int n_threads) {
+    EW_PARALLEL(B * D)
     for (int64_t b = 0; b < B; ++b) {
         const float* xb = x + b * D;
         float dot = 0;
         _Pragma("omp simd reduction(+:dot)")
         for (int64_t d = 0; d < D; ++d) dot += xb[d] * w[d];
         r[b] = dot;
-        if ((double)dot > threshold) rows[R++] = b;
     }
+    int64_t R = 0;
+    for (int64_t b = 0; b < B; ++b)
+        if ((double)r[b] > threshold) rows[R++] = b;
     return R;
 }
 
@@ -561,9 +563,13 @@ int64_t mod_route_f32(const float* x, const float* w, double threshold, float* r
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 void mod_add_rows_f32(const float* x, const int64_t* rows, const float* r, const float* f, float* out, int64_t B,
-                      int64_t R, int64_t D, int sigmoid_gate) {
-    memcpy(out, x, (size_t)(B * D) * sizeof(float));
-    for (int64_t i = 0; i < R; ++i) {
+                      int64_t R, int64_t D, int sigmoid_gate, int n_threads) {
+    const int64_t chunk = 4096;  /* floats copied per task */
+    EW_PARALLEL(B * D)
+    for (int64_t c = 0; c < B * D; c += chunk)
+        memcpy(out + c, x + c, (size_t)(B * D - c < chunk ? B * D - c : chunk) * sizeof(float));
+    _Pragma("omp parallel for num_threads(n_threads) schedule(static) if(R * D >= 65536)")
+    for (int64_t i = 0; i < R; ++i) {  /* distinct rows: no two threads write one */
         int64_t b = rows[i];
         float g = sigmoid_gate ? 1.0f / (1.0f + expf(-r[b])) : r[b];
         const float* fi = f + i * D;
@@ -669,9 +675,10 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
     lib.ragged_decode_qkv_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5
                                           + [ctypes.c_int64] * 6 + [ctypes.c_int])
     lib.ragged_decode_qkv_f32.restype = ctypes.c_int64
-    lib.mod_route_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.mod_route_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+                                  + [ctypes.c_int])
     lib.mod_route_f32.restype = ctypes.c_int64
-    lib.mod_add_rows_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.mod_add_rows_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.swiglu_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     for name in ("pk_topk_f32", "pk_topk_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
@@ -975,7 +982,7 @@ def mod_route(x_BD: torch.Tensor, weight_D: torch.Tensor, threshold: float) -> t
     r_B = torch.empty(B, dtype=torch.float32)
     rows_B = torch.empty(B, dtype=torch.int64)
     R = library().mod_route_f32(x_BD.data_ptr(), weight_D.data_ptr(), threshold, r_B.data_ptr(), rows_B.data_ptr(),
-                                B, D)
+                                B, D, torch.get_num_threads())
     return r_B, rows_B[:R]
 
 
@@ -987,7 +994,7 @@ def mod_add_rows(x_BD: torch.Tensor, rows_R: torch.Tensor, r_B: torch.Tensor, f_
     x_BD, f_RD = x_BD.contiguous(), f_RD.contiguous()
     out = torch.empty_like(x_BD)
     library().mod_add_rows_f32(x_BD.data_ptr(), rows_R.data_ptr(), r_B.data_ptr(), f_RD.data_ptr(), out.data_ptr(),
-                               B, rows_R.numel(), D, int(sigmoid_gate))
+                               B, rows_R.numel(), D, int(sigmoid_gate), torch.get_num_threads())
     return out
 
 

@@ -188,8 +188,11 @@ class MoD(nn.Module):
                 causal_routing: bool = False) -> tuple[torch.Tensor, list[Aux]]:
         """Top-k routing (training) unless given a cache or causal_routing; returns the output and the aux
         of the block's layers followed by this layer's MoDAux."""
-        if cache is not None and self._decodes_in_kernels(x_BTD):
-            return self._decode_in_kernels(x_BTD, rope, cache)
+        if (cache is not None or causal_routing) and self._routes_in_kernels(x_BTD):
+            if x_BTD.shape[1] == 1 and cache is not None:
+                return self._decode_in_kernels(x_BTD, rope, cache)
+            if x_BTD.shape[0] == 1:
+                return self._one_sequence_in_kernels(x_BTD, rope, cache)
         r_BT = self.router_weights(x_BTD)
         if cache is None and not causal_routing:
             return self._forward_topk(x_BTD, r_BT, rope)
@@ -254,11 +257,38 @@ class MoD(nn.Module):
             return y_RTD, aux
         return x_BTD.index_copy(0, rows_R, y_RTD), aux
 
-    def _decodes_in_kernels(self, x_BTD: torch.Tensor) -> bool:
-        """Whether a decoding step (one token per row, a non-empty batch) can take _decode_in_kernels: the router
-        alone decides (no predictor), on CPU in float32 with no gradient (kernels.inference_ready)."""
-        return (x_BTD.dim() == 3 and x_BTD.shape[1] == 1 and x_BTD.shape[0] > 0 and self.predictor is None
+    def _routes_in_kernels(self, x_BTD: torch.Tensor) -> bool:
+        """Whether causal routing can take the kernels (_decode_in_kernels, _one_sequence_in_kernels): the router
+        alone decides (no predictor), on CPU in float32 with no gradient (kernels.inference_ready), tokens to route."""
+        return (x_BTD.dim() == 3 and x_BTD.shape[0] * x_BTD.shape[1] > 0 and self.predictor is None
                 and x_BTD.shape[2] == self.router.weight.shape[1] and kernels.inference_ready(x_BTD, self.router.weight))
+
+    def _one_sequence_in_kernels(self, x_1TD, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
+        """_forward_causal for one sequence on CPU (a prompt prefilled, or a forward with causal routing): the
+        router weights and the entering tokens, in order, in one kernel call; those tokens gathered, the branch on
+        them (rotated by their original positions), and x + g(r) f back in another call. Torch's path took some
+        twenty ops around the branch (router, mask, counts, argsort of the positions, weights, a clone and an
+        index_add); one sequence has no padding to build."""
+        _, T, D = x_1TD.shape
+        x_TD = x_1TD.reshape(T, D)
+        r_T, idx_C = kernels.mod_route(x_TD, self.router.weight.view(D), float(self.threshold))
+        C = idx_C.numel()
+        mine = MoDAux(causal_fraction=torch.tensor(C / T, dtype=torch.float32),
+                      causal_counts=torch.tensor([C, T], dtype=torch.float64))
+        if C == 0:  # nobody enters: the block costs only the router
+            return x_1TD, [mine]
+        rope_1C = None if rope is None else (rope[0][idx_C][None], rope[1][idx_C][None])  # ORIGINAL positions
+        view = None if cache is None else cache.rows(torch.zeros(1, dtype=torch.long), torch.tensor([C]))
+        f_1CD, block_aux = self._branch(x_TD.index_select(0, idx_C).view(1, C, D), rope_1C, view)
+        return self._added_back(x_TD, idx_C, r_T, f_1CD.view(C, D)).view(1, T, D), block_aux + [mine]
+
+    def _added_back(self, x_ND: torch.Tensor, idx_M: torch.Tensor, r_N: torch.Tensor, f_MD: torch.Tensor) -> torch.Tensor:
+        """x with x + g(r) f on the rows idx_M (distinct): one kernel call, or torch's ops for a branch computed in
+        another precision."""
+        if f_MD.dtype != torch.float32:
+            w_M1 = self.branch_weights(r_N[idx_M])[:, None].to(f_MD.dtype)
+            return x_ND.index_copy(0, idx_M, x_ND[idx_M] + w_M1 * f_MD)
+        return kernels.mod_add_rows(x_ND, idx_M, r_N, f_MD, self.gate == "sigmoid")
 
     def _decode_in_kernels(self, x_B1D, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         """_forward_causal for a CPU decoding step: the router weights and the rows above the threshold in one kernel
@@ -275,11 +305,7 @@ class MoD(nn.Module):
             return x_B1D, [mine]
         x_R1D = x_B1D if R == B else x_BD.index_select(0, rows_R).view(R, 1, D)
         f_R1D, block_aux = self._branch(x_R1D, rope, cache.rows(rows_R, 1))
-        if f_R1D.dtype != torch.float32:  # a block computing in another precision: the torch ops
-            w_R1 = self.branch_weights(r_B[rows_R])[:, None, None].to(f_R1D.dtype)
-            return x_B1D.index_copy(0, rows_R, x_R1D + w_R1 * f_R1D), block_aux + [mine]
-        y_BD = kernels.mod_add_rows(x_BD, rows_R, r_B, f_R1D.view(R, D), self.gate == "sigmoid")
-        return y_BD.view(B, 1, D), block_aux + [mine]
+        return self._added_back(x_BD, rows_R, r_B, f_R1D.view(R, D)).view(B, 1, D), block_aux + [mine]
 
     def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         """x + r * f(x) on the tokens idx_BC (in order) of each row, added back; real_BC marks padding."""
