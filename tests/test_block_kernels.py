@@ -124,7 +124,7 @@ def test_inference_ready_only_where_nothing_else_is_asked():
 def block_kernel_calls(monkeypatch):
     """Which of the element-wise and MoD kernels the layers called."""
     calls = []
-    for name in ("rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows"):
+    for name in ("rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows", "ragged_attend_qkv"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     return calls
@@ -184,6 +184,8 @@ def test_float32_decoding_in_kernels_equals_the_torch_path(gate, batch, block_ke
     got, got_causal, got_lengths = decode()
     assert {"rms_norm", "rope_rows_", "swiglu", "mod_route", "mod_add_rows"} <= set(block_kernel_calls)
     routed = sum(isinstance(m, MoD) for m in model.modules())
+    # the routed blocks' attention, in the prefill (padded rows at batch 6) and every decoding step where rows entered
+    assert block_kernel_calls.count("ragged_attend_qkv") >= routed
     # the router's kernel ran in every routed block's decoding steps, and in its prefill and forward of one sequence
     assert block_kernel_calls.count("mod_route") == routed * (12 + 2 * (batch == 1))
     monkeypatch.setattr(kernels, "library", lambda: None)
@@ -219,51 +221,53 @@ def test_mod_decoding_kernels_when_nobody_or_everybody_enters(block_kernel_calls
 
 @needs_kernel
 @pytest.mark.parametrize("K", [8, 64, 20, 6])  # whole vectors of 4, 8 or 16 floats; tails of scalars; no vector
-@pytest.mark.parametrize("shared", [True, False])  # one angle for every row (decoding), or one per row
-def test_ragged_decode_from_the_projection_equals_the_step_written_out(K, shared):
-    """The fused step from the projection against float64 written out: each row's key turned by its angle and its
-    value at its length, the length grown by one, and softmax(q k / sqrt(K)) v over the row's tokens with q turned
-    the same way; rows in any order, an empty row, a row that fills the cache, two query heads per key/value head,
-    more tokens than one block of sixteen scores. A full row, or rows repeated or outside the batch: an error, and
-    nothing written."""
-    gen = torch.Generator().manual_seed(K)
+@pytest.mark.parametrize("shared", [True, False])  # one angle per token for every row, or one per row and token
+@pytest.mark.parametrize("C", [1, 3])  # decoding, and a prefill whose rows bring 3, 1 and 2 tokens (then padding)
+def test_ragged_attention_from_the_projection_equals_the_step_written_out(K, shared, C):
+    """The fused step from the projection against float64 written out: each token's key turned by its angle and
+    its value at its row's length + its index, the length grown by the row's real tokens, and each token's
+    softmax(q k / sqrt(K)) v over its row's tokens up to its own, q turned the same way; rows in any order, an
+    empty row, a row that fills the cache, two query heads per key/value head, more tokens than one block of
+    sixteen scores. A row without room, or rows repeated or outside the batch: an error, and nothing written."""
+    gen = torch.Generator().manual_seed(K + C)
     B, L, H, G = 6, 40, 4, 2
     k_BLGK, v_BLGK = (torch.randn(B, L, G, K, generator=gen) for _ in range(2))
-    length_B = torch.tensor([3, 39, 0, 25, 2, 1])
-    rows = torch.tensor([4, 0, 2, 1])  # row 2 empty before; row 1 takes the last slot
-    qkv = torch.randn(4, H + 2 * G, K, generator=gen) * 2  # a sharp softmax
-    positions = torch.tensor([7]) if shared else torch.tensor([5, 11, 0, 300])
-    cos, sin = rope_angles(positions, K, 10000.0)
-    if not shared:
-        cos, sin = cos[:, None], sin[:, None]  # (R, 1, K/2), as MoD's rows bring them
+    length_B = torch.tensor([3, 40 - C, 0, 25, 2, 1])
+    rows = torch.tensor([4, 0, 2, 1])  # row 2 empty before; row 1 takes the last slots
+    count = None if C == 1 else torch.tensor([3, 1, 2, 3])
+    qkv = torch.randn(4, C, H + 2 * G, K, generator=gen) * 2  # a sharp softmax
+    positions = torch.arange(7, 7 + C) if shared else torch.randint(0, 4000, (4, C))
+    cos, sin = rope_angles(positions, K, 10000.0)  # (C, K/2) or (R, C, K/2)
     k_want, v_want, length_want = k_BLGK.double(), v_BLGK.double(), length_B.clone()
-    c64, s64 = cos.double().reshape(-1, K // 2), sin.double().reshape(-1, K // 2)
 
-    def turn(x, r):  # (heads, K) by row r's angle, in float64
-        c, s = c64[r % c64.shape[0]], s64[r % c64.shape[0]]
+    def turn(x, r, c):  # (heads, K) by token (r, c)'s angle, in float64
+        cs, sn = (cos[c], sin[c]) if shared else (cos[r, c], sin[r, c])
         x1, x2 = x[:, :K // 2], x[:, K // 2:]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+        return torch.cat([x1 * cs.double() - x2 * sn.double(), x2 * cs.double() + x1 * sn.double()], -1)
 
     for r, b in enumerate(rows.tolist()):
-        k_want[b, length_B[b]] = turn(qkv[r, H:H + G].double(), r)
-        v_want[b, length_B[b]] = qkv[r, H + G:].double()
-        length_want[b] += 1
-    got = kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, H)
-    assert got.shape == (4, H * K) and torch.equal(length_B, length_want)
+        for c in range(C):  # padding too: written past the row's end
+            k_want[b, length_B[b] + c] = turn(qkv[r, c, H:H + G].double(), r, c)
+            v_want[b, length_B[b] + c] = qkv[r, c, H + G:].double()
+        length_want[b] += C if count is None else count[r]
+    got = kernels.ragged_attend_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, count, H)
+    assert got.shape == (4, C, H * K) and torch.equal(length_B, length_want)
     torch.testing.assert_close(k_BLGK.double(), k_want, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_BLGK.double(), v_want)
     for r, b in enumerate(rows.tolist()):
-        n, q = int(length_want[b]), turn(qkv[r, :H].double(), r)
-        for h in range(H):
-            keys, values = k_want[b, :n, h // (H // G)], v_want[b, :n, h // (H // G)]
-            weights = torch.softmax(keys @ q[h] / math.sqrt(K), dim=0)
-            torch.testing.assert_close(got[r, h * K:(h + 1) * K].double(), weights @ values, rtol=2e-5, atol=2e-5)
+        for c in range(C):
+            n, q = int(length_want[b] - (C if count is None else count[r])) + c + 1, turn(qkv[r, c, :H].double(), r, c)
+            for h in range(H):
+                keys, values = k_want[b, :n, h // (H // G)], v_want[b, :n, h // (H // G)]
+                weights = torch.softmax(keys @ q[h] / math.sqrt(K), dim=0)
+                torch.testing.assert_close(got[r, c, h * K:(h + 1) * K].double(), weights @ values, rtol=2e-5,
+                                           atol=2e-5)
     before = k_BLGK.clone(), v_BLGK.clone(), length_B.clone()
     with pytest.raises(RuntimeError, match="KV cache holds 40 tokens"):  # row 1 is full now
-        kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, H)
+        kernels.ragged_attend_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, rows, count, H)
     for bad in ([0, 0, 2, 3], [0, 6, 2, 3], [0, -1, 2, 3]):  # a row twice, past the batch, negative
         with pytest.raises(ValueError, match="distinct batch rows"):
-            kernels.ragged_decode_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, torch.tensor(bad), H)
+            kernels.ragged_attend_qkv(qkv, cos, sin, k_BLGK, v_BLGK, length_B, torch.tensor(bad), count, H)
     assert all(torch.equal(x, y) for x, y in zip((k_BLGK, v_BLGK, length_B), before))
 
 
@@ -272,8 +276,8 @@ def test_attention_takes_the_fused_ragged_step_only_where_it_fits(monkeypatch):
     from mixturelm.layers.attention import Attention, RaggedKVCache
 
     calls = []
-    real = kernels.ragged_decode_qkv
-    monkeypatch.setattr(kernels, "ragged_decode_qkv", lambda *a: calls.append(a[0].dtype) or real(*a))
+    real = kernels.ragged_attend_qkv
+    monkeypatch.setattr(kernels, "ragged_attend_qkv", lambda *a: calls.append(a[0].dtype) or real(*a))
     torch.manual_seed(0)
     x = torch.randn(3, 1, 32)
     rope = rope_angles(torch.tensor([4]), 8, 10000.0)
@@ -294,3 +298,9 @@ def test_attention_takes_the_fused_ragged_step_only_where_it_fits(monkeypatch):
     attn = Attention(32, 4, 2)
     attn(x, rope, cache.rows(torch.tensor([4, 0, 3]), 1))  # the weights need gradients: the unfused step
     assert len(calls) == 2 and cache.length_B.tolist() == [1, 0, 0, 1, 1]
+    from mixturelm.layers import attention
+
+    monkeypatch.setattr(attention, "FUSED_ATTENTION_MOST_TOKENS", 0)  # more tokens than the kernel takes
+    with torch.no_grad():
+        attn(x, rope, cache.rows(torch.tensor([4, 0, 3]), 1))
+    assert len(calls) == 2 and cache.length_B.tolist() == [2, 0, 0, 2, 2]

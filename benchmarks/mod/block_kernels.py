@@ -38,7 +38,7 @@ def contenders(rows: int) -> dict[str, tuple]:
     """name: (torch's ops, the kernel), on inputs of `rows` tokens."""
     x, w = torch.randn(rows, 1, D), torch.ones(D)
     qkv = torch.randn(rows, 1, 3 * H, K)
-    cos, sin = rope_angles(torch.arange(rows), K, 10000.0)
+    cos, sin = rope_angles(torch.arange(rows)[:, None], K, 10000.0)  # (rows, 1, K/2): one token per row
     gu = torch.randn(rows, 1, 2 * D_FFN)
     router, threshold = torch.randn(1, D) / D ** 0.5, torch.tensor(0.05)
     entered = torch.arange(0, rows, 8)  # one row in eight

@@ -163,6 +163,14 @@ class RaggedKVCache:
         return RaggedRows(self, rows_R, count_R)
 
 
+# The most tokens per row for which RaggedRows takes the fused kernel. It walks each token's (key, head) pairs one
+# by one, which serves decoding and short prefills; torch's flash attention shares each key among a block of
+# queries. In the prefills of `bench mod`'s model (benchmarks/mod/routed_prefill_time.py) the kernel took 0.2-0.3
+# ms less per routed block up to about 100 tokens, the two were even around 110-140, and from 200 tokens torch's was
+# 0.6-2 ms faster.
+FUSED_ATTENTION_MOST_TOKENS = 96
+
+
 class RaggedRows:
     """Rows of a RaggedKVCache for one block call. The call's C tokens per row are compacted: row r's
     count_R[r] real tokens come first, in order, then padding. Padding is written past the row's end
@@ -206,24 +214,32 @@ class RaggedRows:
         c.length_B[rows] += self.count_R
         return y
 
-    def attend_projection(self, qkv_R1NK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def attend_projection(self, qkv_RCNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           n_heads: int) -> torch.Tensor | None:
-        """Decoding (one token per row) from the fused projection in one kernel call: rotary embedding, store,
-        attention, and the output laid out (R, 1, H * K) for the output projection. None where the kernel cannot
-        serve it (not CPU float32 inference, shapes it does not take): the caller then takes the unfused path."""
-        c, rows = self.cache, self.rows_R
+        """This call's attention from the fused projection (R rows, C tokens each) in one kernel call: rotary
+        embedding, store, attention over each row's tokens up to each token's own, and the output laid out
+        (R, C, H * K) for the output projection; decoding (C = 1) and short prefills (C up to
+        FUSED_ATTENTION_MOST_TOKENS). None where the kernel cannot serve it (not CPU float32 inference, more tokens,
+        shapes it does not take): the caller then takes the unfused path."""
+        c, rows, count = self.cache, self.rows_R, self.count_R
         k = c.k_BLGK
-        (R, T, N, K), (G, K_cache) = qkv_R1NK.shape, k.shape[2:]
+        (R, C, N, K), (G, K_cache) = qkv_RCNK.shape, k.shape[2:]
         H = n_heads
-        if (T != 1 or K != K_cache or K % 2 or G == 0 or H % G or N != H + 2 * G or rows.shape != (R,)
-                or cos.shape != sin.shape or cos.shape not in ((1, K // 2), (R, 1, K // 2))):
+        angles = ((C, K // 2), (R, C, K // 2), (1, C, K // 2))  # shared by the rows, or one per row
+        if (C == 0 or C > FUSED_ATTENTION_MOST_TOKENS or K != K_cache or K % 2 or G == 0 or H % G or N != H + 2 * G or rows.shape != (R,)
+                or cos.shape != sin.shape or cos.shape not in angles or (cos.dim() == 3 and cos.shape[0] != R)):
             return None
-        if not (kernels.inference_ready(qkv_R1NK, cos, sin, k, c.v_BLGK) and qkv_R1NK.is_contiguous()
+        if isinstance(count, torch.Tensor):
+            if count.shape != (R,) or count.dtype != torch.int64 or not count.is_contiguous():
+                return None
+        elif count != C:
+            return None
+        if not (kernels.inference_ready(qkv_RCNK, cos, sin, k, c.v_BLGK) and qkv_RCNK.is_contiguous()
                 and cos.is_contiguous() and sin.is_contiguous() and k.is_contiguous() and c.v_BLGK.is_contiguous()
                 and c.length_B.dtype == torch.int64 and rows.dtype == torch.int64 and rows.is_contiguous()):
             return None
-        y = kernels.ragged_decode_qkv(qkv_R1NK.view(R, N, K), cos, sin, k, c.v_BLGK, c.length_B, rows, H)
-        return y.view(R, 1, H * K)
+        return kernels.ragged_attend_qkv(qkv_RCNK, cos, sin, k, c.v_BLGK, c.length_B, rows,
+                                         count if isinstance(count, torch.Tensor) else None, H)
 
     def _attend_row_by_row(self, q_RH1K: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One new token per row, each against its row's cached tokens (its own included), read where they
@@ -288,7 +304,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BTD).view(B, T, H + 2 * G, K)
         if self.qk_norm != "none":
             qkv = self._normalise_qk(qkv)
-        if T == 1 and isinstance(cache, RaggedRows):  # a routed block's decoding step: one kernel call where it can
+        if isinstance(cache, RaggedRows):  # a routed block's tokens: one kernel call where it can
             y = cache.attend_projection(qkv, *rope, H)
             if y is not None:
                 return self.out(y)

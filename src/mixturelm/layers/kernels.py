@@ -439,14 +439,18 @@ static inline fr_vec fr_exp(fr_vec x) {
     return fr_select(hi, zero + INFINITY, fr_select(lo, zero, p));
 }
 
-/* The ragged decoding step from the block's fused projection, float32: call row r (batch row rows[r]) brings
-   qkv[r] = [H query heads | G key heads | G value heads], each K wide. Its key, turned by the rotary angles (cos,
-   sin row r % period, K/2 each), and its value go to the row's next slot; its query, turned the same way and
-   scaled by 1/sqrt(K), attends to the row's cached tokens, its own included; out[r] (H * K) is what the output
-   projection reads. One call where the unfused path takes the rotation, three copies, a transposed copy of the
-   output and the step above. Faster too: the scores of sixteen (token, head) pairs are summed together by the
-   shuffle tree of the few-row kernel, the exponentials are vectors, and keys and values are prefetched RQ_PF
-   tokens ahead. Returns as the step above. */
+/* A routed block's attention over its ragged cache from the block's fused projection, float32: C tokens per call
+   row (one when decoding; a prompt's entering tokens when prefilling), row r the batch row rows[r]. Token c of row
+   r brings qkv[r, c] = [H query heads | G key heads | G value heads], each K wide. Its key, turned by the rotary
+   angles (cos, sin row (r * C + c) % period, K/2 each), and its value go to slot length + c of the row (length as
+   it was before the call); its query, turned the same way and scaled by 1/sqrt(K), attends to the row's slots up
+   to its own; out[r, c] (H * K) is what the output projection reads. Then each row's length grows by its count of
+   real tokens (count[r], or C where count is null): the rest are padding, written past the row's end and never
+   attended by a real token. One call where the unfused path takes the rotation, copies and transposes, the
+   stores and torch's attention. The scores of sixteen (token, head) pairs are summed together by the shuffle
+   tree of the few-row kernel, the exponentials are vectors, and keys and values are prefetched RQ_PF tokens
+   ahead. Checked before anything is written: rows distinct and in [0, B) (-2), room for C more tokens in every
+   row (else the number of rows without it), memory (-1); 0 when done. */
 #define RQ_PF 16
 static inline void rq_rotate(const float* x, const float* c, const float* s, int64_t K, float mul, float* out) {
     int64_t half = K / 2;
@@ -461,80 +465,104 @@ static inline void rq_prefetch(const float* p, int64_t n) {
     for (int64_t l = 0; l < n; l += 16) __builtin_prefetch(p + l, 0, 2);
 }
 
-int64_t ragged_decode_qkv_f32(const float* qkv, const float* cos_, const float* sin_, int64_t period, float* k,
-                              float* v, int64_t* length, const int64_t* rows, float* out, int64_t R, int64_t B,
-                              int64_t H, int64_t G, int64_t L, int64_t K, int n_threads) {
-    int64_t rep = H / G, longest = 0, GK = G * K, half = K / 2, Kv = K / FR_LANES * FR_LANES;
-    int64_t full = ragged_rows_check(rows, length, R, B, L, &longest);
+/* one token's attention: ql (H * K, turned and scaled) against the first n slots of kb/vb; p: scratch. The pairs
+   (token j, head h) are walked with j and h counted, not divided out: a 64-bit division per pair cost more than
+   its dot product. */
+static void rq_attend(const float* ql, const float* kb, const float* vb, int64_t n, int64_t H, int64_t rep,
+                      int64_t GK, int64_t K, float* p, float* o, float* mx, float* sum, float* out) {
+    int64_t np = n * H, Kv = K / FR_LANES * FR_LANES, pf = 0, j = 0, h = 0;
+    for (int64_t i0 = 0; i0 < np; i0 += 16) {  /* scores, pair i = j * H + h, sixteen at a time */
+        int cnt = np - i0 < 16 ? (int)(np - i0) : 16;
+        for (int64_t last = j + 16 / H + 1 + RQ_PF; pf <= last && pf < n; ++pf) rq_prefetch(kb + pf * GK, GK);
+        fr_vec acc[16];
+        const float* kh_of[16];
+        const float* qh_of[16];
+        for (int i = 0; i < 16; ++i) acc[i] = (fr_vec){0};
+        for (int i = 0; i < cnt; ++i) {
+            const float* qh = qh_of[i] = ql + h * K;
+            const float* kh = kh_of[i] = kb + j * GK + (h / rep) * K;
+            for (int64_t d = 0; d < Kv; d += FR_LANES) acc[i] += fr_load(qh + d) * fr_load(kh + d);
+            if (++h == H) { h = 0; ++j; }
+        }
+        float dots[16];
+        fr_sum_lanes(acc, dots);
+        for (int i = 0; i < cnt; ++i) {
+            for (int64_t d = Kv; d < K; ++d) dots[i] += qh_of[i][d] * kh_of[i][d];
+            p[i0 + i] = dots[i];
+        }
+    }
+    /* softmax over each head's scores: the max, e^(score - max) in vectors, the sum */
+    for (int64_t hh = 0; hh < H; ++hh) { mx[hh] = -INFINITY; sum[hh] = 0; }
+    for (int64_t jj = 0; jj < n; ++jj)
+        for (int64_t hh = 0; hh < H; ++hh) if (p[jj * H + hh] > mx[hh]) mx[hh] = p[jj * H + hh];
+    for (int64_t jj = 0; jj < n; ++jj)
+        for (int64_t hh = 0; hh < H; ++hh) p[jj * H + hh] -= mx[hh];
+    for (int64_t i = 0; i < np; i += FR_LANES) {  /* p has room past np for the last vector */
+        fr_vec e = fr_exp(fr_load(p + i));
+        memcpy(p + i, &e, FR_BYTES);
+    }
+    for (int64_t jj = 0; jj < n; ++jj)
+        for (int64_t hh = 0; hh < H; ++hh) sum[hh] += p[jj * H + hh];
+    memset(o, 0, (size_t)(H * K) * sizeof(float));  /* the weighted sum of the values, front to back */
+    pf = 0;
+    for (int64_t jj = 0; jj < n; ++jj) {
+        for (; pf <= jj + RQ_PF && pf < n; ++pf) rq_prefetch(vb + pf * GK, GK);
+        const float* vj = vb + jj * GK;
+        for (int64_t hh = 0; hh < H; ++hh) {
+            float w = p[jj * H + hh]; float* oh = o + hh * K; const float* vh = vj + (hh / rep) * K;
+            _Pragma("omp simd")
+            for (int64_t d = 0; d < K; ++d) oh[d] += w * vh[d];
+        }
+    }
+    for (int64_t hh = 0; hh < H; ++hh) {
+        float inv = 1.0f / sum[hh];
+        for (int64_t d = 0; d < K; ++d) out[hh * K + d] = o[hh * K + d] * inv;
+    }
+}
+
+int64_t ragged_attend_qkv_f32(const float* qkv, const float* cos_, const float* sin_, int64_t period, float* k,
+                              float* v, int64_t* length, const int64_t* rows, const int64_t* count, float* out,
+                              int64_t R, int64_t C, int64_t B, int64_t H, int64_t G, int64_t L, int64_t K,
+                              int n_threads) {
+    int64_t rep = H / G, GK = G * K, half = K / 2, N = H + 2 * G, longest = 0;
+    if (C < 1) return 0;
+    /* room for C more tokens: the check for one more, against a cache C - 1 tokens shorter */
+    int64_t full = ragged_rows_check(rows, length, R, B, L - C + 1, &longest);
     if (full) return full;
+    longest += C - 1;
     /* per thread: scores (longest * H, rounded up to whole vectors and blocks of 16), the turned query, the output
        and each head's max and sum */
     int64_t np_max = (longest * H + 31) / 16 * 16, stride = np_max + 2 * H * K + 2 * H;
     float* scratch = (float*)malloc((size_t)(n_threads * stride) * sizeof(float));
     if (!scratch) return -1;
     float scale = 1.0f / sqrtf((float)K);
-    _Pragma("omp parallel for num_threads(n_threads) schedule(dynamic, 1)")
-    for (int64_t r = 0; r < R; ++r) {
-        int64_t b = rows[r], n = length[b] + 1, np = n * H;
-        const float* x = qkv + r * (H + 2 * G) * K;
-        const float* c = cos_ + (r % period) * half;
-        const float* s = sin_ + (r % period) * half;
-        float* kb = k + b * L * GK;
-        float* vb = v + b * L * GK;
+    _Pragma("omp parallel num_threads(n_threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < R * C; ++t) {  /* every token's key and value stored before any attends */
+            int64_t r = t / C, c = t % C, slot = length[rows[r]] + c;
+            const float* x = qkv + t * N * K;
+            const float* cs = cos_ + (t % period) * half; const float* sn = sin_ + (t % period) * half;
+            float* kslot = k + (rows[r] * L + slot) * GK;
+            float* vslot = v + (rows[r] * L + slot) * GK;
+            for (int64_t g = 0; g < G; ++g) {
+                rq_rotate(x + (H + g) * K, cs, sn, K, 1.0f, kslot + g * K);
+                memcpy(vslot + g * K, x + (H + G + g) * K, (size_t)K * sizeof(float));
+            }
+        }
         float* p = scratch + omp_get_thread_num() * stride;
         float* ql = p + np_max; float* o = ql + H * K; float* mx = o + H * K; float* sum = mx + H;
-        for (int64_t g = 0; g < G; ++g) {
-            rq_rotate(x + (H + g) * K, c, s, K, 1.0f, kb + (n - 1) * GK + g * K);
-            memcpy(vb + (n - 1) * GK + g * K, x + (H + G + g) * K, (size_t)K * sizeof(float));
+        _Pragma("omp for schedule(dynamic, 1)")
+        for (int64_t t = 0; t < R * C; ++t) {
+            int64_t r = t / C, c = t % C, b = rows[r];
+            const float* x = qkv + t * N * K;
+            const float* cs = cos_ + (t % period) * half; const float* sn = sin_ + (t % period) * half;
+            for (int64_t h = 0; h < H; ++h) rq_rotate(x + h * K, cs, sn, K, scale, ql + h * K);
+            rq_attend(ql, k + b * L * GK, v + b * L * GK, length[b] + c + 1, H, rep, GK, K, p, o, mx, sum,
+                      out + t * H * K);
         }
-        length[b] = n;
-        for (int64_t h = 0; h < H; ++h) rq_rotate(x + h * K, c, s, K, scale, ql + h * K);
-        /* scores, pair i = j * H + h, sixteen at a time */
-        int64_t pf = 0;
-        for (int64_t i0 = 0; i0 < np; i0 += 16) {
-            int cnt = np - i0 < 16 ? (int)(np - i0) : 16;
-            for (int64_t last = (i0 + 15) / H + RQ_PF; pf <= last && pf < n; ++pf) rq_prefetch(kb + pf * GK, GK);
-            fr_vec acc[16];
-            for (int i = 0; i < 16; ++i) acc[i] = (fr_vec){0};
-            for (int i = 0; i < cnt; ++i) {
-                int64_t j = (i0 + i) / H, h = (i0 + i) % H;
-                const float* qh = ql + h * K; const float* kh = kb + j * GK + (h / rep) * K;
-                for (int64_t d = 0; d < Kv; d += FR_LANES) acc[i] += fr_load(qh + d) * fr_load(kh + d);
-            }
-            float dots[16];
-            fr_sum_lanes(acc, dots);
-            for (int i = 0; i < cnt; ++i) {
-                int64_t j = (i0 + i) / H, h = (i0 + i) % H;
-                const float* qh = ql + h * K; const float* kh = kb + j * GK + (h / rep) * K;
-                for (int64_t d = Kv; d < K; ++d) dots[i] += qh[d] * kh[d];
-                p[i0 + i] = dots[i];
-            }
-        }
-        /* softmax over each head's scores: the max, e^(score - max) in vectors, the sum */
-        for (int64_t h = 0; h < H; ++h) { mx[h] = -INFINITY; sum[h] = 0; }
-        for (int64_t i = 0; i < np; ++i) if (p[i] > mx[i % H]) mx[i % H] = p[i];
-        for (int64_t i = 0; i < np; ++i) p[i] -= mx[i % H];
-        for (int64_t i = 0; i < np; i += FR_LANES) {  /* p has room past np for the last vector */
-            fr_vec e = fr_exp(fr_load(p + i));
-            memcpy(p + i, &e, FR_BYTES);
-        }
-        for (int64_t i = 0; i < np; ++i) sum[i % H] += p[i];
-        /* the weighted sum of the values, front to back */
-        memset(o, 0, (size_t)(H * K) * sizeof(float));
-        pf = 0;
-        for (int64_t j = 0; j < n; ++j) {
-            for (; pf <= j + RQ_PF && pf < n; ++pf) rq_prefetch(vb + pf * GK, GK);
-            const float* vj = vb + j * GK;
-            for (int64_t h = 0; h < H; ++h) {
-                float w = p[j * H + h]; float* oh = o + h * K; const float* vh = vj + (h / rep) * K;
-                _Pragma("omp simd")
-                for (int64_t d = 0; d < K; ++d) oh[d] += w * vh[d];
-            }
-        }
-        float* outr = out + r * H * K;
-        for (int64_t h = 0; h < H; ++h)
-            for (int64_t d = 0; d < K; ++d) outr[h * K + d] = o[h * K + d] / sum[h];
     }
+    for (int64_t r = 0; r < R; ++r) length[rows[r]] += count ? count[r] : C;
     free(scratch);
     return 0;
 }
@@ -672,9 +700,9 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
     lib.few_row_lanes.restype = ctypes.c_int
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
     lib.rope_rows_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.ragged_decode_qkv_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 5
-                                          + [ctypes.c_int64] * 6 + [ctypes.c_int])
-    lib.ragged_decode_qkv_f32.restype = ctypes.c_int64
+    lib.ragged_attend_qkv_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6
+                                          + [ctypes.c_int64] * 7 + [ctypes.c_int])
+    lib.ragged_attend_qkv_f32.restype = ctypes.c_int64
     lib.mod_route_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
                                   + [ctypes.c_int])
     lib.mod_route_f32.restype = ctypes.c_int64
@@ -998,17 +1026,23 @@ def mod_add_rows(x_BD: torch.Tensor, rows_R: torch.Tensor, r_B: torch.Tensor, f_
     return out
 
 
-def ragged_decode_qkv(qkv_RNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_BLGK: torch.Tensor,
-                      v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """ragged_decode_step from the fused projection qkv_RNK (R, H + 2G, K) of one token per row, float32: the key and
-    query turned by the rotary angles (cos, sin: (1, K/2) for every row or (R, K/2)) first, and the result (R, H * K),
-    as the output projection reads it. The caller has checked shapes, dtypes and layouts (RaggedRows.attend_projection);
-    rows and free slots are checked here, with nothing written, as ragged_decode_step checks them."""
-    R, N, K = qkv_RNK.shape
+def ragged_attend_qkv(qkv_RCNK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_BLGK: torch.Tensor,
+                      v_BLGK: torch.Tensor, length_B: torch.Tensor, rows_R: torch.Tensor, count_R: torch.Tensor | None,
+                      n_heads: int) -> torch.Tensor:
+    """A routed block's attention over its ragged cache from the fused projection qkv_RCNK (R rows, C tokens each,
+    H + 2G heads of K), float32: keys and queries turned by the rotary angles (cos, sin: (C, K/2) for every row or
+    (R, C, K/2)), every token's key and value stored at the row's length + its index, each token attending to its
+    row's tokens up to its own, and the lengths grown by count_R (each row's real tokens, padding after them; None:
+    all C). Returns (R, C, H * K), as the output projection reads it. The caller has checked shapes, dtypes and
+    layouts (RaggedRows.attend_projection); rows and room are checked here, with nothing written."""
+    R, C, N, K = qkv_RCNK.shape
     B, L, G, _ = k_BLGK.shape
-    out = torch.empty(R, n_heads * K, dtype=torch.float32)
-    full = library().ragged_decode_qkv_f32(qkv_RNK.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.numel() // (K // 2),
+    out = torch.empty(R, C, n_heads * K, dtype=torch.float32)
+    count = None if count_R is None else count_R.data_ptr()
+    full = library().ragged_attend_qkv_f32(qkv_RCNK.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.numel() // (K // 2),
                                            k_BLGK.data_ptr(), v_BLGK.data_ptr(), length_B.data_ptr(), rows_R.data_ptr(),
-                                           out.data_ptr(), R, B, n_heads, G, L, K, torch.get_num_threads())
+                                           count, out.data_ptr(), R, C, B, n_heads, G, L, K, torch.get_num_threads())
+    if full > 0:
+        raise RuntimeError(f"KV cache holds {L} tokens; {full} row(s) have no room for {C} more")
     _raise_ragged(full, B, L, rows_R)
     return out
