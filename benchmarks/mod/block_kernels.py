@@ -11,8 +11,6 @@ back), and right after a sum over 200 MB, which evicts the caches as a decoding 
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -20,18 +18,9 @@ from mixturelm.layers import kernels
 from mixturelm.layers.attention import QKVRope, rope_angles
 from mixturelm.layers.ffn import SwiGLUActivation
 from mixturelm.layers.routing import fp32_linear
+from small_ops_after_streaming import per_call_us  # this folder's script: each call timed alone after `before`
 
 D, H, K, D_FFN = 512, 8, 64, 1408
-
-
-def per_call_us(op, before, n: int) -> float:
-    total = 0.0
-    for _ in range(n):
-        before()
-        t0 = time.perf_counter()
-        op()
-        total += time.perf_counter() - t0
-    return total / n * 1e6
 
 
 def contenders(rows: int) -> dict[str, tuple]:

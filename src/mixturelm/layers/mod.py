@@ -271,16 +271,23 @@ class MoD(nn.Module):
         index_add); one sequence has no padding to build."""
         _, T, D = x_1TD.shape
         x_TD = x_1TD.reshape(T, D)
-        r_T, idx_C = kernels.mod_route(x_TD, self.router.weight.view(D), float(self.threshold))
+        r_T, idx_C, mine = self._route_rows(x_TD)
         C = idx_C.numel()
-        mine = MoDAux(causal_fraction=torch.tensor(C / T, dtype=torch.float32),
-                      causal_counts=torch.tensor([C, T], dtype=torch.float64))
         if C == 0:  # nobody enters: the block costs only the router
             return x_1TD, [mine]
         rope_1C = None if rope is None else (rope[0][idx_C][None], rope[1][idx_C][None])  # ORIGINAL positions
         view = None if cache is None else cache.rows(torch.zeros(1, dtype=torch.long), torch.tensor([C]))
         f_1CD, block_aux = self._branch(x_TD.index_select(0, idx_C).view(1, C, D), rope_1C, view)
         return self._added_back(x_TD, idx_C, r_T, f_1CD.view(C, D)).view(1, T, D), block_aux + [mine]
+
+    def _route_rows(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoDAux]:
+        """The router weights of N rows (a decoding step's batch, or one sequence's tokens) and the rows above the
+        threshold, in order, in one kernel call; and the share let in, from those two numbers."""
+        N, D = x_ND.shape
+        r_N, idx_M = kernels.mod_route(x_ND, self.router.weight.view(D), float(self.threshold))
+        M = idx_M.numel()
+        return r_N, idx_M, MoDAux(causal_fraction=torch.tensor(M / N, dtype=torch.float32),
+                                  causal_counts=torch.tensor([M, N], dtype=torch.float64))
 
     def _added_back(self, x_ND: torch.Tensor, idx_M: torch.Tensor, r_N: torch.Tensor, f_MD: torch.Tensor) -> torch.Tensor:
         """x with x + g(r) f on the rows idx_M (distinct): one kernel call, or torch's ops for a branch computed in
@@ -297,10 +304,8 @@ class MoD(nn.Module):
         branch f runs on the entering rows as before."""
         B, _, D = x_B1D.shape
         x_BD = x_B1D.reshape(B, D)
-        r_B, rows_R = kernels.mod_route(x_BD, self.router.weight.view(D), float(self.threshold))
+        r_B, rows_R, mine = self._route_rows(x_BD)
         R = rows_R.numel()
-        mine = MoDAux(causal_fraction=torch.tensor(R / B, dtype=torch.float32),
-                      causal_counts=torch.tensor([R, B], dtype=torch.float64))
         if R == 0:  # nobody enters: the block costs only the router
             return x_B1D, [mine]
         x_R1D = x_B1D if R == B else x_BD.index_select(0, rows_R).view(R, 1, D)
