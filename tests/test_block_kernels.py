@@ -20,7 +20,8 @@ needs_kernel = pytest.mark.skipif(kernels.library() is None, reason="no C compil
 ULP = 2.0 ** -23  # float32's relative spacing at 1
 
 
-def close_to(got: torch.Tensor, want64: torch.Tensor, ulps: float, floor: float = torch.finfo(torch.float32).tiny) -> None:
+def close_to(got: torch.Tensor, want64: torch.Tensor, ulps: float,
+             floor: float = torch.finfo(torch.float32).tiny) -> None:
     """got (float32) within `ulps` float32 steps of the float64 value, relative to each element's own size, or
     within `floor` (default the smallest normal float32, for results that underflow)."""
     assert got.dtype == torch.float32 and got.shape == want64.shape

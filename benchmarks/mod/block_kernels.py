@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from small_ops_after_streaming import per_call_us  # this folder's script: each call timed alone after `before`
 
 from mixturelm.layers import kernels
 from mixturelm.layers.attention import QKVRope, rope_angles
 from mixturelm.layers.ffn import SwiGLUActivation
 from mixturelm.layers.routing import fp32_linear
-from small_ops_after_streaming import per_call_us  # this folder's script: each call timed alone after `before`
 
 D, H, K, D_FFN = 512, 8, 64, 1408
 

@@ -43,7 +43,8 @@ def main() -> None:
         on = min(block_us(weights, rows, calls, big) for _ in range(2))
         with torch.backends.mkldnn.flags(enabled=False):
             off = min(block_us(weights, rows, calls, big) for _ in range(2))
-        print(f"{rows:5d} rows: oneDNN on {on:8.0f} ({flops / on / 1e3:4.0f})   off {off:8.0f} ({flops / off / 1e3:4.0f})")
+        print(f"{rows:5d} rows: oneDNN on {on:8.0f} ({flops / on / 1e3:4.0f})   "
+              f"off {off:8.0f} ({flops / off / 1e3:4.0f})")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from mixturelm.layers import attention
 from mixturelm.layers.mod import MoD
 
 PARTS = [("routed block (router, rows in and out, branch)", "routed"), ("  branch (norms, residual add)", "branch"),
-         ("    attention", "attn"), ("      qkv projection", "qkv"), ("      rotate, store and attend (ragged cache)", "attend"),
+         ("    attention", "attn"), ("      qkv projection", "qkv"),
+         ("      rotate, store and attend (ragged cache)", "attend"),
          ("      out projection", "out"), ("    FFN", "ffn"), ("      gate-and-up projection", "gate_up"),
          ("      down projection", "down")]
 

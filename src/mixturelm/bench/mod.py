@@ -194,9 +194,9 @@ def print_mod(r: dict) -> None:
           f"of it (goal 90 %)")
     if "prefill_flop_speedup" in r:
         counted = r["prefill_flop_speedup"]
-        print(f"the prompts prefilled let {r['prefill_share']:.1%} of their tokens into the routed blocks: counted as they "
-              f"routed, their prefills need {counted:.2f}x fewer FLOPs, and prefill's {prefill:.2f}x is {prefill / counted:.1%} "
-              f"of that")
+        print(f"the prompts prefilled let {r['prefill_share']:.1%} of their tokens into the routed blocks: counted as "
+              f"they routed, their prefills need {counted:.2f}x fewer FLOPs, and prefill's {prefill:.2f}x is "
+              f"{prefill / counted:.1%} of that")
     _print_decode(r)
 
 

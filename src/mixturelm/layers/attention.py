@@ -225,9 +225,9 @@ class RaggedRows:
         k = c.k_BLGK
         (R, C, N, K), (G, K_cache) = qkv_RCNK.shape, k.shape[2:]
         H = n_heads
-        angles = ((C, K // 2), (R, C, K // 2), (1, C, K // 2))  # shared by the rows, or one per row
-        if (C == 0 or C > FUSED_ATTENTION_MOST_TOKENS or K != K_cache or K % 2 or G == 0 or H % G or N != H + 2 * G or rows.shape != (R,)
-                or cos.shape != sin.shape or cos.shape not in angles or (cos.dim() == 3 and cos.shape[0] != R)):
+        angles = ((C, K // 2), (R, C, K // 2))  # shared by the rows, or one per row
+        if (C == 0 or C > FUSED_ATTENTION_MOST_TOKENS or K != K_cache or K % 2 or G == 0 or H % G
+                or N != H + 2 * G or rows.shape != (R,) or cos.shape != sin.shape or cos.shape not in angles):
             return None
         if isinstance(count, torch.Tensor):
             if count.shape != (R,) or count.dtype != torch.int64 or not count.is_contiguous():

@@ -703,8 +703,8 @@ def _build(flags: list[str] | None = None) -> ctypes.CDLL | None:
     lib.ragged_attend_qkv_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 6
                                           + [ctypes.c_int64] * 7 + [ctypes.c_int])
     lib.ragged_attend_qkv_f32.restype = ctypes.c_int64
-    lib.mod_route_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                                  + [ctypes.c_int])
+    lib.mod_route_f32.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_double] + [ctypes.c_void_p] * 2
+                                  + [ctypes.c_int64] * 2 + [ctypes.c_int])
     lib.mod_route_f32.restype = ctypes.c_int64
     lib.mod_add_rows_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.swiglu_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -958,7 +958,7 @@ def few_row_linear(x_MK: torch.Tensor, weight_NK: torch.Tensor, bias_N: torch.Te
 
 
 # -- a block's element-wise steps in inference -------------------------------------------------------------------
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # not a subclass (DTensor, fake tensors): those have their own dispatch
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # no subclass (DTensor, fake tensors): those dispatch on their own
 
 
 def inference_ready(*tensors: torch.Tensor) -> bool:

@@ -261,7 +261,8 @@ class MoD(nn.Module):
         """Whether causal routing can take the kernels (_decode_in_kernels, _one_sequence_in_kernels): the router
         alone decides (no predictor), on CPU in float32 with no gradient (kernels.inference_ready), tokens to route."""
         return (x_BTD.dim() == 3 and x_BTD.shape[0] * x_BTD.shape[1] > 0 and self.predictor is None
-                and x_BTD.shape[2] == self.router.weight.shape[1] and kernels.inference_ready(x_BTD, self.router.weight))
+                and x_BTD.shape[2] == self.router.weight.shape[1]
+                and kernels.inference_ready(x_BTD, self.router.weight))
 
     def _one_sequence_in_kernels(self, x_1TD, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         """_forward_causal for one sequence on CPU (a prompt prefilled, or a forward with causal routing): the
@@ -289,7 +290,8 @@ class MoD(nn.Module):
         return r_N, idx_M, MoDAux(causal_fraction=torch.tensor(M / N, dtype=torch.float32),
                                   causal_counts=torch.tensor([M, N], dtype=torch.float64))
 
-    def _added_back(self, x_ND: torch.Tensor, idx_M: torch.Tensor, r_N: torch.Tensor, f_MD: torch.Tensor) -> torch.Tensor:
+    def _added_back(self, x_ND: torch.Tensor, idx_M: torch.Tensor, r_N: torch.Tensor,
+                    f_MD: torch.Tensor) -> torch.Tensor:
         """x with x + g(r) f on the rows idx_M (distinct): one kernel call, or torch's ops for a branch computed in
         another precision."""
         if f_MD.dtype != torch.float32:
