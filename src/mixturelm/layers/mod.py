@@ -189,10 +189,7 @@ class MoD(nn.Module):
         """Top-k routing (training) unless given a cache or causal_routing; returns the output and the aux
         of the block's layers followed by this layer's MoDAux."""
         if (cache is not None or causal_routing) and self._routes_in_kernels(x_BTD):
-            if x_BTD.shape[1] == 1 and cache is not None:
-                return self._decode_in_kernels(x_BTD, rope, cache)
-            if x_BTD.shape[0] == 1:
-                return self._one_sequence_in_kernels(x_BTD, rope, cache)
+            return self._causal_in_kernels(x_BTD, rope, cache)
         r_BT = self.router_weights(x_BTD)
         if cache is None and not causal_routing:
             return self._forward_topk(x_BTD, r_BT, rope)
@@ -258,28 +255,34 @@ class MoD(nn.Module):
         return x_BTD.index_copy(0, rows_R, y_RTD), aux
 
     def _routes_in_kernels(self, x_BTD: torch.Tensor) -> bool:
-        """Whether causal routing can take the kernels (_decode_in_kernels, _one_sequence_in_kernels): the router
-        alone decides (no predictor), on CPU in float32 with no gradient (kernels.inference_ready), tokens to route."""
-        return (x_BTD.dim() == 3 and x_BTD.shape[0] * x_BTD.shape[1] > 0 and self.predictor is None
-                and x_BTD.shape[2] == self.router.weight.shape[1]
+        """Whether causal routing can take _causal_in_kernels: a decoding step (one token per row) or one sequence,
+        the router alone deciding (no predictor), on CPU in float32 with no gradient (kernels.inference_ready)."""
+        return (x_BTD.dim() == 3 and x_BTD.shape[0] * x_BTD.shape[1] > 0 and 1 in x_BTD.shape[:2]
+                and self.predictor is None and x_BTD.shape[2] == self.router.weight.shape[1]
                 and kernels.inference_ready(x_BTD, self.router.weight))
 
-    def _one_sequence_in_kernels(self, x_1TD, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
-        """_forward_causal for one sequence on CPU (a prompt prefilled, or a forward with causal routing): the
-        router weights and the entering tokens, in order, in one kernel call; those tokens gathered, the branch on
-        them (rotated by their original positions), and x + g(r) f back in another call. Torch's path took some
-        twenty ops around the branch (router, mask, counts, argsort of the positions, weights, a clone and an
-        index_add); one sequence has no padding to build."""
-        _, T, D = x_1TD.shape
-        x_TD = x_1TD.reshape(T, D)
-        r_T, idx_C, mine = self._route_rows(x_TD)
-        C = idx_C.numel()
-        if C == 0:  # nobody enters: the block costs only the router
-            return x_1TD, [mine]
-        rope_1C = None if rope is None else (rope[0][idx_C][None], rope[1][idx_C][None])  # ORIGINAL positions
-        view = None if cache is None else cache.rows(torch.zeros(1, dtype=torch.long), torch.tensor([C]))
-        f_1CD, block_aux = self._branch(x_TD.index_select(0, idx_C).view(1, C, D), rope_1C, view)
-        return self._added_back(x_TD, idx_C, r_T, f_1CD.view(C, D)).view(1, T, D), block_aux + [mine]
+    def _causal_in_kernels(self, x_BTD, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
+        """_forward_causal for a decoding step (one token per row) or one sequence (a prompt prefilled, a forward
+        with causal routing), on CPU: the router weights and the entering rows of the flattened (B * T, D) input in
+        one kernel call, the branch on those rows, and x + g(r) f back in another call. Torch's path took fifteen to
+        twenty small ops around the branch (router, mask, counts, argsort of positions, weights, a clone and an
+        index_add: 0.35 ms of a routed block's 2.27 ms decoding call at batch 64 before, routed_block_time.py),
+        each slowed by the weight products around it. Neither case has padding to build."""
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        r_N, idx_M, mine = self._route_rows(x_ND)
+        M = idx_M.numel()
+        if M == 0:  # nobody enters: the block costs only the router
+            return x_BTD, [mine]
+        x_MD = x_ND if M == B * T else x_ND.index_select(0, idx_M)
+        if T == 1:  # decoding: the entering rows, one token each, at the batch's position
+            x_in, view = x_MD.view(M, 1, D), None if cache is None else cache.rows(idx_M, 1)
+        else:  # one sequence: its entering tokens, rotated by their ORIGINAL positions
+            x_in = x_MD.view(1, M, D)
+            rope = None if rope is None else (rope[0][idx_M][None], rope[1][idx_M][None])
+            view = None if cache is None else cache.rows(torch.zeros(1, dtype=torch.long), torch.tensor([M]))
+        f_in, block_aux = self._branch(x_in, rope, view)
+        return self._added_back(x_ND, idx_M, r_N, f_in.view(M, D)).view(B, T, D), block_aux + [mine]
 
     def _route_rows(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoDAux]:
         """The router weights of N rows (a decoding step's batch, or one sequence's tokens) and the rows above the
@@ -298,21 +301,6 @@ class MoD(nn.Module):
             w_M1 = self.branch_weights(r_N[idx_M])[:, None].to(f_MD.dtype)
             return x_ND.index_copy(0, idx_M, x_ND[idx_M] + w_M1 * f_MD)
         return kernels.mod_add_rows(x_ND, idx_M, r_N, f_MD, self.gate == "sigmoid")
-
-    def _decode_in_kernels(self, x_B1D, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
-        """_forward_causal for a CPU decoding step: the router weights and the rows above the threshold in one kernel
-        call, and x + g(r) f written back into the batch in another, where torch took some fifteen small ops (~0.3 ms
-        per routed block at batch 64, each op slowed by the weight products evicting its code and data). The
-        branch f runs on the entering rows as before."""
-        B, _, D = x_B1D.shape
-        x_BD = x_B1D.reshape(B, D)
-        r_B, rows_R, mine = self._route_rows(x_BD)
-        R = rows_R.numel()
-        if R == 0:  # nobody enters: the block costs only the router
-            return x_B1D, [mine]
-        x_R1D = x_B1D if R == B else x_BD.index_select(0, rows_R).view(R, 1, D)
-        f_R1D, block_aux = self._branch(x_R1D, rope, cache.rows(rows_R, 1))
-        return self._added_back(x_BD, rows_R, r_B, f_R1D.view(R, D)).view(B, 1, D), block_aux + [mine]
 
     def _run_block(self, x_BTD, r_BT, idx_BC, real_BC, rope, cache) -> tuple[torch.Tensor, list[Aux]]:
         """x + r * f(x) on the tokens idx_BC (in order) of each row, added back; real_BC marks padding."""
