@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.inference_ready(x, self.weight) and self.weight.shape == x.shape[-1:]:  # one call, not five ops
+        if kernels.inference_ready(x, self.weight) and self.weight.shape == x.shape[-1:]:  # one call, not six ops
             return kernels.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 

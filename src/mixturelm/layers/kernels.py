@@ -373,8 +373,8 @@ void few_row_linear_f32(const float* x, const float* w, const float* bias, float
     }
 }
 
-/* A block's element-wise steps in inference: one call each where torch runs two to five ops, each of which
-   costs 10-70 us in a decoding step (its code and data evicted by the weight products between them). Each row
+/* A block's element-wise steps in inference: one call each where torch runs two to six ops, each of which
+   costs 10-130 us in a decoding step (its code and data evicted by the weight products between them). Each row
    is computed alone, the same way at any row count and thread count, so prefill and decoding agree. Small
    inputs run on one thread: waking the others costs more than the work. */
 #define EW_PARALLEL(work) const int64_t ew_work = (work); \
