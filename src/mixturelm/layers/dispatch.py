@@ -9,10 +9,11 @@ Dimension letters: T tokens, D d_model, E experts, F expert hidden size, A assig
 
 Implementations (`impl`):
 - "loop": in eager mode one autograd node (ExpertsSwiGLU) that runs each expert's whole SwiGLU on its rows,
-  one expert at a time, forward and backward, so that no layer-sized intermediate is allocated (see its
-  docstring for why); the counts go to the host once per layer. Under torch.compile, which cannot trace a
-  loop whose length is data, the two projections are instead each one custom op (torch.library) running
-  one matmul per expert, and the activation and gathers around them are compiled;
+  one expert at a time, forward and backward, its outputs added straight onto their tokens, so that no
+  layer-sized intermediate is allocated (see its docstring for why); the counts go to the host once per
+  layer. Under torch.compile, which cannot trace a loop whose length is data, the two projections are
+  instead each one custom op (torch.library) running one matmul per expert, and the activation and gathers
+  around them are compiled;
 - "grouped": torch._grouped_mm, one call for all experts (CPU since torch 2.9; CUDA sm90+);
 - "auto": "grouped" on CUDA where torch has it, "loop" on CPU, where `mixturelm bench moe` measured
   it faster (torch 2.13's CPU _grouped_mm runs its per-expert products about 30 % slower).
@@ -97,52 +98,59 @@ loop_grouped_mm.register_autograd(_loop_grouped_mm_grad, setup_context=_loop_gro
 
 
 class ExpertsSwiGLU(torch.autograd.Function):
-    """Every expert's SwiGLU on its rows, one expert at a time: gather its tokens, gate-and-up projection,
-    activation (times the gate, if given), down projection, each output row written to its assignment's place
-    (token-major when every token has k). The backward runs the same loop.
+    """sum over assignments a of token t: gate_a * SwiGLU_{expert_a}(x_t), one expert at a time: gather its
+    tokens, gate-and-up projection, activation (times the gate, if given), down projection, and its rows added
+    onto their tokens' outputs. The backward runs the same loop and adds each expert's input gradient onto its
+    tokens the same way.
 
     Why one expert at a time: the whole layer's intermediates ((A, 2F) projections, (A, F) activations, their
-    gradients, (A, D) gathered inputs) are tens of MB each, and glibc's malloc hands blocks over 32 MiB to
-    mmap, fresh and page-faulted 4 KiB at a time, on every call: a plain process spent up to a third of a MoE
-    step in page faults. One expert's blocks are small enough to be reused from the heap, and they stay in
-    cache between the two matmuls. Kept for the backward: the (A, 2F) projections, as with one big matmul."""
+    gradients, (A, D) gathered inputs and outputs) are tens of MB each, and glibc's malloc hands blocks over 32
+    MiB to mmap, fresh and page-faulted 4 KiB at a time, on every call: a plain process spent up to a third of a
+    MoE step in page faults. One expert's blocks are small enough to be reused from the heap, and they stay in
+    cache between the two matmuls. Its outputs (and in the backward its input gradients) are added onto the
+    (T, D) result at once, so that no (A, D) array exists: written row by row into a fresh one, each expert's
+    rows page-faulted at about 0.4 ms per MB (64 experts top-8: 52 of the step's 590 ms in index_copy_). Kept
+    for the backward: the (A, 2F) projections, as with one big matmul."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts: list[int],
-                k_per_token: int | None):
+    def forward(ctx, x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts: list[int]):
         F = w_down_EFD.shape[1]
-        y_AD = x_TD.new_empty(token_A.numel(), x_TD.shape[-1])
+        wide = torch.promote_types(x_TD.dtype, torch.float32)  # k rows summed onto each token: no bf16 sums
+        y_TD = torch.zeros(x_TD.shape, dtype=wide, device=x_TD.device)
         keep = any(ctx.needs_input_grad)  # without a backward, each expert's projection is freed at once
         projections = []
         for e, rows in _expert_rows(counts, order_A):
-            h_N2F = torch.mm(x_TD.index_select(0, token_A[rows]), w_gate_up_ED2F[e])
+            tokens = token_A[rows]
+            h_N2F = torch.mm(x_TD.index_select(0, tokens), w_gate_up_ED2F[e])
             act_NF = F_.silu(h_N2F[:, :F]).mul_(h_N2F[:, F:])
             if gate_A is not None:
                 act_NF.mul_(gate_A[rows, None].to(act_NF.dtype))
-            y_AD.index_copy_(0, rows, torch.mm(act_NF, w_down_EFD[e]))
+            y_TD.index_add_(0, tokens, torch.mm(act_NF, w_down_EFD[e]).to(wide))
             if keep:
                 projections.append(h_N2F)
         ctx.save_for_backward(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A)
-        ctx.projections, ctx.counts, ctx.k = projections, counts, k_per_token
-        return y_AD
+        ctx.projections, ctx.counts = projections, counts
+        return y_TD.to(x_TD.dtype)
 
     @staticmethod
-    def backward(ctx, d_y_AD):
+    def backward(ctx, d_y_TD):
         x_TD, w_gate_up, w_down, token_A, order_A, gate_A = ctx.saved_tensors
         need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
         need_gate = gate_A is not None and ctx.needs_input_grad[5]
         F = w_down.shape[1]
-        d_x_AD = x_TD.new_empty(token_A.numel(), x_TD.shape[-1]) if need_x else None
+        wide = torch.promote_types(x_TD.dtype, torch.float32)  # the sums over an expert's rows and over k
+        d_x_TD = torch.zeros(x_TD.shape, dtype=wide, device=x_TD.device) if need_x else None
         d_gate_up, d_down = torch.empty_like(w_gate_up), torch.empty_like(w_down)
         idle = [e for e, n in enumerate(ctx.counts) if n == 0]  # only experts without tokens need zeros
         d_gate_up[idle], d_down[idle] = 0, 0
         d_gate_A = torch.zeros_like(gate_A) if need_gate else None
-        wide = torch.promote_types(x_TD.dtype, torch.float32)  # the router's gradient, summed over F
+        d_y_TD = d_y_TD.contiguous()
         for (e, rows), h_N2F in zip(_expert_rows(ctx.counts, order_A), ctx.projections):
+            tokens = token_A[rows]
             gate, up = h_N2F[:, :F], h_N2F[:, F:]
             silu_gate = F_.silu(gate)
             act_NF = silu_gate * up
-            d_y_ND = d_y_AD.index_select(0, rows)
+            d_y_ND = d_y_TD.index_select(0, tokens)
             d_act_NF = torch.mm(d_y_ND, w_down[e].t())
             if gate_A is not None:
                 gate_N1 = gate_A[rows, None].to(act_NF.dtype)
@@ -156,14 +164,10 @@ class ExpertsSwiGLU(torch.autograd.Function):
             torch.ops.aten.silu_backward.grad_input(d_act_NF * up, gate, grad_input=d_h_N2F[:, :F])
             torch.mul(silu_gate, d_act_NF, out=d_h_N2F[:, F:])
             if need_gate_up:
-                torch.mm(x_TD.index_select(0, token_A[rows]).t(), d_h_N2F, out=d_gate_up[e])
+                torch.mm(x_TD.index_select(0, tokens).t(), d_h_N2F, out=d_gate_up[e])
             if need_x:
-                d_x_AD.index_copy_(0, rows, torch.mm(d_h_N2F, w_gate_up[e].t()))
-        d_x_TD = None
-        if need_x:  # each token's rows summed: adjacent k when token-major, else a scatter-add
-            d_x_TD = (d_x_AD.view(-1, ctx.k, d_x_AD.shape[-1]).sum(1) if ctx.k
-                      else torch.zeros_like(x_TD).index_add_(0, token_A, d_x_AD))
-        return d_x_TD, d_gate_up, d_down, None, None, d_gate_A, None, None
+                d_x_TD.index_add_(0, tokens, torch.mm(d_h_N2F, w_gate_up[e].t()).to(wide))
+        return (None if d_x_TD is None else d_x_TD.to(x_TD.dtype)), d_gate_up, d_down, None, None, d_gate_A, None
 
 
 def _expert_rows(counts: list[int], order_A: torch.Tensor):
@@ -276,20 +280,12 @@ def dispatch_swiglu(x_TD: torch.Tensor, token_A: torch.Tensor, expert_A: torch.T
     if compute_dtype is not None:
         x_TD = x_TD.to(compute_dtype)
         w_gate_up_ED2F, w_down_EFD = w_gate_up_ED2F.to(compute_dtype), w_down_EFD.to(compute_dtype)
+    if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop" and not torch.compiler.is_compiling():
+        return ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, weight_A, counts_E.tolist())
     D, F = x_TD.shape[-1], w_down_EFD.shape[1]
     # The gate multiplies either the hidden activation (A x F) or, in the combine, the output (A x D):
     # the same sum, done on the smaller of the two (fine-grained experts have F < D).
     gate_in_combine = bool(k_per_token) and D < F and weight_A is not None
-    if resolve_impl(impl, x_TD, w_gate_up_ED2F) == "loop" and not torch.compiler.is_compiling():
-        y_AD = ExpertsSwiGLU.apply(x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A,
-                                   None if gate_in_combine else weight_A, counts_E.tolist(), k_per_token)
-        y_AD = y_AD.to(x_TD.dtype)
-        if not k_per_token:
-            return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
-        y_TKD = y_AD.view(-1, k_per_token, D)  # rows token-major: each token's k outputs are adjacent
-        if not gate_in_combine:
-            return y_TKD.sum(1)
-        return torch.bmm(weight_A.view(-1, 1, k_per_token).to(y_AD.dtype), y_TKD).squeeze(1)
     x_AD, token_sorted_A, inverse_A = rows_in_expert_order(x_TD, token_A, order_A, k_per_token)
     h_A2F = grouped_matmul(x_AD, w_gate_up_ED2F, counts_E, impl)
     act_AF = swiglu_activation(h_A2F, None if gate_in_combine or weight_A is None else weight_A[order_A])
