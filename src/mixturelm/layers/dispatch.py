@@ -108,9 +108,9 @@ class ExpertsSwiGLU(torch.autograd.Function):
     MiB to mmap, fresh and page-faulted 4 KiB at a time, on every call: a plain process spent up to a third of a
     MoE step in page faults. One expert's blocks are small enough to be reused from the heap, and they stay in
     cache between the two matmuls. Its outputs (and in the backward its input gradients) are added onto the
-    (T, D) result at once, so that no (A, D) array exists: written row by row into a fresh one, each expert's
-    rows page-faulted at about 0.4 ms per MB (64 experts top-8: 52 of the step's 590 ms in index_copy_). Kept
-    for the backward: the (A, 2F) projections, as with one big matmul."""
+    (T, D) result at once, so that no (A, D) array exists: copied row by row into a fresh one, as before, each
+    expert's rows were page-faulted as they landed (64 experts top-8: 431 MiB faulted per step, 236 without,
+    benchmarks/moe/page_faults.py). Kept for the backward: the (A, 2F) projections, as with one big matmul."""
 
     @staticmethod
     def forward(ctx, x_TD, w_gate_up_ED2F, w_down_EFD, token_A, order_A, gate_A, counts: list[int]):
